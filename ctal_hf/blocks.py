@@ -1,0 +1,160 @@
+"""Convolutional building blocks shared by the CTAL decoders and the baselines."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CTALClassifier(nn.Conv2d):
+    """The 1x1 conv that turns features into a task's prediction; initialised small so that the first losses are
+    those of near-constant predictions."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+
+class CTALConvBnAct(nn.Sequential):
+    """Conv -> BatchNorm -> ReLU, the unit most heads are made of."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1):
+        padding = dilation * (kernel_size // 2)
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class CTALBasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs), with a 1x1 projection when the channels change."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(hidden)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(hidden), inplace=True)
+
+
+class CTALBottleneck(nn.Module):
+    """ResNet bottleneck (1x1 -> 3x3 -> 1x1, width out/4), with a 1x1 projection when the channels change."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        width = out_channels // 4
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(hidden)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(hidden), inplace=True)
+
+
+def upsample_to(hidden: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize (no-op at the same size), the only resampling the decoders use."""
+    if tuple(hidden.shape[-2:]) == tuple(size):
+        return hidden
+    return F.interpolate(hidden, size=size, mode="bilinear", align_corners=False)
+
+
+class CTALCrossScaleFusion(nn.Module):
+    """Cross-scale fusion (CSF, after MTI-Net): upsample every scale to the finest, concatenate, 1x1 conv."""
+
+    def __init__(self, in_channels: list[int], out_channels: int | None = None):
+        super().__init__()
+        total = sum(in_channels)
+        self.fuse = CTALConvBnAct(total, out_channels or total, kernel_size=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[-2:]
+        return self.fuse(torch.cat([upsample_to(feature, size) for feature in features], dim=1))
+
+
+class CTALHighResolutionHead(nn.Module):
+    """MTI-Net's HRNet head for the STL / MTL baselines: CSF of the four scales, then a 1x1 classifier."""
+
+    def __init__(self, in_channels: list[int], out_channels: int):
+        super().__init__()
+        self.fusion = CTALCrossScaleFusion(in_channels)
+        self.classifier = CTALClassifier(sum(in_channels), out_channels)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.fusion(features))
+
+
+class CTALASPP(nn.Module):
+    """DeepLab-v3 atrous spatial pyramid pooling: a 1x1 branch, three dilated 3x3 branches and image pooling."""
+
+    def __init__(self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (12, 24, 36)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [CTALConvBnAct(in_channels, channels, 1)]
+            + [CTALConvBnAct(in_channels, channels, 3, dilation=rate) for rate in rates]
+        )
+        self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), CTALConvBnAct(in_channels, channels, 1))
+        self.project = CTALConvBnAct(channels * (len(rates) + 2), channels, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        outputs = [branch(hidden) for branch in self.branches]
+        outputs.append(self.pooling(hidden).expand(-1, -1, *hidden.shape[-2:]))
+        return self.project(torch.cat(outputs, dim=1))
+
+
+class CTALDeepLabHead(nn.Module):
+    """DeepLab-v3 head (ASPP 12/24/36 -> 3x3 conv -> 1x1), the task head of the SwinV2 models."""
+
+    def __init__(self, in_channels: int, out_channels: int, channels: int = 256):
+        super().__init__()
+        self.aspp = CTALASPP(in_channels, channels)
+        self.conv = CTALConvBnAct(channels, channels, 3)
+        self.classifier = CTALClassifier(channels, out_channels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.conv(self.aspp(hidden)))
+
+
+class CTALResidualHead(nn.Module):
+    """Two bottleneck blocks and a 1x1 classifier: the final task head of the CNN models."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.blocks = nn.Sequential(CTALBottleneck(in_channels, in_channels), CTALBottleneck(in_channels, in_channels))
+        self.classifier = CTALClassifier(in_channels, out_channels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.blocks(hidden))
+
+
+__all__ = [
+    "CTALClassifier",
+    "CTALConvBnAct",
+    "CTALBasicBlock",
+    "CTALBottleneck",
+    "CTALCrossScaleFusion",
+    "CTALHighResolutionHead",
+    "CTALASPP",
+    "CTALDeepLabHead",
+    "CTALResidualHead",
+    "upsample_to",
+]

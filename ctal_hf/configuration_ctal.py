@@ -1,0 +1,210 @@
+"""CTAL model configuration."""
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from .tasks import TASKS
+
+# Backbone name -> (timm model name, output stride of the deepest map, whether the model is a CNN).
+BACKBONES: dict[str, tuple[str, int, bool]] = {
+    "hrnet_w18_small_v2": ("hrnet_w18_small_v2", 32, True),
+    "swinv2_small": ("swinv2_small_window8_256", 32, False),
+}
+
+DECODERS: tuple[str, ...] = ("ctal_ss", "ctal_ms", "stl", "mtl", "padnet", "papnet", "mtinet", "concat")
+
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "dense", "factorized")
+
+NORMALS_LOSSES: tuple[str, ...] = ("cosine", "l1")
+
+# The paper's settings (DESIGN.md sections 3-5): tasks in order, classes, input size (H, W), loss weights.
+PRESETS: dict[str, dict[str, Any]] = {
+    "nyuv2": {
+        "tasks": ["semseg", "depth", "normals"],
+        "num_semseg_classes": 13,
+        "image_size": [288, 384],
+        "loss_weights": {"semseg": 1.0, "depth": 1.0, "normals": 1.0},
+        "backbone": "hrnet_w18_small_v2",
+    },
+    "cityscapes": {
+        "tasks": ["semseg", "depth"],
+        "num_semseg_classes": 19,
+        "image_size": [128, 256],
+        "loss_weights": {"semseg": 1.0, "depth": 10.0},
+        "backbone": "hrnet_w18_small_v2",
+    },
+    "pascal_context": {
+        "tasks": ["semseg", "parts", "saliency", "normals", "edge"],
+        "num_semseg_classes": 21,
+        "num_parts_classes": 7,
+        "image_size": [512, 512],
+        "loss_weights": {"semseg": 2.0, "parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0},
+        "backbone": "swinv2_small",
+    },
+}
+
+
+@strict
+class CTALConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CTALForDenseMultitask`] model: which tasks it predicts, which backbone and decoder it
+    uses, and the hyper-parameters of the cross-task affinity learning (CTAL) module.
+
+    tasks (`list[str]`, *optional*, defaults to `["semseg", "depth", "normals"]`):
+        The tasks, in order, from `semseg`, `parts`, `depth`, `normals`, `saliency`, `edge`. The order is the order
+        of the interleaved affinity channels, so it is part of the architecture.
+    num_semseg_classes (`int`, *optional*, defaults to 13):
+        Number of semantic classes (NYUv2 13, Cityscapes 19, PASCAL-Context 21).
+    num_parts_classes (`int`, *optional*, defaults to 7):
+        Number of human-part classes, background included (PASCAL-Context 7).
+    backbone (`str`, *optional*, defaults to `"hrnet_w18_small_v2"`):
+        `"hrnet_w18_small_v2"` (multi-scale CNN, timm) or `"swinv2_small"` (timm `swinv2_small_window8_256`).
+    backbone_kwargs (`dict`, *optional*):
+        Extra keyword arguments for `timm.create_model` (for example `drop_path_rate`).
+    image_size (`list[int]`, *optional*, defaults to `[288, 384]`):
+        Input height and width. The CTAL grouped convolution has one group per affinity pixel, so a model is tied
+        to this size; the image processor resizes to it.
+    decoder (`str`, *optional*, defaults to `"ctal_ss"`):
+        `"ctal_ss"` (single-scale CTAL), `"ctal_ms"` (multi-scale CTAL) or one of the paper's baselines
+        (`"stl"`, `"mtl"`, `"padnet"`, `"papnet"`, `"mtinet"`, `"concat"`).
+    ctal_channels (`int`, *optional*, defaults to 128):
+        Channels C of the features the affinities are computed from and diffused into.
+    head_channels (`int`, *optional*, defaults to 256):
+        Channels of the initial task heads (the CTAL input).
+    gamma (`float`, *optional*, defaults to 0.05):
+        Blending factor of the diffused features (paper Eq. 2).
+    kernel_size (`int`, *optional*, defaults to 3):
+        Kernel of the grouped convolution that fuses the task affinities; odd.
+    affinity_scale (`int`, *optional*, defaults to 4):
+        CTAL runs at 1/`affinity_scale` of the input (paper Table 5: 4, 6 or 8). CNN backbones only.
+    attention_impl (`str`, *optional*, defaults to `"auto"`):
+        How the affinity diffusion is computed: `"dense"` (N x N maps, as the paper's release), `"factorized"`
+        (exact, never builds an N x N map) or `"auto"` (the cheaper of the two for the map size).
+    loss_weights (`dict[str, float]`, *optional*):
+        Weight per task of its (initial + final) loss; tasks not listed weigh 1.
+    ignore_index (`int`, *optional*, defaults to 255):
+        Label value ignored by the classification losses and metrics (and by saliency / edge labels).
+    normals_loss (`str`, *optional*, defaults to `"cosine"`):
+        `"cosine"` (1 - cosine similarity, the CNN recipe) or `"l1"` (L1 on normalised predictions, the Swin
+        recipe).
+    edge_pos_weight (`float`, *optional*, defaults to 0.95):
+        Weight of edge pixels in the balanced binary cross-entropy of the edge task.
+    initializer_range (`float`, *optional*, defaults to 0.02):
+        Standard deviation of the normal initialiser of linear layers.
+
+    Examples:
+
+    ```python
+    >>> from ctal_hf import CTALConfig, CTALForDenseMultitask
+
+    >>> config = CTALConfig.from_preset("nyuv2", decoder="ctal_ss")
+    >>> model = CTALForDenseMultitask(config)
+    ```"""
+
+    model_type = "ctal"
+
+    tasks: list[str] | tuple[str, ...] = ("semseg", "depth", "normals")
+    num_semseg_classes: int = 13
+    num_parts_classes: int = 7
+    backbone: str = "hrnet_w18_small_v2"
+    backbone_kwargs: dict[str, Any] | None = None
+    image_size: list[int] | tuple[int, ...] = (288, 384)
+    decoder: str = "ctal_ss"
+    ctal_channels: int = 128
+    head_channels: int = 256
+    gamma: float = 0.05
+    kernel_size: int = 3
+    affinity_scale: int = 4
+    attention_impl: str = "auto"
+    loss_weights: dict[str, float] | None = None
+    ignore_index: int = 255
+    normals_loss: str = "cosine"
+    edge_pos_weight: float = 0.95
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.tasks = list(self.tasks)
+        self.image_size = list(self.image_size)
+        self.backbone_kwargs = dict(self.backbone_kwargs or {})
+        self._check_fields()
+        weights = self.loss_weights or {}
+        self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}
+        super().__post_init__(**kwargs)
+
+    def _check_fields(self):
+        """Checks that the fields describe a model that can be built, naming the field that is wrong. Runs in
+        `__post_init__` (not as a `@strict` validator) so that users get a plain `ValueError`."""
+        unknown = [task for task in self.tasks if task not in TASKS]
+        if unknown:
+            raise ValueError(f"Unknown task(s) {unknown} in `tasks`; known tasks: {sorted(TASKS)}.")
+        if not self.tasks:
+            raise ValueError("`tasks` is empty: a CTAL model needs at least one task.")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"`tasks` lists a task twice: {self.tasks}.")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"Unknown `backbone` {self.backbone!r}; choose from {sorted(BACKBONES)}.")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"Unknown `decoder` {self.decoder!r}; choose from {list(DECODERS)}.")
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"Unknown `attention_impl` {self.attention_impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}."
+            )
+        if self.normals_loss not in NORMALS_LOSSES:
+            raise ValueError(f"Unknown `normals_loss` {self.normals_loss!r}; choose from {list(NORMALS_LOSSES)}.")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"`kernel_size` must be a positive odd number, got {self.kernel_size}.")
+        if len(self.image_size) != 2 or min(self.image_size) <= 0:
+            raise ValueError(f"`image_size` must be [height, width] with positive values, got {self.image_size}.")
+        stride = BACKBONES[self.backbone][1]
+        if any(side % stride for side in self.image_size):
+            raise ValueError(
+                f"`image_size` {self.image_size} is not divisible by the {self.backbone} backbone's stride {stride}."
+            )
+        if self.affinity_scale not in (4, 6, 8):
+            raise ValueError(f"`affinity_scale` must be 4, 6 or 8 (paper Table 5), got {self.affinity_scale}.")
+        if self.affinity_scale != 4 and not self.is_cnn:
+            raise ValueError("`affinity_scale` applies to CNN backbones; SwinV2 runs CTAL on its 1/32 map.")
+        if self.decoder in ("ctal_ms", "mtinet") and not self.is_cnn:
+            raise ValueError(f"decoder {self.decoder!r} needs a multi-scale backbone; {self.backbone} has one scale.")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"`gamma` blends two feature maps and must lie in [0, 1], got {self.gamma}.")
+        for name in ("num_semseg_classes", "num_parts_classes", "ctal_channels", "head_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        extra = set(self.loss_weights or {}) - set(self.tasks)
+        if extra:
+            raise ValueError(f"`loss_weights` names tasks the model does not predict: {sorted(extra)}.")
+
+    @property
+    def is_cnn(self) -> bool:
+        """Whether the backbone is the multi-scale CNN (HRNet) rather than SwinV2."""
+        return BACKBONES[self.backbone][2]
+
+    @property
+    def timm_model_name(self) -> str:
+        return BACKBONES[self.backbone][0]
+
+    def task_channels(self, task: str) -> int:
+        """Number of output channels of `task`'s prediction."""
+        if task == "semseg":
+            return self.num_semseg_classes
+        if task == "parts":
+            return self.num_parts_classes
+        return TASKS[task].channels
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "CTALConfig":
+        """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`); keyword
+        arguments override any field, e.g. `decoder="ctal_ms"` or `backbone="swinv2_small"`."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
+        fields = {**PRESETS[name], **kwargs}
+        backbone = fields["backbone"]
+        if backbone in BACKBONES and not BACKBONES[backbone][2]:
+            fields.setdefault("normals_loss", "l1")
+        return cls(**fields)
+
+
+__all__ = ["CTALConfig", "PRESETS", "BACKBONES", "DECODERS"]

@@ -1,0 +1,96 @@
+"""The cross-task affinity learning (CTAL) module (paper section 2.1, DESIGN.md section 1).
+
+Per task t: project the initial-head features to C channels (`X_t`), normalise every pixel's vector, and form the
+intra-task affinity `A_t = Xn_t^T Xn_t` (N x N, N = h * w). The T affinities are interleaved channel by channel and
+fused by ONE grouped convolution (N groups of T channels, k x k kernel) into a single cross-task map `M`, shared
+by all tasks. Each task diffuses a 3x3 projection of its features through `M` (Eq. 1), blends the result with
+`X_t` by `gamma` (Eq. 2) and upsamples it 2x for its final head."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_ctal import CTALConfig
+from .ctal_attention import cross_task_diffusion
+
+
+class CTALTaskProjection(nn.Module):
+    """1x1 projection of a task's features to the affinity channels (CNN: plain conv; Swin: conv + BN + ReLU)."""
+
+    def __init__(self, in_channels: int, out_channels: int, with_norm: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=not with_norm)
+        self.norm = nn.BatchNorm2d(out_channels) if with_norm else nn.Identity()
+        self.act = nn.ReLU(inplace=True) if with_norm else nn.Identity()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(hidden)))
+
+
+class CTALUpsampleBlock(nn.Module):
+    """2x learned upsampling after the diffusion: ConvTranspose2d(2, stride 2) -> BN -> ReLU -> 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.deconv = nn.ConvTranspose2d(channels, channels, 2, stride=2)
+        self.norm = nn.BatchNorm2d(channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.relu(self.norm(self.deconv(hidden)), inplace=True))
+
+
+class CTALAffinityModule(nn.Module):
+    """CTAL for `tasks` at a fixed affinity size `(h, w)` (the grouped conv has one group per pixel).
+
+    Takes `{task: (B, in_channels, h, w)}` and returns `{task: (B, ctal_channels, 2h, 2w)}`."""
+
+    def __init__(self, config: CTALConfig, in_channels: int, size: tuple[int, int]):
+        super().__init__()
+        self.tasks = list(config.tasks)
+        self.size = tuple(size)
+        self.gamma = config.gamma
+        self.attention_impl = config.attention_impl
+        channels = config.ctal_channels
+        num_pixels = self.size[0] * self.size[1]
+        num_tasks = len(self.tasks)
+        self.projections = nn.ModuleDict(
+            {task: CTALTaskProjection(in_channels, channels, with_norm=not config.is_cnn) for task in self.tasks}
+        )
+        self.values = nn.ModuleDict({task: nn.Conv2d(channels, channels, 3, padding=1) for task in self.tasks})
+        # Input channel i * T + t holds A_t[i]; output channel i is row i of the fused map M.
+        self.fusion = nn.Conv2d(
+            num_tasks * num_pixels,
+            num_pixels,
+            config.kernel_size,
+            padding=config.kernel_size // 2,
+            groups=num_pixels,
+        )
+        self.upsample = nn.ModuleDict({task: CTALUpsampleBlock(channels) for task in self.tasks})
+        self.gradient_checkpointing = False
+
+    def _diffuse(self, stacked: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        normalized = F.normalize(stacked, dim=2)
+        return cross_task_diffusion(values, normalized, self.fusion.weight, self.fusion.bias, impl=self.attention_impl)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        projected = {task: self.projections[task](features[task]) for task in self.tasks}
+        if tuple(next(iter(projected.values())).shape[-2:]) != self.size:
+            raise ValueError(
+                f"CTAL was built for {self.size[0]}x{self.size[1]} affinity maps, got features of size "
+                f"{tuple(next(iter(projected.values())).shape[-2:])}."
+            )
+        stacked = torch.stack([projected[task] for task in self.tasks], dim=1)  # (B, T, C, h, w)
+        values = torch.stack([self.values[task](projected[task]) for task in self.tasks], dim=1)
+        if self.gradient_checkpointing and self.training:
+            diffused = torch.utils.checkpoint.checkpoint(self._diffuse, stacked, values, use_reentrant=False)
+        else:
+            diffused = self._diffuse(stacked, values)
+        outputs = {}
+        for index, task in enumerate(self.tasks):
+            blended = self.gamma * diffused[:, index] + (1.0 - self.gamma) * projected[task]
+            outputs[task] = self.upsample[task](blended)
+        return outputs
+
+
+__all__ = ["CTALAffinityModule", "CTALTaskProjection", "CTALUpsampleBlock"]

@@ -1,0 +1,183 @@
+"""CTAL for multitask dense prediction: backbone -> decoder (fusion, initial heads, cross-task distillation, final
+heads) -> full-resolution predictions, with the paper's losses when labels are given."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .backbones import CTALBackbone, read_backbone_state_dict
+from .blocks import CTALClassifier, upsample_to
+from .configuration_ctal import CTALConfig
+from .ctal_module import CTALAffinityModule
+from .decoders import DECODER_CLASSES
+from .losses import CTALCriterion
+from .tasks import TASKS
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class CTALDenseMultitaskOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+        Sum over the labelled tasks of `loss_weights[task] * (initial loss + final loss)`.
+    task_losses (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are given):
+        The weighted loss of each labelled task.
+    predictions (`dict[str, torch.FloatTensor]`):
+        Final predictions at the input size, per task: `semseg` / `parts` logits `(batch, classes, H, W)`, `depth`
+        `(batch, 1, H, W)`, `normals` `(batch, 3, H, W)` (not normalised), `saliency` / `edge` logits
+        `(batch, 1, H, W)`.
+    initial_predictions (`dict[str, torch.FloatTensor | list[torch.FloatTensor]]`, *optional*):
+        The deeply supervised initial predictions at the input size, same layouts; for multi-scale decoders a list
+        with one map per backbone scale, finest first. Empty for decoders without initial heads (STL, MTL).
+    """
+
+    loss: torch.FloatTensor | None = None
+    task_losses: dict[str, torch.FloatTensor] | None = None
+    predictions: dict[str, torch.FloatTensor] | None = None
+    initial_predictions: dict[str, torch.FloatTensor | list[torch.FloatTensor]] | None = None
+
+
+class CTALPreTrainedModel(PreTrainedModel):
+    config: CTALConfig
+    config_class = CTALConfig
+    base_model_prefix = "ctal"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CTALAffinityModule"]
+
+    def _init_weights(self, module):
+        """He initialisation for convolutions (the backbones and heads are ReLU CNNs); the grouped fusion conv of
+        CTAL keeps PyTorch's default initialisation, as the authors' release does."""
+        if isinstance(module, CTALAffinityModule):
+            module.fusion.reset_parameters()
+        elif isinstance(module, CTALClassifier):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class CTALForDenseMultitask(CTALPreTrainedModel):
+    """A multitask dense prediction model; `config.decoder` selects CTAL-SS, CTAL-MS or one of the baselines."""
+
+    def __init__(self, config: CTALConfig):
+        super().__init__(config)
+        decoder_class = DECODER_CLASSES[config.decoder]
+        # STL owns one backbone per task; every other decoder shares one.
+        if getattr(decoder_class, "owns_backbones", False):
+            self.backbone = None
+            self.decoder = decoder_class(config)
+        else:
+            self.backbone = CTALBackbone(config)
+            self.decoder = decoder_class(config, self.backbone.channels)
+        self.criterion = CTALCriterion(config)
+        self.post_init()
+
+    @classmethod
+    def from_config_with_backbone_weights(
+        cls, config: CTALConfig, backbone_weights: str | os.PathLike | None = None
+    ) -> "CTALForDenseMultitask":
+        """Builds a randomly initialised model, then loads ImageNet weights into its backbone(s).
+
+        `backbone_weights` is `None` (timm's pretrained weights from the Hub), a `.safetensors` file or a torch
+        state dict file of the full timm model (`timm.create_model(name).state_dict()`). Loading happens after
+        `post_init()`, so the weights are not re-initialised; every backbone tensor must be found in the file."""
+        model = cls(config)
+        state_dict = read_backbone_state_dict(config, backbone_weights)
+        for module in model.modules():
+            if isinstance(module, CTALBackbone):
+                module.load_pretrained(config, state_dict)
+        return model
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        for module in self.modules():
+            if isinstance(module, CTALAffinityModule):
+                module.gradient_checkpointing = enable
+            if isinstance(module, CTALBackbone) and hasattr(module.model, "set_grad_checkpointing"):
+                module.model.set_grad_checkpointing(enable)
+
+    def _check_inputs(self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None) -> None:
+        expected = tuple(self.config.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"`pixel_values` must be (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+        if tuple(pixel_values.shape[-2:]) != expected:
+            raise ValueError(
+                f"`pixel_values` are {tuple(pixel_values.shape[-2:])} but this model is tied to image_size "
+                f"{expected} (CTAL's grouped conv has one group per pixel); resize with CTALImageProcessor."
+            )
+        if labels is None:
+            return
+        unknown = set(labels) - set(self.config.tasks)
+        if unknown:
+            raise ValueError(f"`labels` has tasks the model does not predict: {sorted(unknown)}.")
+        batch = pixel_values.shape[0]
+        for task, target in labels.items():
+            kind = TASKS[task].kind
+            channels = {"normals": 3}.get(task, 1)
+            want = (batch, *expected) if kind == "classification" else (batch, channels, *expected)
+            if tuple(target.shape) != want:
+                layout = "(B, H, W) class ids" if kind == "classification" else f"(B, {channels}, H, W)"
+                raise ValueError(f"labels[{task!r}] has shape {tuple(target.shape)}, expected {want} {layout}.")
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: dict[str, torch.Tensor] | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CTALDenseMultitaskOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+            Normalised images at `config.image_size` (see [`CTALImageProcessor`]).
+        labels (`dict[str, torch.Tensor]`, *optional*):
+            Targets per task, in the layouts of [`CTALDenseMultitaskOutput`]: `semseg` / `parts` `(batch, H, W)`
+            int64 with `config.ignore_index`, `depth` `(batch, 1, H, W)` (0 = missing), `normals` `(batch, 3, H, W)`
+            (zero = missing), `saliency` / `edge` `(batch, 1, H, W)` in {0, 1}. Tasks left out are not trained.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_inputs(pixel_values, labels)
+        size = pixel_values.shape[-2:]
+        features = pixel_values if self.backbone is None else self.backbone(pixel_values)
+        predictions, initial = self.decoder(features)
+        predictions = {task: upsample_to(pred, size) for task, pred in predictions.items()}
+        initial = {
+            task: [upsample_to(p, size) for p in pred] if isinstance(pred, list) else upsample_to(pred, size)
+            for task, pred in initial.items()
+        }
+        loss, task_losses = None, None
+        if labels is not None:
+            losses = self.criterion(predictions, initial, labels)
+            loss = losses.pop("loss")
+            task_losses = losses
+        if not return_dict:
+            return tuple(value for value in (loss, task_losses, predictions, initial) if value is not None)
+        return CTALDenseMultitaskOutput(
+            loss=loss, task_losses=task_losses, predictions=predictions, initial_predictions=initial
+        )
+
+    def num_parameters_by_part(self) -> dict[str, int]:
+        """Parameter count per top-level part (backbone, decoder parts), for resource tables."""
+        counts = {}
+        for name, module in self.named_children():
+            if module is None:
+                continue
+            children = list(module.named_children()) if name == "decoder" else [(name, module)]
+            for child_name, child in children:
+                total = sum(p.numel() for p in child.parameters())
+                if total:
+                    counts[child_name] = total
+        return counts
+
+
+__all__ = ["CTALPreTrainedModel", "CTALForDenseMultitask", "CTALDenseMultitaskOutput"]
