@@ -2,14 +2,21 @@
 
 Importing the package registers the model with the transformers Auto classes."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_ctal import PRESETS, CTALConfig
+from .image_processing_ctal import CTALImageProcessor
 from .modeling_ctal import CTALDenseMultitaskOutput, CTALForDenseMultitask, CTALPreTrainedModel
+from .pipeline_ctal import DenseMultitaskPipeline  # importing it registers pipeline("dense-multitask")
 from .tasks import LOWER_IS_BETTER, TASKS
 
 AutoConfig.register("ctal", CTALConfig, exist_ok=True)
 AutoModel.register(CTALConfig, CTALForDenseMultitask, exist_ok=True)
+# Saved folders carry the modelling code, so they load with `trust_remote_code=True` without this package.
+CTALConfig.register_for_auto_class()
+CTALForDenseMultitask.register_for_auto_class("AutoModel")
+AutoImageProcessor.register(CTALConfig, image_processor_classes={"torchvision": CTALImageProcessor}, exist_ok=True)
+CTALImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __version__ = "0.1.0"
 
@@ -22,3 +29,4 @@ __all__ = [
     "TASKS",
     "LOWER_IS_BETTER",
 ]
+__all__ += ["CTALImageProcessor", "DenseMultitaskPipeline"]

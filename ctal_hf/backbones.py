@@ -68,9 +68,15 @@ class CTALBackbone(nn.Module):
         self.model = create_timm_backbone(config)
         self.channels: list[int] = list(self.model.feature_info.channels())
         self.reductions: list[int] = list(self.model.feature_info.reduction())
+        # Set by `model.gradient_checkpointing_enable()`: recompute the backbone in the backward pass (timm's
+        # HRNet has no per-stage checkpointing of its own).
+        self.gradient_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        features = self.model(pixel_values)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            features = torch.utils.checkpoint.checkpoint(self.model, pixel_values, use_reentrant=False)
+        else:
+            features = self.model(pixel_values)
         if not self.is_cnn:
             features = [feature.permute(0, 3, 1, 2).contiguous() for feature in features]  # timm Swin is NHWC
         return list(features)

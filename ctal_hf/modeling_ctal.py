@@ -100,13 +100,6 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
                 module.load_pretrained(config, state_dict)
         return model
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        for module in self.modules():
-            if isinstance(module, CTALAffinityModule):
-                module.gradient_checkpointing = enable
-            if isinstance(module, CTALBackbone) and hasattr(module.model, "set_grad_checkpointing"):
-                module.model.set_grad_checkpointing(enable)
-
     def _check_inputs(self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None) -> None:
         expected = tuple(self.config.image_size)
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:

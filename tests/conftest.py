@@ -46,7 +46,9 @@ def _patch_hf_modules(monkeypatch, *, offline: bool, home: Path | None = None, e
             monkeypatch.setattr(ds_config, "EXTRACTED_DATASETS_PATH", home / "datasets" / "downloads" / "extracted")
         if endpoint is not None:
             monkeypatch.setattr(ds_config, "HF_ENDPOINT", endpoint)
-            monkeypatch.setattr(ds_config, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
+            monkeypatch.setattr(
+                ds_config, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
+            )
     if endpoint is not None:
         # fsspec caches HfFileSystem instances (keyed on arguments): drop them so the new endpoint is used.
         hf_file_system = sys.modules.get("huggingface_hub.hf_file_system")

@@ -1,0 +1,316 @@
+"""The paper's baselines as decoders in the same config space as CTAL (`config.decoder`), so that every comparison of
+the paper (Tables 1-5) is a config change: STL, MTL (hard sharing), PAD-Net, PAP-Net, MTI-Net and the Concat
+ablation.
+
+Each decoder follows the interface of `decoders.py`: `__init__(config, backbone_channels)` and
+`forward(features) -> (predictions, initial_predictions)` at the decoder's own resolution. STL is the exception: it
+owns one backbone per task (`owns_backbones = True`), is built from the config alone and reads `pixel_values`.
+
+Heads (DESIGN.md section 2; they make the paper's parameter counts add up): STL / MTL use MTI-Net's high-resolution
+head with HRNet and a DeepLab head on the 1/32 map with SwinV2; the distillation baselines share CTAL-SS's front
+(cross-scale fusion for HRNet, then per-task initial heads of 256 channels) and end in the same final heads as CTAL
+(two bottlenecks + 1x1 for HRNet, DeepLab for SwinV2), on 256 channels for PAD-Net and 128 for PAP-Net and Concat.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import CTALBackbone
+from .blocks import (
+    CTALCrossScaleFusion,
+    CTALDeepLabHead,
+    CTALHighResolutionHead,
+    CTALResidualHead,
+    upsample_to,
+)
+from .configuration_ctal import CTALConfig
+from .ctal_module import CTALTaskProjection
+from .heads import CTALInitialHead, CTALMultiScaleInitialHeads
+
+
+def _final_head(config: CTALConfig, in_channels: int, task: str) -> nn.Module:
+    """The final head of the distillation models; the same rule as `decoders.build_final_head` (repeated here
+    because `decoders.py` imports this module for its registry)."""
+    if config.is_cnn:
+        return CTALResidualHead(in_channels, config.task_channels(task))
+    return CTALDeepLabHead(in_channels, config.task_channels(task))
+
+
+def _task_head(config: CTALConfig, backbone_channels: list[int], task: str) -> nn.Module:
+    """The head of STL / MTL: MTI-Net's high-resolution head on the four HRNet maps, DeepLab on the SwinV2 map."""
+    if config.is_cnn:
+        return CTALHighResolutionHead(backbone_channels, config.task_channels(task))
+    return CTALDeepLabHead(backbone_channels[-1], config.task_channels(task))
+
+
+class CTALSingleTaskDecoder(nn.Module):
+    """STL: one independent network (backbone + head) per task inside one model, so that its parameters and FLOPs
+    count like the paper's STL row and `from_pretrained` / `from_config_with_backbone_weights` work as for the
+    multitask models (every `CTALBackbone` inside receives the ImageNet weights). No parameter is shared."""
+
+    owns_backbones = True
+
+    def __init__(self, config: CTALConfig):
+        super().__init__()
+        self.tasks = list(config.tasks)
+        self.is_cnn = config.is_cnn
+        self.backbones = nn.ModuleDict({task: CTALBackbone(config) for task in self.tasks})
+        self.heads = nn.ModuleDict(
+            {task: _task_head(config, self.backbones[task].channels, task) for task in self.tasks}
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[dict, dict]:
+        predictions = {}
+        for task in self.tasks:
+            features = self.backbones[task](pixel_values)
+            predictions[task] = self.heads[task](features if self.is_cnn else features[-1])
+        return predictions, {}
+
+
+class CTALHardSharingDecoder(nn.Module):
+    """MTL (hard parameter sharing): the shared backbone's maps go to one head per task, the same heads as STL."""
+
+    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+        super().__init__()
+        self.tasks = list(config.tasks)
+        self.is_cnn = config.is_cnn
+        self.heads = nn.ModuleDict({task: _task_head(config, backbone_channels, task) for task in self.tasks})
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
+        shared = features if self.is_cnn else features[-1]
+        return {task: self.heads[task](shared) for task in self.tasks}, {}
+
+
+class CTALDistillationDecoderBase(nn.Module):
+    """The front the single-scale distillation models share with CTAL-SS: cross-scale fusion of the HRNet maps at 1/4
+    (SwinV2: its 1/32 map as is), then per task an initial head (two bottlenecks, `head_channels` out) whose 1x1
+    output is the deeply supervised initial prediction and whose features feed the distillation."""
+
+    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+        super().__init__()
+        self.tasks = list(config.tasks)
+        self.fusion = CTALCrossScaleFusion(backbone_channels) if config.is_cnn else None
+        in_channels = sum(backbone_channels)
+        self.initial_heads = nn.ModuleDict(
+            {
+                task: CTALInitialHead(in_channels, config.head_channels, config.task_channels(task))
+                for task in self.tasks
+            }
+        )
+
+    def initial_stage(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
+        """Returns `(task_features, initial_predictions)`, both keyed by task."""
+        shared = self.fusion(features) if self.fusion is not None else features[-1]
+        task_features, initial = {}, {}
+        for task in self.tasks:
+            task_features[task], initial[task] = self.initial_heads[task](shared)
+        return task_features, initial
+
+
+class CTALSpatialAttention(nn.Module):
+    """PAD-Net's message from one task to another: `conv3x3(F) * sigmoid(conv3x3(F))` (no bias, no norm)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.gate = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.conv(hidden) * torch.sigmoid(self.gate(hidden))
+
+
+class CTALMultiTaskDistillation(nn.Module):
+    """PAD-Net's multi-modal distillation (Xu et al., CVPR 2018), also MTI-Net's per-scale distillation:
+    `out_t = F_t + sum_{a != t} SA_{a -> t}(F_a)`, one spatial-attention block per ordered task pair."""
+
+    def __init__(self, tasks: list[str], channels: int):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.attention = nn.ModuleDict(
+            {
+                target: nn.ModuleDict(
+                    {source: CTALSpatialAttention(channels) for source in self.tasks if source != target}
+                )
+                for target in self.tasks
+            }
+        )
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = {}
+        for target in self.tasks:
+            hidden = features[target]
+            for source, block in self.attention[target].items():
+                hidden = hidden + block(features[source])
+            outputs[target] = hidden
+        return outputs
+
+
+class CTALPADNetDecoder(CTALDistillationDecoderBase):
+    """PAD-Net: initial heads -> multi-modal distillation on the 256-channel task features -> final heads (on 256
+    channels; at 1/4 for HRNet, 1/32 for SwinV2)."""
+
+    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+        super().__init__(config, backbone_channels)
+        self.distillation = CTALMultiTaskDistillation(self.tasks, config.head_channels)
+        self.final_heads = nn.ModuleDict(
+            {task: _final_head(config, config.head_channels, task) for task in self.tasks}
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
+        task_features, initial = self.initial_stage(features)
+        distilled = self.distillation(task_features)
+        return {task: self.final_heads[task](distilled[task]) for task in self.tasks}, initial
+
+
+class CTALPatternAffinityDiffusion(nn.Module):
+    """PAP-Net's cross-task and task-specific propagation (Zhang et al., CVPR 2019) on `{task: (B, C, h, w)}`.
+
+    Per task an affinity `A_t[i, j] = max(0, <xn_t,i , xn_t,j>)` of the unit-length (over channels) pixel vectors,
+    normalised so that every row sums to one; per target task a learned softmax-weighted sum of the T affinities;
+    then `diffusion_steps` steps of `X <- beta * X A^T + (1 - beta) X_0` (one step, beta = 0.05, in the authors'
+    configs).
+
+    The negative cosine similarities are clipped before the row normalisation so that every row is a weighted
+    average (its diagonal is 1, so its sum is at least 1) rather than a division by a sum that can approach zero.
+    Note: the authors' re-implementation (`compute_affinity_matrix` in their papnet.py) normalises the (B, N, C)
+    features over the pixel axis instead of the channels, which looks like a bug: the dot products are then not
+    cosine similarities of pixel pairs. We normalise per pixel over channels."""
+
+    def __init__(self, tasks: list[str], beta: float = 0.05):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.beta = beta
+        # Plain attribute (not in the config): the benchmark sets it to 2 to show what Table 5's PAP-Net FLOPs fit.
+        self.diffusion_steps = 1
+        num_tasks = len(self.tasks)
+        self.task_weights = nn.ParameterDict(
+            {task: nn.Parameter(torch.full((num_tasks,), 1.0 / num_tasks)) for task in self.tasks}
+        )
+
+    @staticmethod
+    def affinity(features: torch.Tensor) -> torch.Tensor:
+        """Row-stochastic affinity (B, N, N) of features (B, C, h, w)."""
+        normalized = F.normalize(features.flatten(2), dim=1)  # unit vector per pixel
+        affinity = torch.bmm(normalized.transpose(1, 2), normalized).clamp_min_(0.0)
+        return affinity / affinity.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        affinities = [self.affinity(features[task]) for task in self.tasks]
+        outputs = {}
+        for target in self.tasks:
+            weights = torch.softmax(self.task_weights[target], dim=0)
+            combined = sum(weight * affinity for weight, affinity in zip(weights, affinities))
+            source = features[target].flatten(2)  # (B, C, N)
+            diffused = source
+            for _ in range(self.diffusion_steps):
+                diffused = self.beta * torch.bmm(diffused, combined.transpose(1, 2)) + (1.0 - self.beta) * source
+            outputs[target] = diffused.view_as(features[target])
+        return outputs
+
+
+class CTALPAPNetDecoder(CTALDistillationDecoderBase):
+    """PAP-Net: initial heads -> per task a 1x1 projection 256 -> `ctal_channels` (128) -> affinity diffusion at
+    1/`affinity_scale` (HRNet; 1/32 for SwinV2) -> final heads on the 128 diffused channels."""
+
+    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+        super().__init__(config, backbone_channels)
+        height, width = config.image_size
+        scale = config.affinity_scale if config.is_cnn else 32
+        self.size = (height // scale, width // scale)
+        # A plain 1x1 conv with bias, as in the authors' PAP-Net for both backbones.
+        self.projections = nn.ModuleDict(
+            {
+                task: CTALTaskProjection(config.head_channels, config.ctal_channels, with_norm=False)
+                for task in self.tasks
+            }
+        )
+        self.diffusion = CTALPatternAffinityDiffusion(self.tasks, beta=0.05)
+        self.final_heads = nn.ModuleDict(
+            {task: _final_head(config, config.ctal_channels, task) for task in self.tasks}
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
+        task_features, initial = self.initial_stage(features)
+        projected = {task: upsample_to(self.projections[task](task_features[task]), self.size) for task in self.tasks}
+        diffused = self.diffusion(projected)
+        return {task: self.final_heads[task](diffused[task]) for task in self.tasks}, initial
+
+
+class CTALMTINetDecoder(nn.Module):
+    """MTI-Net (Vandenhende et al., ECCV 2020) on the four HRNet scales: initial predictions at every scale, coarse to
+    fine, with the feature propagation module between scales (deeply supervised at every scale); PAD-Net
+    distillation at every scale; then per task the high-resolution head aggregates the four distilled scales."""
+
+    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+        super().__init__()
+        if not config.is_cnn or len(backbone_channels) < 2:
+            raise ValueError(f"decoder 'mtinet' needs a multi-scale backbone; {config.backbone} has one scale.")
+        self.tasks = list(config.tasks)
+        out_channels = {task: config.task_channels(task) for task in self.tasks}
+        self.initial_heads = CTALMultiScaleInitialHeads(self.tasks, backbone_channels, out_channels)
+        self.distillations = nn.ModuleList(
+            [CTALMultiTaskDistillation(self.tasks, width) for width in backbone_channels]
+        )
+        self.final_heads = nn.ModuleDict(
+            {task: CTALHighResolutionHead(backbone_channels, out_channels[task]) for task in self.tasks}
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
+        task_features, initial = self.initial_heads(features)
+        distilled = [
+            distillation({task: task_features[task][scale] for task in self.tasks})
+            for scale, distillation in enumerate(self.distillations)
+        ]
+        predictions = {
+            task: self.final_heads[task]([per_scale[task] for per_scale in distilled]) for task in self.tasks
+        }
+        return predictions, initial
+
+
+class CTALConcatDecoder(CTALDistillationDecoderBase):
+    """The Concat ablation (paper Table 4): CTAL-SS with the cross-task step replaced by concatenation. Per task, the T
+    initial feature maps are concatenated, projected by a 1x1 conv to `ctal_channels` (CTAL's input projection,
+    widened to T x 256 inputs) and decoded by the same final head as CTAL-SS, at the initial heads' resolution."""
+
+    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+        super().__init__(config, backbone_channels)
+        in_channels = len(self.tasks) * config.head_channels
+        self.projections = nn.ModuleDict(
+            {
+                task: CTALTaskProjection(in_channels, config.ctal_channels, with_norm=not config.is_cnn)
+                for task in self.tasks
+            }
+        )
+        self.final_heads = nn.ModuleDict(
+            {task: _final_head(config, config.ctal_channels, task) for task in self.tasks}
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
+        task_features, initial = self.initial_stage(features)
+        concat = torch.cat([task_features[task] for task in self.tasks], dim=1)
+        return {task: self.final_heads[task](self.projections[task](concat)) for task in self.tasks}, initial
+
+
+BASELINE_DECODER_CLASSES: dict[str, type[nn.Module]] = {
+    "stl": CTALSingleTaskDecoder,
+    "mtl": CTALHardSharingDecoder,
+    "padnet": CTALPADNetDecoder,
+    "papnet": CTALPAPNetDecoder,
+    "mtinet": CTALMTINetDecoder,
+    "concat": CTALConcatDecoder,
+}
+
+__all__ = [
+    "CTALSingleTaskDecoder",
+    "CTALHardSharingDecoder",
+    "CTALDistillationDecoderBase",
+    "CTALSpatialAttention",
+    "CTALMultiTaskDistillation",
+    "CTALPADNetDecoder",
+    "CTALPatternAffinityDiffusion",
+    "CTALPAPNetDecoder",
+    "CTALMTINetDecoder",
+    "CTALConcatDecoder",
+    "BASELINE_DECODER_CLASSES",
+]

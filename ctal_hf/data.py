@@ -1,0 +1,304 @@
+"""From dataset rows to model inputs: joint transforms that keep image and labels aligned, and a collate that
+yields `{"pixel_values": (B, 3, H, W), "labels": {task: tensor}}` in the label layouts the model takes.
+
+Randomness is explicit: every random transform draws from a `torch.Generator` passed by the caller, and
+`CTALTorchDataset` seeds one per (seed, epoch, index), so a run gives the same batches whatever the number of
+DataLoader workers and can resume mid-epoch (with a sampler that is itself seeded, e.g. Accelerate's).
+
+Per-sample layouts (no batch dimension) used between the steps: `image` (3, H, W) float32 in [0, 1] (normalised at
+the end), `semseg` / `parts` (H, W) int64 with 255 ignored, `depth` (1, H, W) float32 with 0 invalid, `normals`
+(3, H, W) float32 with (0, 0, 0) invalid, `saliency` / `edge` (1, H, W) float32 in {0, 1} with 255 ignored."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tasks import TASKS
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+MTAN_SCALES = (1.0, 1.2, 1.5)
+
+# Fill values when padding (image: 0 after normalisation, i.e. the mean colour).
+_PAD_FILL = {"semseg": IGNORE_INDEX, "parts": IGNORE_INDEX, "saliency": IGNORE_INDEX, "edge": IGNORE_INDEX}
+
+
+def _as_tensor(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.as_tensor(np.asarray(value))
+
+
+def row_to_sample(row: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+    """One dataset row (torch, numpy or Python format) -> per-sample tensors for `image` and `tasks`.
+
+    Rows with `height` / `width` columns (PASCAL-Context, stored padded) are cropped to their real size."""
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASKS)}.")
+    missing = [name for name in ("image", *tasks) if name not in row]
+    if missing:
+        raise ValueError(f"Dataset row has no column(s) {missing}; its columns are {sorted(row)}.")
+    image = _as_tensor(row["image"])
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"`image` must be (H, W, 3), got {tuple(image.shape)}.")
+    height, width = image.shape[:2]
+    if "height" in row and "width" in row:
+        height, width = int(row["height"]), int(row["width"])
+    sample = {"image": image[:height, :width].permute(2, 0, 1).float() / 255.0}
+    for task in tasks:
+        value = _as_tensor(row[task])[:height, :width]
+        if task in ("semseg", "parts"):
+            sample[task] = value.long()
+        elif task == "normals":
+            if value.ndim != 3 or value.shape[-1] != 3:
+                raise ValueError(f"`normals` must be (H, W, 3), got {tuple(value.shape)}.")
+            sample[task] = value.float().permute(2, 0, 1).contiguous()
+        else:  # depth, saliency, edge
+            if value.ndim == 3 and value.shape[-1] == 1:
+                value = value[..., 0]
+            sample[task] = value.float().unsqueeze(0)
+        if sample[task].shape[-2:] != (height, width):
+            raise ValueError(f"`{task}` has size {tuple(sample[task].shape[-2:])}, the image is {(height, width)}.")
+    return sample
+
+
+def _resize(sample: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Bilinear for the image, nearest for every label (no new class ids, depths or invalid-mixing)."""
+    out = {}
+    for key, value in sample.items():
+        if tuple(value.shape[-2:]) == tuple(size):
+            out[key] = value
+            continue
+        batched = value.unsqueeze(0) if value.ndim == 3 else value[None, None]
+        if key == "image":
+            resized = F.interpolate(batched, size=size, mode="bilinear", align_corners=False)
+        else:
+            resized = F.interpolate(batched.float(), size=size, mode="nearest").to(value.dtype)
+        out[key] = resized[0] if value.ndim == 3 else resized[0, 0]
+    return out
+
+
+def hflip(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mirror left-right; the normals' x component changes sign."""
+    out = {key: value.flip(-1) for key, value in sample.items()}
+    if "normals" in out:
+        out["normals"] = out["normals"].clone()
+        out["normals"][0] = -out["normals"][0]
+    return out
+
+
+def random_scale_crop(
+    sample: dict[str, torch.Tensor], generator: torch.Generator, scales: Sequence[float] = MTAN_SCALES
+) -> dict[str, torch.Tensor]:
+    """MTAN's RandomScaleCrop: pick s in `scales`, crop a random (H/s, W/s) window and resize it back to (H, W);
+    depth is divided by s (the view is s times closer). Labels, depth and normals use nearest neighbours."""
+    scale = float(scales[int(torch.randint(len(scales), (1,), generator=generator))])
+    height, width = sample["image"].shape[-2:]
+    crop_h, crop_w = int(height / scale), int(width / scale)
+    top = int(torch.randint(height - crop_h + 1, (1,), generator=generator))
+    left = int(torch.randint(width - crop_w + 1, (1,), generator=generator))
+    if scale == 1.0:
+        return sample
+    cropped = {key: value[..., top : top + crop_h, left : left + crop_w] for key, value in sample.items()}
+    out = _resize(cropped, (height, width))
+    if "depth" in out:
+        out["depth"] = out["depth"] / scale
+    return out
+
+
+def fit_to_size(sample: dict[str, torch.Tensor], size: Sequence[int], mode: str = "resize") -> dict[str, torch.Tensor]:
+    """Bring a sample to the model size. `"resize"` stretches; `"pad"` keeps the aspect ratio (downscaling only if
+    the sample is larger) and pads centred with ignore values (the PASCAL evaluation protocol): labels 255, depth
+    and normals 0, image 0 (`CTALTransform` makes the image padding 0 after normalisation instead)."""
+    return _fit(sample, size, mode)[0]
+
+
+def _fit(sample, size, mode):
+    size = (int(size[0]), int(size[1]))
+    if mode == "resize":
+        return _resize(sample, size), None
+    if mode != "pad":
+        raise ValueError(f"fit mode must be 'resize' or 'pad', got {mode!r}.")
+    height, width = sample["image"].shape[-2:]
+    ratio = min(size[0] / height, size[1] / width, 1.0)
+    if ratio < 1.0:
+        sample = _resize(sample, (max(1, int(height * ratio)), max(1, int(width * ratio))))
+        height, width = sample["image"].shape[-2:]
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    padding = (left, size[1] - width - left, top, size[0] - height - top)
+    out = {}
+    for key, value in sample.items():
+        fill = _PAD_FILL.get(key, 0)
+        out[key] = F.pad(value.unsqueeze(0) if value.ndim == 2 else value, padding, value=fill)
+        if value.ndim == 2:
+            out[key] = out[key][0]
+    valid = torch.zeros(size, dtype=torch.bool)
+    valid[top : top + height, left : left + width] = True
+    return out, valid
+
+
+class CTALTransform:
+    """Joint transforms for a per-sample dict (see the module docstring).
+
+    Args:
+        image_size: model input (H, W); `None` keeps the sample size.
+        train: apply the random augmentations (flip, optional scale-crop); evaluation is deterministic.
+        flip: random horizontal flip with probability 0.5 (training).
+        scale_crop: MTAN RandomScaleCrop with `scales` (training).
+        fit: `"resize"` or `"pad"` (centred, ignore-filled) to reach `image_size`.
+        normalize: subtract `mean` and divide by `std` (ImageNet by default); `False` keeps [0, 1] images, as the
+            authors' CNN recipe does.
+    """
+
+    def __init__(
+        self,
+        image_size: Sequence[int] | None = None,
+        train: bool = False,
+        flip: bool = True,
+        scale_crop: bool = False,
+        scales: Sequence[float] = MTAN_SCALES,
+        fit: str = "resize",
+        normalize: bool = True,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ):
+        if fit not in ("resize", "pad"):
+            raise ValueError(f"fit must be 'resize' or 'pad', got {fit!r}.")
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        self.train, self.flip, self.scale_crop, self.scales = train, flip, scale_crop, tuple(scales)
+        self.fit, self.normalize = fit, normalize
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(
+        self, sample: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        if self.train and (self.flip or self.scale_crop):
+            if generator is None:
+                raise ValueError("Training transforms need an explicit torch.Generator (reproducible runs).")
+            if self.flip and float(torch.rand((), generator=generator)) < 0.5:
+                sample = hflip(sample)
+            if self.scale_crop:
+                sample = random_scale_crop(sample, generator, self.scales)
+        valid = None
+        if self.image_size is not None:
+            sample, valid = _fit(sample, self.image_size, self.fit)
+        image = sample["image"]
+        if self.normalize:
+            image = (image - self.mean) / self.std
+            if valid is not None:
+                image = image * valid  # padding is 0 after normalisation
+        sample["image"] = image.contiguous()
+        return sample
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, train={self.train}, flip={self.flip}, "
+            f"scale_crop={self.scale_crop}, scales={self.scales}, fit={self.fit!r}, normalize={self.normalize})"
+        )
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator that depends only on (seed, epoch, index): the same augmentation in any worker, after resume."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def collate_samples(samples: Sequence[dict[str, torch.Tensor]], tasks: Sequence[str]) -> dict:
+    """Stack transformed samples into `{"pixel_values": (B, 3, H, W), "labels": {task: (B, ...)}}`."""
+    if not samples:
+        raise ValueError("Cannot collate an empty batch.")
+    sizes = {tuple(s["image"].shape[-2:]) for s in samples}
+    if len(sizes) > 1:
+        raise ValueError(f"Samples have different sizes {sorted(sizes)}: pass image_size to the transform.")
+    return {
+        "pixel_values": torch.stack([s["image"] for s in samples]),
+        "labels": {task: torch.stack([s[task] for s in samples]) for task in tasks},
+    }
+
+
+def _split_rows(rows) -> list[Mapping]:
+    if isinstance(rows, Mapping):  # a batch of columns, e.g. dataset[0:8]
+        lengths = {len(v) for v in rows.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"Batch columns have different lengths {sorted(lengths)}.")
+        return [{key: value[i] for key, value in rows.items()} for i in range(lengths.pop())]
+    return list(rows)
+
+
+def to_model_inputs(
+    rows,
+    tasks: Sequence[str],
+    transform: CTALTransform | None = None,
+    generator: torch.Generator | None = None,
+    image_size: Sequence[int] | None = None,
+) -> dict:
+    """Dataset rows (a list of rows or a dict of batched columns) -> model inputs for `tasks`.
+
+    Without `transform`, applies the evaluation transform (resize to `image_size` if given, ImageNet normalisation).
+    A training `transform` draws its randomness from `generator`, one sample after the other."""
+    transform = transform if transform is not None else CTALTransform(image_size=image_size)
+    samples = [transform(row_to_sample(row, tasks), generator=generator) for row in _split_rows(rows)]
+    return collate_samples(samples, tasks)
+
+
+class CTALDataCollator:
+    """`collate_fn` for a DataLoader over dataset rows: deterministic (evaluation) transforms, or training ones fed
+    by the collator's own generator (reproducible with `num_workers=0`; use `CTALTorchDataset` otherwise)."""
+
+    def __init__(self, tasks: Sequence[str], transform: CTALTransform | None = None, seed: int | None = None):
+        self.tasks = list(tasks)
+        self.transform = transform if transform is not None else CTALTransform()
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+
+    def __call__(self, rows) -> dict:
+        return to_model_inputs(rows, self.tasks, self.transform, self.generator)
+
+
+class CTALTorchDataset(torch.utils.data.Dataset):
+    """Wraps a `datasets.Dataset` (any format): item `i` is the transformed sample of row `i`, with augmentations
+    drawn from `sample_generator(seed, epoch, i)`. Call `set_epoch(e)` before each epoch (before creating the
+    DataLoader iterator, so that workers see it). Batch with `collate_fn=CTALTorchDataset.collate`."""
+
+    def __init__(self, dataset, tasks: Sequence[str], transform: CTALTransform | None = None, seed: int = 0):
+        self.dataset = dataset.with_format("torch") if hasattr(dataset, "with_format") else dataset
+        self.tasks = list(tasks)
+        self.transform = transform if transform is not None else CTALTransform()
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = row_to_sample(self.dataset[int(index)], self.tasks)
+        return self.transform(sample, generator=sample_generator(self.seed, self.epoch, int(index)))
+
+    def collate(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict:
+        return collate_samples(samples, self.tasks)
+
+
+__all__ = [
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "MTAN_SCALES",
+    "CTALDataCollator",
+    "CTALTorchDataset",
+    "CTALTransform",
+    "collate_samples",
+    "fit_to_size",
+    "hflip",
+    "random_scale_crop",
+    "row_to_sample",
+    "sample_generator",
+    "to_model_inputs",
+]

@@ -1,0 +1,390 @@
+"""Image processor for CTAL models: any image in (path, PIL, numpy, torch; RGB, grayscale or RGBA; any size),
+`pixel_values` at the model's fixed `image_size` out, and per-task maps at each image's own size back.
+
+A CTAL model is tied to one input size (its grouped convolution has one group per pixel), so the processor always
+resizes to `config.image_size`; `post_process_multitask` resizes the predictions back. Rescaling and normalisation
+are stored in `preprocessor_config.json`, so inference feeds the model exactly what training did."""
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+)
+from transformers.utils import logging
+
+from .tasks import TASKS
+
+logger = logging.get_logger(__name__)
+
+EXPECTED_LAYOUTS = (
+    "a file path, a PIL image, a numpy array (height, width) or (height, width, channels), or a torch tensor "
+    "(height, width) or (channels, height, width), with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels"
+)
+_VALID_CHANNELS = (1, 3, 4)
+
+
+def load_image(source: "str | os.PathLike | PIL.Image.Image", timeout: float | None = None) -> PIL.Image.Image:
+    """Opens an image file (or URL) fully, with EXIF orientation applied; the mode (L, RGBA, ...) is kept so the
+    processor can convert it. Raises `FileNotFoundError` for a missing file and `ValueError` naming the file when it
+    is not a readable image (corrupt, truncated, or another kind of file)."""
+    if isinstance(source, PIL.Image.Image):
+        return source
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        from transformers.image_utils import load_image as load_remote_image
+
+        return load_remote_image(source, timeout=timeout)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {str(path)!r}.")
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later inside a batch
+            return PIL.ImageOps.exif_transpose(image)  # a new, file-independent image
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(
+            f"Cannot read {str(path)!r} as an image ({type(error).__name__}: {error}); the file is corrupt, "
+            "truncated, or not an image format Pillow can open."
+        ) from error
+
+
+def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
+    """PIL image -> (H, W, 3) uint8 RGB array; transparency is composited onto white (as transformers does) and
+    16-bit / float grayscale is scaled to 8 bits instead of being clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / peak * 255.0, 0, 255).round().astype(np.uint8)
+        return np.repeat(array[..., None], 3, axis=-1)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(PIL.Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _layout_error(shape: tuple[int, ...], kind: str, hint: str) -> ValueError:
+    return ValueError(f"Cannot read a {kind} of shape {shape} as an image: {hint} Expected {EXPECTED_LAYOUTS}.")
+
+
+def _array_to_chw(image: np.ndarray | torch.Tensor, input_data_format: str | ChannelDimension | None) -> torch.Tensor:
+    """Numpy arrays are read channels-last (as PIL, OpenCV and `datasets` give them), torch tensors channels-first
+    (as torchvision gives them); `input_data_format` overrides. An array whose layout contradicts that reading (for
+    example a 4-channel numpy array in (C, H, W) order) is refused rather than guessed."""
+    is_numpy = isinstance(image, np.ndarray)
+    kind = "numpy array" if is_numpy else "torch tensor"
+    shape = tuple(image.shape)
+    if is_numpy:
+        if image.dtype.kind not in "uifb":
+            raise _layout_error(shape, kind, f"its dtype {image.dtype} is not numeric.")
+        if image.dtype == bool:
+            image = image.astype(np.uint8)
+        elif image.dtype.kind in "ui" and image.dtype != np.uint8:
+            image = image.astype(np.int64)  # torch lacks most ops on uint16 / uint32
+        if not (image.flags.writeable and image.flags.c_contiguous):
+            image = np.array(image)
+        tensor = torch.from_numpy(image)
+    else:
+        if image.is_complex():
+            raise _layout_error(shape, kind, f"its dtype {image.dtype} is not real.")
+        tensor = image.detach().cpu()
+        if tensor.dtype == torch.bool:
+            tensor = tensor.to(torch.uint8)
+        elif not tensor.is_floating_point() and tensor.dtype != torch.uint8:
+            tensor = tensor.to(torch.int64)
+    if 0 in shape:
+        raise _layout_error(shape, kind, "it is empty.")
+    if tensor.ndim == 2:
+        return tensor.unsqueeze(0)
+    if tensor.ndim != 3:
+        raise _layout_error(shape, kind, f"it has {tensor.ndim} dimensions (a batch of images goes in a list).")
+    if input_data_format is not None:
+        channels_last = ChannelDimension(input_data_format) == ChannelDimension.LAST
+    else:
+        channels_last = is_numpy
+    channels = shape[-1] if channels_last else shape[0]
+    if channels not in _VALID_CHANNELS:
+        other = shape[0] if channels_last else shape[-1]
+        if other in _VALID_CHANNELS and input_data_format is None:
+            if is_numpy:
+                hint = (
+                    f"numpy arrays are read as (height, width, channels), but this one looks like (channels, height, "
+                    f"width) with {other} channels. Transpose it with `array.transpose(1, 2, 0)` or pass "
+                    "`input_data_format='channels_first'`."
+                )
+            else:
+                hint = (
+                    f"torch tensors are read as (channels, height, width), but this one looks like (height, width, "
+                    f"channels) with {other} channels. Permute it with `tensor.permute(2, 0, 1)` or pass "
+                    "`input_data_format='channels_last'`."
+                )
+        else:
+            layout = "channels-last" if channels_last else "channels-first"
+            hint = f"read {layout}, it has {channels} channels, not 1, 3 or 4."
+        raise _layout_error(shape, kind, hint)
+    return tensor.permute(2, 0, 1) if channels_last else tensor
+
+
+class CTALImageProcessor(TorchvisionBackend):
+    r"""
+    Prepares images for [`CTALForDenseMultitask`] and turns its predictions into per-image maps.
+
+    Preprocessing: load (paths), convert to RGB (grayscale is repeated, transparency composited onto white), resize
+    to `size` (the model's `image_size`, bilinear), rescale by `rescale_factor`, normalise with `image_mean` /
+    `image_std` when `do_normalize`, and stack into `pixel_values` `(batch, 3, height, width)` float32. Numpy arrays
+    are read channels-last and torch tensors channels-first (`input_data_format` overrides); ambiguous layouts raise.
+
+    Args:
+        size (`dict[str, int]`, *optional*, defaults to `{"height": 288, "width": 384}`):
+            The model's input size; use [`~CTALImageProcessor.from_model_config`] to take it from a config.
+        do_normalize (`bool`, *optional*, defaults to `True`):
+            Whether to normalise with `image_mean` / `image_std` (ImageNet by default). Set it as the model was
+            trained: the authors' release feeds `[0, 1]` images (`do_normalize=False`).
+        image_mean, image_std (`list[float]`, *optional*, default to ImageNet's):
+            Normalisation statistics.
+        do_rescale (`bool`, *optional*, defaults to `True`), rescale_factor (`float`, *optional*, defaults to 1/255):
+            Maps 8-bit values to `[0, 1]`.
+        resample (`PILImageResampling`, *optional*, defaults to `BILINEAR`):
+            Filter used to resize images.
+
+    Examples:
+
+    ```python
+    >>> from ctal_hf import CTALConfig, CTALImageProcessor
+
+    >>> processor = CTALImageProcessor.from_model_config(CTALConfig.from_preset("nyuv2"))
+    >>> inputs = processor(images, return_tensors="pt")  # pixel_values (batch, 3, 288, 384)
+    >>> outputs = model(**inputs)
+    >>> maps = processor.post_process_multitask(outputs, target_sizes=[image.size[::-1] for image in images])
+    ```"""
+
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"height": 288, "width": 384}
+    default_to_square = True
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    do_center_crop = False
+    do_pad = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if not (self.size and self.size.height and self.size.width):
+            raise ValueError(
+                f"CTALImageProcessor resizes to the model's fixed input size: `size` must be "
+                f"{{'height': H, 'width': W}}, got {dict(self.size) if self.size else self.size}."
+            )
+
+    @classmethod
+    def from_model_config(cls, config: Any, **kwargs) -> "CTALImageProcessor":
+        """A processor for a model built from `config` (a `CTALConfig`, or a model holding one): resizes to
+        `config.image_size`; keyword arguments (`do_normalize`, `image_mean`, ...) override the defaults."""
+        config = getattr(config, "config", config)
+        image_size = getattr(config, "image_size", None)
+        if image_size is None or len(image_size) != 2:
+            raise ValueError(f"`config.image_size` must be [height, width], got {image_size!r}.")
+        kwargs.setdefault("size", {"height": int(image_size[0]), "width": int(image_size[1])})
+        return cls(**kwargs)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The (height, width) that `pixel_values` have."""
+        return int(self.size.height), int(self.size.width)
+
+    # ----------------------------------------------------------------------------------------------- input handling
+    def fetch_images(self, images):
+        """Files and URLs -> PIL images (with clear errors); everything else passes through for `process_image`."""
+        if isinstance(images, (list, tuple)):
+            return [self.fetch_images(image) for image in images]
+        if isinstance(images, (str, os.PathLike)):
+            return load_image(images)
+        return images
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
+        """A single image, a list / tuple (nested lists are flattened) or a 4-D batch array -> flat list."""
+        flat = []
+
+        def add(item):
+            if isinstance(item, (list, tuple)):
+                for element in item:
+                    add(element)
+            elif isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
+                flat.extend(list(item))
+            elif isinstance(item, (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor)):
+                flat.append(item)
+            else:
+                raise ValueError(f"Expected {EXPECTED_LAYOUTS}; got an object of type {type(item).__name__}.")
+
+        add(images)
+        if not flat:
+            raise ValueError("No images given: expected one image or a non-empty list of images.")
+        return [self.fetch_images(item) for item in flat]
+
+    def process_image(
+        self,
+        image,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        device: "torch.device | str | None" = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """One raw image -> RGB (3, H, W) tensor (dtype kept: uint8 stays uint8). Usable alone, e.g. by the
+        pipeline to learn an image's size before batching."""
+        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        rescale_factor = self.rescale_factor if rescale_factor is None else rescale_factor
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        if isinstance(image, PIL.Image.Image):
+            tensor = torch.from_numpy(np.array(_pil_to_array(image))).permute(2, 0, 1)
+        elif isinstance(image, (np.ndarray, torch.Tensor)):
+            tensor = _array_to_chw(image, input_data_format)
+            tensor = self._check_value_range(tensor, do_rescale, rescale_factor)
+            if do_convert_rgb:
+                tensor = self._to_rgb(tensor, white=(1.0 / rescale_factor) if do_rescale else 1.0)
+        else:
+            raise ValueError(f"Expected {EXPECTED_LAYOUTS}; got an object of type {type(image).__name__}.")
+        if tensor.shape[0] != 3:
+            raise ValueError(
+                f"The model takes RGB images, got {tensor.shape[0]} channels with `do_convert_rgb=False`; "
+                "pass `do_convert_rgb=True` to convert grayscale / RGBA."
+            )
+        tensor = tensor.contiguous()
+        return tensor.to(device) if device is not None else tensor
+
+    @staticmethod
+    def _check_value_range(tensor: torch.Tensor, do_rescale: bool, rescale_factor: float) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            peak = int(tensor.max())
+            if int(tensor.min()) < 0:
+                raise ValueError(f"Integer image values must be >= 0, got a minimum of {int(tensor.min())}.")
+            if do_rescale and peak * rescale_factor > 1.0 + 1e-6:
+                raise ValueError(
+                    f"Integer image values reach {peak}, beyond the 8-bit range that `rescale_factor` "
+                    f"{rescale_factor:g} maps to [0, 1]; convert to uint8 (0..255) or to float in [0, 1] with "
+                    "`do_rescale=False`."
+                )
+            return tensor.to(torch.uint8) if tensor.dtype != torch.uint8 and peak <= 255 else tensor
+        if not torch.isfinite(tensor).all():
+            raise ValueError("The image contains NaN or infinite values.")
+        if do_rescale and float(tensor.max()) <= 1.0 and float(tensor.min()) >= 0.0:
+            logger.warning_once(
+                "A float image with values in [0, 1] is being rescaled by 1/255 again; pass `do_rescale=False` if "
+                "it is already scaled."
+            )
+        return tensor
+
+    @staticmethod
+    def _to_rgb(tensor: torch.Tensor, white: float) -> torch.Tensor:
+        """(1|3|4, H, W) -> (3, H, W): grayscale repeated, alpha composited onto white (as for PIL inputs)."""
+        if tensor.shape[0] == 1:
+            return tensor.expand(3, -1, -1)
+        if tensor.shape[0] == 4:
+            dtype = tensor.dtype
+            rgb, alpha = tensor[:3].double(), tensor[3:].double() / white
+            out = rgb * alpha + white * (1.0 - alpha)
+            return out.round().clamp(0, 255).to(dtype) if not dtype.is_floating_point else out.to(dtype)
+        return tensor
+
+    def rescale_and_normalize(self, images, do_rescale, rescale_factor, do_normalize, image_mean, image_std):
+        """The model always gets float32, even with rescaling and normalisation both off."""
+        images = super().rescale_and_normalize(images, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+        return images.to(torch.float32)
+
+    # ---------------------------------------------------------------------------------------------- post-processing
+    def post_process_multitask(
+        self,
+        outputs: Any,
+        target_sizes: "Sequence[Sequence[int]] | torch.Tensor | None" = None,
+        tasks: Sequence[str] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Raw predictions -> one dict per image, task -> map at that image's size.
+
+        Args:
+            outputs: a `CTALDenseMultitaskOutput`, or a dict task -> tensor `(batch, channels, h, w)` (the model's
+                `predictions`).
+            target_sizes: `(height, width)` per image (the original sizes); `None` keeps the model's size.
+            tasks: the tasks to return (default: all predicted tasks).
+
+        Returns:
+            A list (one entry per image) of dicts: `semseg` / `parts` class ids `(H, W)` int64 (bilinear on the
+            logits, then argmax), `depth` `(H, W)` in the model's unit, `normals` `(H, W, 3)` unit vectors,
+            `saliency` / `edge` probabilities `(H, W)` in [0, 1]."""
+        predictions = getattr(outputs, "predictions", None)
+        if predictions is None:
+            predictions = outputs.get("predictions", outputs) if isinstance(outputs, dict) else None
+        if not isinstance(predictions, dict) or not predictions:
+            raise ValueError(
+                "`outputs` must be a CTALDenseMultitaskOutput or a dict task -> prediction tensor, got "
+                f"{type(outputs).__name__}."
+            )
+        unknown = [task for task in predictions if task not in TASKS]
+        if unknown:
+            raise ValueError(f"Unknown task(s) {unknown} in the predictions; known tasks: {sorted(TASKS)}.")
+        if tasks is None:
+            tasks = list(predictions)
+        else:
+            missing = [task for task in tasks if task not in predictions]
+            if missing:
+                raise ValueError(f"Task(s) {missing} were requested but the model predicts only {list(predictions)}.")
+        batch_size = next(iter(predictions.values())).shape[0]
+        if target_sizes is not None:
+            if isinstance(target_sizes, torch.Tensor):
+                target_sizes = target_sizes.tolist()
+            if len(target_sizes) != batch_size:
+                raise ValueError(
+                    f"Got {len(target_sizes)} target sizes for a batch of {batch_size} predictions; pass one "
+                    "(height, width) per image."
+                )
+        results = []
+        for index in range(batch_size):
+            result = {}
+            for task in tasks:
+                prediction = predictions[task][index : index + 1].float()
+                if prediction.ndim != 4:
+                    raise ValueError(
+                        f"Prediction for {task!r} must be (batch, channels, height, width), got "
+                        f"{tuple(predictions[task].shape)}."
+                    )
+                if target_sizes is not None:
+                    size = tuple(int(side) for side in target_sizes[index])
+                    if size != tuple(prediction.shape[-2:]):
+                        prediction = F.interpolate(prediction, size=size, mode="bilinear", align_corners=False)
+                result[task] = self._decode(task, prediction[0])
+            results.append(result)
+        return results
+
+    @staticmethod
+    def _decode(task: str, prediction: torch.Tensor) -> torch.Tensor:
+        """(channels, H, W) raw map of one image -> the user-facing map."""
+        kind = TASKS[task].kind
+        if kind == "classification":
+            return prediction.argmax(dim=0)
+        if kind == "binary":
+            if prediction.shape[0] == 2:  # two-logit variant: probability of the positive class
+                return prediction.softmax(dim=0)[1]
+            return prediction[0].sigmoid()
+        if task == "normals":
+            return F.normalize(prediction, dim=0).permute(1, 2, 0).contiguous()
+        return prediction[0] if prediction.shape[0] == 1 else prediction.permute(1, 2, 0).contiguous()
+
+
+__all__ = ["CTALImageProcessor", "load_image", "EXPECTED_LAYOUTS"]

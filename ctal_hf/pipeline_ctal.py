@@ -1,0 +1,154 @@
+"""`pipeline("dense-multitask")`: any image in, every task's map at the image's own size out, with colour-coded
+visualisations. Importing this module (done by `import ctal_hf`) registers the task with transformers."""
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import logging
+
+from .image_processing_ctal import CTALImageProcessor, load_image
+from .tasks import TASKS
+from .visualization import visualize_predictions
+
+logger = logging.get_logger(__name__)
+
+PIPELINE_TASK = "dense-multitask"
+
+
+class DenseMultitaskPipeline(Pipeline):
+    """Multitask dense prediction with a [`CTALForDenseMultitask`] model.
+
+    Inputs: a file path (or URL), a PIL image, a numpy array `(H, W[, C])`, a torch tensor `([C,] H, W)`, or a list
+    of them; any size, RGB, grayscale or RGBA. Each image is resized to the model's `image_size` and its maps are
+    resized back. One image gives a dict, a list gives a list of dicts, each with:
+
+    - one entry per task, a numpy array at the input size: `semseg` / `parts` class ids `(H, W)` int64, `depth`
+      `(H, W)` float32 (the model's unit), `normals` `(H, W, 3)` unit vectors, `saliency` / `edge` probabilities
+      `(H, W)` in [0, 1];
+    - `"visualizations"`: task -> PIL image (palette-coded labels, a depth colour map, normals as RGB, grayscale
+      probabilities).
+
+    Call options: `tasks=[...]` (return only these tasks), `visualize=False` (skip the PIL images), `batch_size`,
+    `timeout` (for URLs).
+
+    Example:
+
+    ```python
+    >>> import ctal_hf  # registers the task
+    >>> from transformers import pipeline
+
+    >>> predictor = pipeline("dense-multitask", model="path/or/hub-id")
+    >>> result = predictor("room.jpg")
+    >>> result["semseg"].shape, result["visualizations"]["depth"].size
+    ```
+
+    Given a model object and no image processor, the pipeline builds a [`CTALImageProcessor`] from the model's
+    config (ImageNet normalisation); pass `image_processor=` to use the one the model was trained with."""
+
+    _load_processor = False
+    _load_image_processor = None  # load it when the checkpoint has one; otherwise build it from the config
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = self.model.config
+        if getattr(config, "model_type", None) != "ctal":
+            raise ValueError(
+                f"The {PIPELINE_TASK!r} pipeline runs CTAL models; got a {type(self.model).__name__} with model_type "
+                f"{getattr(config, 'model_type', None)!r}."
+            )
+        if self.image_processor is None:
+            logger.info("No image processor found with the model: building CTALImageProcessor from its config.")
+            self.image_processor = CTALImageProcessor.from_model_config(config)
+        if not hasattr(self.image_processor, "post_process_multitask"):
+            raise ValueError(
+                f"The {PIPELINE_TASK!r} pipeline needs a CTALImageProcessor, got {type(self.image_processor).__name__}."
+            )
+        size = self.image_processor.size
+        if [size.height, size.width] != list(config.image_size):
+            raise ValueError(
+                f"The image processor resizes to {[size.height, size.width]} but the model takes image_size "
+                f"{list(config.image_size)}; save the processor with `CTALImageProcessor.from_model_config(config)`."
+            )
+        self.model.eval()  # batch norm in training mode would make a result depend on the rest of its batch
+
+    def __call__(self, inputs: Any = None, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
+        """Predicts every task for one image (returns a dict) or a list of images (returns a list)."""
+        if inputs is None:
+            inputs = kwargs.pop("images", None)
+        if inputs is None:
+            raise ValueError(f"The {PIPELINE_TASK!r} pipeline needs an image or a list of images.")
+        if isinstance(inputs, tuple) or (isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4):
+            inputs = list(inputs)
+        if isinstance(inputs, list) and not inputs:
+            return []
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        tasks: str | Sequence[str] | None = None,
+        visualize: bool | None = None,
+        timeout: float | None = None,
+        **kwargs,
+    ):
+        if kwargs:
+            raise ValueError(
+                f"Unknown argument(s) {sorted(kwargs)} for the {PIPELINE_TASK!r} pipeline; it takes `tasks`, "
+                "`visualize`, `timeout`, `batch_size` and `num_workers`."
+            )
+        preprocess_params, postprocess_params = {}, {}
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        if tasks is not None:
+            tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+            predicted = list(self.model.config.tasks)
+            unknown = [task for task in tasks if task not in predicted]
+            if unknown:
+                raise ValueError(f"Task(s) {unknown} requested, but this model predicts only {predicted}.")
+            postprocess_params["tasks"] = tasks
+        if visualize is not None:
+            postprocess_params["visualize"] = bool(visualize)
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, Any]:
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image, timeout=timeout)
+        rgb = self.image_processor.process_image(image)  # (3, H, W): validates the input and gives its size
+        inputs = self.image_processor(rgb, return_tensors="pt")
+        pixel_values = inputs["pixel_values"]
+        if self.dtype is not None:
+            pixel_values = pixel_values.to(self.dtype)
+        return {"pixel_values": pixel_values, "target_size": tuple(int(side) for side in rgb.shape[-2:])}
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        target_size = model_inputs.pop("target_size")
+        outputs = self.model(pixel_values=model_inputs["pixel_values"])
+        # A flat dict (task -> batched tensor) so the pipeline's batching can split it per image.
+        return {**outputs.predictions, "target_size": target_size}
+
+    def postprocess(
+        self, model_outputs: dict[str, Any], tasks: Sequence[str] | None = None, visualize: bool = True
+    ) -> dict[str, Any]:
+        predictions = {task: value for task, value in model_outputs.items() if task in TASKS}
+        maps = self.image_processor.post_process_multitask(
+            predictions, target_sizes=[model_outputs["target_size"]], tasks=tasks
+        )[0]
+        result: dict[str, Any] = {task: value.cpu().numpy() for task, value in maps.items()}
+        if visualize:
+            result["visualizations"] = visualize_predictions(result)
+        return result
+
+
+if PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK, {}).get("impl") is not DenseMultitaskPipeline:
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK, pipeline_class=DenseMultitaskPipeline, pt_model=AutoModel, type="image"
+    )
+
+__all__ = ["DenseMultitaskPipeline", "PIPELINE_TASK"]

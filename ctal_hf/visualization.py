@@ -1,0 +1,304 @@
+"""Colour coding of the task maps (segmentation palette with legend, depth colour map, normals as RGB, saliency and
+edge in grayscale) and a figure in the style of the paper's Fig. 4: image | semseg | depth | normals per row, with an
+optional ground-truth row under each prediction row.
+
+Matplotlib is imported only inside the functions that need it, and no pyplot state is used (figures are
+`matplotlib.figure.Figure` objects), so this is safe in servers, threads and tests."""
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from .tasks import TASKS
+
+DEFAULT_DEPTH_CMAP = "magma_r"
+FIGURE_TASKS = ("semseg", "depth", "normals")
+TASK_TITLES = {
+    "semseg": "semantic seg.",
+    "parts": "human parts",
+    "depth": "depth",
+    "normals": "surface normals",
+    "saliency": "saliency",
+    "edge": "edges",
+}
+
+
+def palette(num_classes: int = 256) -> np.ndarray:
+    """`(num_classes, 3)` uint8 colours, class `i` -> `palette[i]`, by the PASCAL VOC bit-interleaving scheme: class
+    0 black, neighbouring ids far apart in colour, and the first colours the same whatever `num_classes` is, so one
+    legend fits every map of a dataset."""
+    if num_classes < 1:
+        raise ValueError(f"`num_classes` must be positive, got {num_classes}.")
+    ids = np.arange(num_classes)
+    colours = np.zeros((num_classes, 3), dtype=np.int64)
+    for shift in range(8):
+        for channel in range(3):
+            bit = (ids >> (shift * 3 + channel)) & 1
+            colours[:, channel] |= bit << (7 - shift)
+    return colours.astype(np.uint8)
+
+
+def legend_patches(class_names: Sequence[str], colours: np.ndarray | None = None) -> list:
+    """Matplotlib patches (one per class, in palette colours) for `fig.legend(handles=...)` or `ax.legend`."""
+    from matplotlib.patches import Patch
+
+    colours = palette(len(class_names)) if colours is None else np.asarray(colours)
+    if len(colours) < len(class_names):
+        raise ValueError(f"{len(class_names)} class names but only {len(colours)} colours.")
+    return [Patch(facecolor=colours[i] / 255.0, edgecolor="black", label=name) for i, name in enumerate(class_names)]
+
+
+def colorize_segmentation(
+    labels: np.ndarray, colours: np.ndarray | None = None, ignore_index: int | None = 255
+) -> np.ndarray:
+    """Class-id map `(H, W)` -> `(H, W, 3)` uint8 with `palette` colours; `ignore_index` pixels are white."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"A label map must be (height, width), got shape {labels.shape}.")
+    labels = labels.astype(np.int64)
+    colours = palette(256) if colours is None else np.asarray(colours, dtype=np.uint8)
+    ignored = labels == ignore_index if ignore_index is not None else np.zeros(labels.shape, dtype=bool)
+    valid = ~ignored
+    if valid.any() and (labels[valid].min() < 0 or labels[valid].max() >= len(colours)):
+        raise ValueError(
+            f"Label values span [{labels[valid].min()}, {labels[valid].max()}] but the palette has {len(colours)} "
+            "colours."
+        )
+    image = np.full(labels.shape + (3,), 255, dtype=np.uint8)
+    image[valid] = colours[labels[valid]]
+    return image
+
+
+def _depth_range(depth: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+    values = depth[valid]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(values, [2, 98])
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+    return float(low), float(high) if high > low else float(low) + 1.0
+
+
+def colorize_depth(
+    depth: np.ndarray,
+    cmap: str = DEFAULT_DEPTH_CMAP,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    invalid_value: float | None = 0.0,
+) -> np.ndarray:
+    """Depth `(H, W)` (or `(1, H, W)`) -> `(H, W, 3)` uint8 through a matplotlib colour map; the range defaults to
+    the 2nd-98th percentile of the valid pixels, pixels equal to `invalid_value` (0 in ground truth) are black."""
+    from matplotlib import colormaps
+
+    depth = np.asarray(depth, dtype=np.float64).squeeze()
+    if depth.ndim != 2:
+        raise ValueError(f"A depth map must be (height, width), got shape {np.shape(depth)}.")
+    valid = np.isfinite(depth)
+    if invalid_value is not None:
+        valid &= depth != invalid_value
+    if vmin is None or vmax is None:
+        low, high = _depth_range(depth, valid)
+        vmin = low if vmin is None else vmin
+        vmax = high if vmax is None else vmax
+    scaled = np.clip((depth - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    image = (colormaps[cmap](np.where(valid, scaled, 0.0))[..., :3] * 255.0).round().astype(np.uint8)
+    image[~valid] = 0
+    return image
+
+
+def colorize_normals(normals: np.ndarray) -> np.ndarray:
+    """Normals `(H, W, 3)` (or `(3, H, W)`) in [-1, 1] -> RGB `(n + 1) / 2` as uint8; all-zero (invalid) pixels
+    are black."""
+    normals = np.asarray(normals, dtype=np.float64)
+    if normals.ndim == 3 and normals.shape[0] == 3 and normals.shape[-1] != 3:
+        normals = normals.transpose(1, 2, 0)
+    if normals.ndim != 3 or normals.shape[-1] != 3:
+        raise ValueError(f"A normals map must be (height, width, 3), got shape {normals.shape}.")
+    image = (np.clip((normals + 1.0) / 2.0, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    image[~np.any(normals != 0, axis=-1)] = 0
+    return image
+
+
+def colorize_probability(probability: np.ndarray) -> np.ndarray:
+    """Probability (or {0, 1} label) map `(H, W)` -> grayscale `(H, W)` uint8, white = 1."""
+    probability = np.asarray(probability, dtype=np.float64).squeeze()
+    if probability.ndim != 2:
+        raise ValueError(f"A probability map must be (height, width), got shape {np.shape(probability)}.")
+    return (np.clip(probability, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def colorize(task: str, value: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """Colour-codes one task's map (see the task-specific functions); returns uint8 `(H, W, 3)` or `(H, W)`."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; known tasks: {sorted(TASKS)}.")
+    value = _to_numpy(value)
+    kind = TASKS[task].kind
+    if kind == "classification":
+        return colorize_segmentation(value, **kwargs)
+    if kind == "binary":
+        return colorize_probability(value)
+    if task == "normals":
+        return colorize_normals(value)
+    return colorize_depth(value, **kwargs)
+
+
+def visualize_predictions(predictions: Mapping[str, Any], depth_cmap: str = DEFAULT_DEPTH_CMAP) -> dict:
+    """Task -> map dict (as returned by the pipeline or `post_process_multitask`) -> task -> PIL image."""
+    images = {}
+    for task, value in predictions.items():
+        if task not in TASKS:
+            continue
+        kwargs = {"cmap": depth_cmap, "invalid_value": None} if task == "depth" else {}
+        images[task] = PIL.Image.fromarray(colorize(task, value, **kwargs))
+    return images
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _image_to_array(image: Any) -> np.ndarray:
+    if isinstance(image, PIL.Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = _to_numpy(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype != np.uint8:
+        array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+    return array
+
+
+def make_figure(
+    images: Any,
+    predictions: Any,
+    ground_truths: Any = None,
+    tasks: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    depth_cmap: str = DEFAULT_DEPTH_CMAP,
+    ignore_index: int = 255,
+    panel_height: float = 2.0,
+    path: str | os.PathLike | None = None,
+    dpi: int = 100,
+):
+    """A Fig.-4-style grid: one row per image (image | one panel per task), and under it a ground-truth row when
+    `ground_truths` has an entry for that image. Depth shares one colour range per image between prediction and
+    ground truth, so the two rows are comparable.
+
+    Args:
+        images: an image or a list (PIL, numpy `(H, W[, 3])`, or `(3, H, W)` tensors).
+        predictions: a task -> map dict per image (the pipeline's output works as is).
+        ground_truths: optional dict (or `None`) per image with the dataset's label layouts (semseg with 255 =
+            ignore, depth with 0 = invalid, normals `(H, W, 3)` with 0 = invalid, saliency / edge in {0, 1}).
+        tasks: the columns; default: `semseg`, `depth`, `normals` where predicted, else every predicted task.
+        class_names: names of the semantic classes, for a legend under the figure.
+        path: when given, the figure is saved there as PNG.
+
+    Returns:
+        The `matplotlib.figure.Figure`."""
+    from matplotlib.figure import Figure
+
+    if isinstance(predictions, Mapping):
+        images, predictions = [images], [predictions]
+        ground_truths = None if ground_truths is None else [ground_truths]
+    images = list(images)
+    predictions = list(predictions)
+    if len(images) != len(predictions):
+        raise ValueError(f"Got {len(images)} images but {len(predictions)} prediction dicts.")
+    ground_truths = [None] * len(images) if ground_truths is None else list(ground_truths)
+    if len(ground_truths) != len(images):
+        raise ValueError(f"Got {len(images)} images but {len(ground_truths)} ground-truth entries.")
+    if tasks is None:
+        available = [task for task in predictions[0] if task in TASKS]
+        tasks = [task for task in FIGURE_TASKS if task in available] or available
+    tasks = list(tasks)
+    for index, prediction in enumerate(predictions):
+        missing = [task for task in tasks if task not in prediction]
+        if missing:
+            raise ValueError(
+                f"Prediction {index} has no {missing}; it has {sorted(k for k in prediction if k in TASKS)}."
+            )
+
+    arrays = [_image_to_array(image) for image in images]
+    rows = []  # (label, image array or None, maps dict, depth range)
+    for array, prediction, truth in zip(arrays, predictions, ground_truths, strict=True):
+        depth_range = None
+        if "depth" in tasks:
+            reference = _to_numpy(truth["depth"]) if truth is not None and "depth" in truth else None
+            if reference is not None:
+                depth_range = _depth_range(reference.astype(np.float64).squeeze(), reference.squeeze() > 0)
+            else:
+                value = _to_numpy(prediction["depth"]).astype(np.float64).squeeze()
+                depth_range = _depth_range(value, np.isfinite(value))
+        rows.append(("prediction", array, prediction, depth_range))
+        if truth is not None:
+            rows.append(("ground truth", array, truth, depth_range))
+
+    aspect = arrays[0].shape[1] / arrays[0].shape[0]
+    columns = 1 + len(tasks)
+    legend_height = 0.0 if not class_names else 0.2 * int(np.ceil(len(class_names) / 8)) + 0.15  # inches
+    figure = Figure(
+        figsize=(panel_height * aspect * columns, panel_height * len(rows) + 0.35 + legend_height), dpi=dpi
+    )
+    axes = figure.subplots(len(rows), columns, squeeze=False)
+    for row, (label, array, maps, depth_range) in enumerate(rows):
+        axes[row, 0].imshow(array, cmap="gray" if array.ndim == 2 else None)
+        axes[row, 0].set_ylabel(label, fontsize=9)
+        for column, task in enumerate(tasks, start=1):
+            axis = axes[row, column]
+            if task not in maps or maps[task] is None:
+                axis.set_visible(False)
+                continue
+            value = _to_numpy(maps[task])
+            if task == "depth":
+                vmin, vmax = depth_range
+                invalid = 0.0 if label == "ground truth" else None  # 0 marks missing depth in labels only
+                panel = colorize_depth(value, cmap=depth_cmap, vmin=vmin, vmax=vmax, invalid_value=invalid)
+            elif TASKS[task].kind == "classification":
+                panel = colorize_segmentation(value, ignore_index=ignore_index)
+            elif TASKS[task].kind == "binary":
+                value = np.where(value == ignore_index, 0, value) if value.dtype.kind in "ui" else value
+                panel = colorize_probability(value)
+            else:
+                panel = colorize(task, value)
+            axis.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+        for column in range(columns):
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+            if row == 0:
+                axes[row, column].set_title("image" if column == 0 else TASK_TITLES[tasks[column - 1]], fontsize=10)
+    if class_names:
+        figure.legend(
+            handles=legend_patches(class_names), loc="lower center", ncol=min(8, len(class_names)), fontsize=8
+        )
+    figure.tight_layout(rect=(0, legend_height / figure.get_figheight(), 1, 1))
+    if path is not None:
+        save_figure(figure, path, dpi=dpi)
+    return figure
+
+
+def save_figure(figure, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Saves a figure as PNG (creating the folder)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=dpi, format="png")
+
+
+__all__ = [
+    "palette",
+    "legend_patches",
+    "colorize",
+    "colorize_segmentation",
+    "colorize_depth",
+    "colorize_normals",
+    "colorize_probability",
+    "visualize_predictions",
+    "make_figure",
+    "save_figure",
+]
