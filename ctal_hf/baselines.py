@@ -200,7 +200,7 @@ class CTALPatternAffinityDiffusion(nn.Module):
         outputs = {}
         for target in self.tasks:
             weights = torch.softmax(self.task_weights[target], dim=0)
-            combined = sum(weight * affinity for weight, affinity in zip(weights, affinities))
+            combined = sum(weight * affinity for weight, affinity in zip(weights, affinities, strict=True))
             source = features[target].flatten(2)  # (B, C, N)
             diffused = source
             for _ in range(self.diffusion_steps):

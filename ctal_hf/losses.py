@@ -14,7 +14,9 @@ def _valid_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
-def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_sum(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy summed over labelled pixels; `target` is (B, H, W) class ids, `ignore_index` unlabelled."""
     total = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="sum")
     return total, (target != ignore_index).sum()

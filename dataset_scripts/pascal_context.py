@@ -97,10 +97,10 @@ def _thin_lut(second: bool) -> np.ndarray:
         n1 = sum(x[2 * i] or x[2 * i + 1] for i in range(4))
         n2 = sum(x[2 * i + 1] or x[2 * i + 2] for i in range(4))
         g2 = 2 <= min(n1, n2) <= 3
-        if second:  # G3': (x6 or x7 or not x4) and not x5
-            g3 = (x[5] or x[6] or not x[3]) and not x[4]
-        else:  # G3: (x2 or x3 or not x8) and not x1
-            g3 = (x[1] or x[2] or not x[7]) and not x[0]
+        if second:  # G3': (x6 or x7 or not x4) and x5 must be 0
+            g3 = not ((x[5] or x[6] or not x[3]) and x[4])
+        else:  # G3: (x2 or x3 or not x8) and x1 must be 0
+            g3 = not ((x[1] or x[2] or not x[7]) and x[0])
         lut[code] = crossings == 1 and g2 and g3
     return lut
 

@@ -54,6 +54,10 @@ def _patch_hf_modules(monkeypatch, *, offline: bool, home: Path | None = None, e
         hf_file_system = sys.modules.get("huggingface_hub.hf_file_system")
         if hf_file_system is not None:
             hf_file_system.HfFileSystem.clear_instance_cache()
+        # `huggingface_hub.list_repo_files` & co. are methods of a module-level HfApi built at import time.
+        hf_api = sys.modules.get("huggingface_hub.hf_api")
+        if hf_api is not None and hasattr(hf_api, "api"):
+            monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
 
 
 @pytest.fixture(autouse=True)
