@@ -93,7 +93,7 @@ def write_parquet_folder(
     data_dir.mkdir(parents=True)
     data_files = {}
     for split, ds in dataset.items():
-        num_shards = max(1, math.ceil(ds.data.nbytes / max_shard_size))
+        num_shards = max(1, min(len(ds), math.ceil(ds.data.nbytes / max_shard_size)))
         for index in range(num_shards):
             shard = ds.shard(num_shards=num_shards, index=index, contiguous=True)
             shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"))

@@ -451,6 +451,24 @@ def test_publish_push_uses_card_then_push_to_hub(tmp_path, monkeypatch):
     assert calls[2] == ("push_to_hub", "org/synthetic-pascal", "default", ["train", "validation"])
 
 
+def test_pascal_context_task_subset(tmp_path):
+    tiny_pascal(tmp_path / "pc")
+    builder = PascalContext(
+        data_dir=str(tmp_path / "pc"), cache_dir=str(tmp_path / "c"), pad_size=(32, 32), tasks=("semseg", "edge")
+    )
+    builder.download_and_prepare()
+    assert builder.as_dataset()["train"].column_names == ["id", "image", "semseg", "edge", "height", "width"]
+    with pytest.raises(ValueError, match="tasks"):
+        PascalContext(data_dir=str(tmp_path / "pc"), tasks=("depth",))
+
+
+def test_publish_shards_round_trip(tmp_path):
+    ds = publish.build("synthetic", cache_dir=str(tmp_path / "c"), num_train=3, num_validation=2, image_size=(32, 32))
+    out = publish.write_parquet_folder("synthetic", ds, tmp_path / "out", max_shard_size=1)
+    assert len(list((out / "data").glob("train-*-of-00003.parquet"))) == 3
+    _assert_same(ds, datasets.load_dataset(str(out), cache_dir=str(tmp_path / "c2")))
+
+
 def test_cards_exist_with_yaml():
     for name in publish.BUILDERS:
         text = publish.card_template(name)

@@ -14,9 +14,13 @@ from dataset_scripts.synthetic import (
     render_scene,
 )
 
-SCENES = [render_scene(i, seed=3, config="pascal") for i in range(8)] + [
-    render_scene(i, seed=3, config="nyuv2", height=64, width=96) for i in range(4)
-]
+
+@pytest.fixture(scope="module")
+def scenes():
+    """8 PASCAL-config scenes at 96x128 and 4 NYUv2-config scenes at 64x96."""
+    return [render_scene(i, seed=3, config="pascal") for i in range(8)] + [
+        render_scene(i, seed=3, config="nyuv2", height=64, width=96) for i in range(4)
+    ]
 
 
 def _backproject(depth: np.ndarray, intrinsics) -> np.ndarray:
@@ -26,8 +30,8 @@ def _backproject(depth: np.ndarray, intrinsics) -> np.ndarray:
     return np.stack([depth * (jj - cx) / focal, depth * (ii - cy) / focal, depth], axis=-1)
 
 
-def test_render_layouts_and_values():
-    for scene in SCENES:
+def test_render_layouts_and_values(scenes):
+    for scene in scenes:
         height, width = scene["semseg"].shape
         assert scene["image"].shape == (height, width, 3) and scene["image"].dtype == np.uint8
         assert scene["depth"].dtype == np.float32 and (scene["depth"] > 0.1).all() and scene["depth"].max() < 20
@@ -38,14 +42,14 @@ def test_render_layouts_and_values():
         assert set(np.unique(scene["edge"]).tolist()) <= {0, 1}
         assert scene["image"].std() > 10  # not a flat picture
     # Normals face the camera: the angle to the viewing ray exceeds 90 degrees.
-    for scene in SCENES:
+    for scene in scenes:
         rays = _backproject(scene["depth"].astype(np.float64), scene["intrinsics"])
         assert ((rays * scene["normals"]).sum(-1) < 1e-6).all()
 
 
-def test_normals_match_depth_on_planar_surfaces():
+def test_normals_match_depth_on_planar_surfaces(scenes):
     worst, checked = 0.0, 0
-    for scene in SCENES:
+    for scene in scenes:
         points = _backproject(scene["depth"].astype(np.float64), scene["intrinsics"])
         normal = np.cross(points[:-1, 1:] - points[:-1, :-1], points[1:, :-1] - points[:-1, :-1])
         normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
@@ -59,8 +63,8 @@ def test_normals_match_depth_on_planar_surfaces():
     assert worst < 2.0
 
 
-def test_semantic_edges_lie_on_label_changes():
-    for scene in SCENES:
+def test_semantic_edges_lie_on_label_changes(scenes):
+    for scene in scenes:
         semseg, edge = scene["semseg"], scene["edge"].astype(bool)
         change = np.zeros_like(edge)
         change[:, :-1] |= semseg[:, :-1] != semseg[:, 1:]
@@ -75,9 +79,9 @@ def test_semantic_edges_lie_on_label_changes():
         assert (edge <= other).all()
 
 
-def test_depth_discontinuities_lie_on_object_boundaries():
+def test_depth_discontinuities_lie_on_object_boundaries(scenes):
     jumps = 0
-    for scene in SCENES:
+    for scene in scenes:
         depth, instance = scene["depth"].astype(np.float64), scene["instance"]
         focal, cx, cy = scene["intrinsics"]
         rays = _backproject(np.ones_like(depth), scene["intrinsics"])
@@ -94,9 +98,9 @@ def test_depth_discontinuities_lie_on_object_boundaries():
     assert jumps > 200  # the check is not vacuous
 
 
-def test_parts_saliency_and_classes_agree():
+def test_parts_saliency_and_classes_agree(scenes):
     figure = SYNTHETIC_CLASSES.index("figure")
-    for scene in SCENES:
+    for scene in scenes:
         on_figure = scene["semseg"] == figure
         parts = scene["parts"]
         if on_figure.any():
@@ -108,7 +112,7 @@ def test_parts_saliency_and_classes_agree():
         if salient.any():
             assert len(np.unique(scene["semseg"][salient])) == 1 or on_figure[salient].all()
             assert (scene["instance"][salient] > 0).all()  # never the room
-    assert sum((s["semseg"] == figure).any() for s in SCENES[:8]) >= 6  # the pascal config shows figures
+    assert sum((s["semseg"] == figure).any() for s in scenes[:8]) >= 6  # the pascal config shows figures
 
 
 def test_determinism_per_seed_split_index():

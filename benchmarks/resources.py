@@ -1,0 +1,459 @@
+# Resources of every decoder at the paper's settings, beside the paper's Tables 2, 3 and 5: parameters, forward FLOPs,
+# forward time and peak memory on this CPU at batch 1, written as a markdown table.
+#
+#   python benchmarks/resources.py                                   # writes benchmarks/results/resources.md
+#   python benchmarks/resources.py --settings nyuv2_hrnet --repeats 1
+#
+# FLOPs are counted with torch.utils.flop_counter.FlopCounterMode over one forward pass at batch 1: it counts 2 FLOPs
+# per multiply-accumulate of convolutions and matrix products (elementwise work, norms and resampling are not
+# counted). We also give MACs = FLOPs / 2 and MACs for a batch of 8, the convention Table 5 appears to use. CTAL
+# rows are counted with attention_impl="dense" (the paper's N x N formulation); the "auto" column shows what the
+# default implementation costs. Every model runs in its own fresh process (this script with --worker): threads
+# pinned, model.eval(), torch.no_grad(), the median of a few timed forwards after one warm-up; peak memory is the
+# process's peak resident set during the timed forwards (VmHWM reset through /proc/self/clear_refs after the model and
+# its input exist), given in total and above the resident set just before the forwards.
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "resources.md"
+
+NAMES = {
+    "stl": "STL",
+    "mtl": "MTL",
+    "padnet": "PAD-Net",
+    "papnet": "PAP-Net",
+    "mtinet": "MTI-Net",
+    "concat": "Concat",
+    "ctal_ss": "CTAL-SS",
+    "ctal_ms": "CTAL-MS",
+}
+
+
+def _row(decoder, scale=4, steps=1, **paper):
+    """One table row: a decoder (with CTAL's affinity scale, PAP-Net's diffusion steps) and the paper's values."""
+    return {"decoder": decoder, "scale": scale, "steps": steps, "paper": paper}
+
+
+# Each setting: the preset and overrides, and its rows with the paper's values (params in M or relative to STL,
+# FLOPs in the paper's unstated "G", time in the paper's seconds).
+SETTINGS = {
+    "nyuv2_hrnet": {
+        "title": "NYUv2, HRNet-W18-small, 288 x 384 (paper Table 5)",
+        "preset": "nyuv2",
+        "overrides": {},
+        "relative_params": True,
+        "rows": [
+            _row("stl", rel=1.0),
+            _row("mtl", rel=0.346, flops=42, time=2.82),
+            _row("papnet", rel=0.404, flops=521, time=17.73),
+            _row("papnet", steps=2),
+            _row("padnet", rel=1.023, flops=484, time=6.13),
+            _row("ctal_ss", rel=0.513, flops=537, time=13.85),
+            _row("ctal_ss", scale=6, rel=0.504, flops=194, time=5.97),
+            _row("ctal_ss", scale=8, rel=0.500, flops=124, time=4.37),
+            _row("mtinet", rel=1.070, flops=65, time=4.45),
+            _row("ctal_ms", rel=0.944, flops=525, time=14.26),
+            _row("ctal_ms", scale=6, rel=0.935, flops=190, time=6.48),
+            _row("ctal_ms", scale=8, rel=0.932, flops=117, time=5.23),
+            _row("concat"),
+        ],
+    },
+    "cityscapes_hrnet": {
+        "title": "Cityscapes, HRNet-W18-small, 128 x 256 (the paper gives no resources for it)",
+        "preset": "cityscapes",
+        "overrides": {},
+        "relative_params": True,
+        "rows": [_row(d) for d in ("stl", "mtl", "papnet", "padnet", "ctal_ss", "mtinet", "ctal_ms", "concat")],
+    },
+    "nyuv2_swin": {
+        "title": "NYUv2, SwinV2-S, 288 x 384 (paper Table 2)",
+        "preset": "nyuv2",
+        "overrides": {"backbone": "swinv2_small"},
+        "relative_params": False,
+        "rows": [
+            _row("stl", params=166.8, flops=148.2),
+            _row("mtl", params=68.8, flops=60.5),
+            _row("padnet", params=65.6, flops=57.4),
+            _row("papnet", params=55.8, flops=49.2),
+            _row("ctal_ss", params=57.0, flops=49.9),
+            _row("concat"),
+        ],
+    },
+    "pascal_swin": {
+        "title": "PASCAL-Context, SwinV2-S, 512 x 512, 5 tasks (paper Table 3)",
+        "preset": "pascal_context",
+        "overrides": {},
+        "relative_params": False,
+        "rows": [
+            _row("stl", params=278.0, flops=477.5),
+            _row("mtl", params=108.7, flops=82.1),
+            _row("padnet", params=112.3, flops=88.5),
+            _row("papnet", params=100.5, flops=64.9),
+            _row("ctal_ss", params=114.1, flops=62.2),
+            _row("concat"),
+        ],
+    },
+}
+
+# Parts of `CTALForDenseMultitask.num_parameters_by_part()` (and module names for FLOPs) -> component of the report.
+COMPONENTS = {
+    "backbone": "backbone",
+    "backbones": "backbone",
+    "fusion": "initial heads",
+    "fusions": "initial heads",
+    "initial_heads": "initial heads",
+    "distillation": "distillation",
+    "distillations": "distillation",
+    "ctal": "distillation",
+    "projections": "distillation",
+    "diffusion": "distillation",
+    "heads": "final heads",
+    "final_heads": "final heads",
+}
+COMPONENT_ORDER = ("backbone", "initial heads", "distillation", "final heads")
+
+
+# ----------------------------------------------------------------------------------------------- worker (one model)
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _build(setting: str, decoder: str, scale: int, steps: int, attention_impl: str):
+    from ctal_hf import CTALConfig, CTALForDenseMultitask
+
+    spec = SETTINGS[setting]
+    config = CTALConfig.from_preset(
+        spec["preset"], decoder=decoder, affinity_scale=scale, attention_impl=attention_impl, **spec["overrides"]
+    )
+    model = CTALForDenseMultitask(config).eval()
+    if steps != 1:
+        model.decoder.diffusion.diffusion_steps = steps
+    return config, model
+
+
+def _count_flops(model, pixel_values) -> tuple[int, dict[str, int]]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False, depth=3) as counter:
+        model(pixel_values)
+    by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    components = dict.fromkeys(COMPONENT_ORDER, 0)
+    root = type(model).__name__
+    for name, flops in by_module.items():
+        parts = name.split(".")
+        if len(parts) == 2 and parts[0] == root and parts[1] == "backbone":
+            components["backbone"] += flops
+        elif len(parts) == 3 and parts[0] == root and parts[1] == "decoder":
+            part = "backbone" if parts[2] == "backbones" else COMPONENTS.get(parts[2])
+            if part is not None:
+                components[part] += flops
+    return counter.get_total_flops(), components
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config, model = _build(args.setting, args.decoder, args.scale, args.steps, "dense")
+    pixel_values = torch.randn(1, 3, *config.image_size)
+    params = sum(p.numel() for p in model.parameters())
+    params_by_component = dict.fromkeys(COMPONENT_ORDER, 0)
+    for part, count in model.num_parameters_by_part().items():
+        params_by_component[COMPONENTS[part]] += count
+    flops, flops_by_component = _count_flops(model, pixel_values)
+    flops_auto = flops
+    if config.decoder.startswith("ctal"):
+        # Same weights, the default implementation of the diffusion.
+        for module in model.modules():
+            if hasattr(module, "attention_impl"):
+                module.attention_impl = "auto"
+        flops_auto, _ = _count_flops(model, pixel_values)
+    timing_impl = "auto"  # what a user gets by default; the dense form is only counted
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(pixel_values)  # warm-up
+        first = time.perf_counter() - start
+        repeats = args.repeats if first < args.slow_seconds else 1
+        baseline = _status_kib("VmRSS")
+        reset = _reset_peak_rss()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(pixel_values)
+            times.append(time.perf_counter() - start)
+    peak = _status_kib("VmHWM") if reset else _status_kib("VmRSS")
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "params": params,
+                "params_by_component": params_by_component,
+                "flops": flops,
+                "flops_auto": flops_auto,
+                "flops_by_component": flops_by_component,
+                "time_s": statistics.median(times),
+                "repeats": repeats,
+                "timing_impl": timing_impl,
+                "peak_rss_mb": peak / 1024,
+                "forward_mb": max(peak - baseline, 0) / 1024 if reset else None,
+            }
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def run_row(setting: str, row: dict, args) -> dict:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--setting",
+        setting,
+        "--decoder",
+        row["decoder"],
+        "--scale",
+        str(row["scale"]),
+        "--steps",
+        str(row["steps"]),
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--slow-seconds",
+        str(args.slow_seconds),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {setting}/{row['decoder']} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT ") :])
+    print(f"  {setting:17s} {label(row):28s} {time.perf_counter() - start:6.1f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def label(row: dict) -> str:
+    text = NAMES[row["decoder"]]
+    if row["decoder"].startswith("ctal"):
+        text += f" 1/{row['scale']}"
+    if row["steps"] != 1:
+        text += f" ({row['steps']} diffusion steps)"
+    return text
+
+
+def _fmt(value, digits=2, suffix=""):
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _ratio(ours, paper, digits=3):
+    if ours is None or paper is None or paper == 0:
+        return "-"
+    return f"{ours / paper:.{digits}f}"
+
+
+def render_setting(name: str, results: list[tuple[dict, dict]]) -> list[str]:
+    spec = SETTINGS[name]
+    by_label = {label(row): (row, res) for row, res in results}
+    mtl_row, mtl = by_label["MTL"]
+    stl_row, stl = by_label["STL"]
+    mtl_paper_flops = mtl_row["paper"].get("flops")
+    mtl_paper_time = mtl_row["paper"].get("time")
+    lines = [f"### {spec['title']}", ""]
+    if spec["relative_params"]:
+        lines += [
+            "| model | params (M) | rel. params | paper rel. | ours / paper | GFLOPs | GFLOPs auto | GMACs | "
+            "GMACs x8 | paper FLOPs (G) | ours GMACs x8 / paper | FLOPs / MTL | paper / MTL | ratio | "
+            "time (s) | time / MTL | paper time / MTL | peak RSS (MB) | forward (MB) |",
+            "|" + "---|" * 19,
+        ]
+    else:
+        lines += [
+            "| model | params (M) | paper (M) | ours / paper | GFLOPs | GFLOPs auto | GMACs | paper FLOPs (G) | "
+            "ours GFLOPs / paper | FLOPs / MTL | paper / MTL | ratio | time (s) | time / MTL | peak RSS (MB) | "
+            "forward (MB) |",
+            "|" + "---|" * 16,
+        ]
+    for row, res in results:
+        paper = row["paper"]
+        gflops = res["flops"] / 1e9
+        gflops_auto = res["flops_auto"] / 1e9
+        gmacs = gflops / 2
+        flops_mtl = res["flops"] / mtl["flops"]
+        paper_mtl = paper["flops"] / mtl_paper_flops if paper.get("flops") and mtl_paper_flops else None
+        auto = _fmt(gflops_auto) if row["decoder"].startswith("ctal") else "="
+        common_tail = [
+            _fmt(res["time_s"], 3),
+            _fmt(res["time_s"] / mtl["time_s"]),
+        ]
+        memory = [_fmt(res["peak_rss_mb"], 0), _fmt(res["forward_mb"], 0)]
+        if spec["relative_params"]:
+            rel = res["params"] / stl["params"]
+            paper_time_mtl = paper["time"] / mtl_paper_time if paper.get("time") and mtl_paper_time else None
+            cells = [
+                label(row),
+                _fmt(res["params"] / 1e6, 3),
+                _fmt(rel, 3),
+                _fmt(paper.get("rel"), 3),
+                _ratio(rel, paper.get("rel")),
+                _fmt(gflops),
+                auto,
+                _fmt(gmacs),
+                _fmt(gmacs * 8, 1),
+                _fmt(paper.get("flops"), 0),
+                _ratio(gmacs * 8, paper.get("flops")),
+                _fmt(flops_mtl),
+                _fmt(paper_mtl),
+                _ratio(flops_mtl, paper_mtl),
+                *common_tail,
+                _fmt(paper_time_mtl),
+                *memory,
+            ]
+        else:
+            cells = [
+                label(row),
+                _fmt(res["params"] / 1e6, 2),
+                _fmt(paper.get("params"), 1),
+                _ratio(res["params"] / 1e6, paper.get("params")),
+                _fmt(gflops),
+                auto,
+                _fmt(gmacs),
+                _fmt(paper.get("flops"), 1),
+                _ratio(gflops, paper.get("flops")),
+                _fmt(flops_mtl),
+                _fmt(paper_mtl),
+                _ratio(flops_mtl, paper_mtl),
+                *common_tail,
+                *memory,
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def render_components(name: str, results: list[tuple[dict, dict]]) -> list[str]:
+    """Parameters and GFLOPs per component, and the gap to the paper's totals."""
+    spec = SETTINGS[name]
+    lines = [
+        f"Components of {spec['title'].split(' (')[0]} (params in M / GFLOPs at batch 1):",
+        "",
+        "| model | " + " | ".join(COMPONENT_ORDER) + " | total | paper params | gap (paper - ours) | "
+        "paper FLOPs column | our GFLOPs |",
+        "|" + "---|" * (len(COMPONENT_ORDER) + 6),
+    ]
+    for row, res in results:
+        parts = [
+            f"{res['params_by_component'][c] / 1e6:.2f} / {res['flops_by_component'][c] / 1e9:.1f}"
+            for c in COMPONENT_ORDER
+        ]
+        paper = row["paper"]
+        gap = paper["params"] - res["params"] / 1e6 if paper.get("params") else None
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    label(row),
+                    *parts,
+                    f"{res['params'] / 1e6:.2f} / {res['flops'] / 1e9:.1f}",
+                    _fmt(paper.get("params"), 1),
+                    _fmt(gap, 1),
+                    _fmt(paper.get("flops"), 1),
+                    _fmt(res["flops"] / 1e9, 1),
+                ]
+            )
+            + " |"
+        )
+    lines.append("")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", choices=sorted(SETTINGS))
+    parser.add_argument("--decoder")
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model after one warm-up")
+    parser.add_argument(
+        "--slow-seconds", type=float, default=2.0, help="time a single forward for models whose warm-up takes longer"
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--json", type=Path, default=None, help="also dump the raw results here")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    start = time.perf_counter()
+    all_results = {}
+    for setting in args.settings:
+        all_results[setting] = [(row, run_row(setting, row, args)) for row in SETTINGS[setting]["rows"]]
+    elapsed = time.perf_counter() - start
+    if args.json:
+        args.json.write_text(json.dumps({k: [(r, res) for r, res in v] for k, v in all_results.items()}, indent=1))
+
+    import torch
+
+    lines = [
+        "# Resources of CTAL and the baselines beside the paper (Tables 2, 3, 5)",
+        "",
+        f"Written by `benchmarks/resources.py` on {datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, torch {torch.__version__}, batch 1, float32, model.eval() + no_grad; "
+        f"{elapsed / 60:.1f} min in all.",
+        "",
+        "Conventions: `GFLOPs` = torch.utils.flop_counter (2 FLOPs per multiply-accumulate of convolutions and matrix "
+        "products; elementwise ops, norms and resampling not counted), batch 1, one forward. `GMACs` = GFLOPs / 2; "
+        "`GMACs x8` = for a batch of 8, the convention Table 5's values fit. CTAL rows are counted with "
+        '`attention_impl="dense"` (the paper\'s N x N formulation); `GFLOPs auto` is the default implementation '
+        '(`"auto"` picks the exact factorised form where it is cheaper). The paper never states its FLOP '
+        "convention, so FLOPs are compared as ratios to the MTL row of the same table (`FLOPs / MTL` ours, "
+        "`paper / MTL`, `ratio` = ours / paper). Times are the median of a few forwards after a warm-up (one "
+        'forward for slow models), with the default `attention_impl="auto"`, on a shared CPU: compare them within '
+        "a table only. Peak RSS is the process's peak resident set during the timed forwards; `forward (MB)` is that "
+        "peak above the resident set just before them.",
+        "",
+    ]
+    for setting, results in all_results.items():
+        lines += render_setting(setting, results)
+        if setting in ("pascal_swin", "nyuv2_swin"):
+            lines += render_components(setting, results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.output} in {elapsed:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
