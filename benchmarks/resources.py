@@ -157,23 +157,46 @@ def _build(setting: str, decoder: str, scale: int, steps: int, attention_impl: s
 
 
 def _count_flops(model, pixel_values) -> tuple[int, dict[str, int]]:
+    """Total forward FLOPs and FLOPs per component. Containers (ModuleDict / ModuleList) are never called, so a part
+    is the sum of its outermost called modules (e.g. `decoder.initial_heads.semseg`)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False, depth=3) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(pixel_values)
     by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    components = dict.fromkeys(COMPONENT_ORDER, 0)
     root = type(model).__name__
+    components = dict.fromkeys(COMPONENT_ORDER, 0)
     for name, flops in by_module.items():
         parts = name.split(".")
-        if len(parts) == 2 and parts[0] == root and parts[1] == "backbone":
-            components["backbone"] += flops
-        elif len(parts) == 3 and parts[0] == root and parts[1] == "decoder":
-            part = "backbone" if parts[2] == "backbones" else COMPONENTS.get(parts[2])
-            if part is not None:
-                components[part] += flops
+        if parts[0] != root or len(parts) < 2:
+            continue
+        if parts[1] == "backbone":
+            part, depth = "backbone", 2
+        elif parts[1] == "decoder" and len(parts) >= 3:
+            part, depth = ("backbone" if parts[2] == "backbones" else COMPONENTS.get(parts[2])), 3
+        else:
+            continue
+        # Count a module only if none of its ancestors below the part's own level was recorded (outermost call).
+        ancestors = [".".join(parts[:i]) for i in range(depth, len(parts))]
+        if part is not None and not any(a in by_module for a in ancestors):
+            components[part] += flops
     return counter.get_total_flops(), components
+
+
+def _auto_differs(model) -> bool:
+    """Whether `attention_impl="auto"` would leave the dense form for some CTAL module of `model`."""
+    from ctal_hf.ctal_attention import choose_attention_impl
+    from ctal_hf.ctal_module import CTALAffinityModule
+
+    for module in model.modules():
+        if isinstance(module, CTALAffinityModule):
+            n = module.size[0] * module.size[1]
+            channels = module.values[module.tasks[0]].out_channels
+            kernel = module.fusion.kernel_size[0]
+            if choose_attention_impl(n, channels, len(module.tasks), kernel) != "dense":
+                return True
+    return False
 
 
 def worker(args) -> None:
@@ -187,28 +210,23 @@ def worker(args) -> None:
     params_by_component = dict.fromkeys(COMPONENT_ORDER, 0)
     for part, count in model.num_parameters_by_part().items():
         params_by_component[COMPONENTS[part]] += count
-    flops, flops_by_component = _count_flops(model, pixel_values)
-    flops_auto = flops
-    if config.decoder.startswith("ctal"):
-        # Same weights, the default implementation of the diffusion.
-        for module in model.modules():
-            if hasattr(module, "attention_impl"):
-                module.attention_impl = "auto"
-        flops_auto, _ = _count_flops(model, pixel_values)
-    timing_impl = "auto"  # what a user gets by default; the dense form is only counted
+    flops, flops_by_component = _count_flops(model, pixel_values)  # also the warm-up of the timed forwards
+    # Time (and count, for the "auto" column) the default implementation of the CTAL diffusion.
+    for module in model.modules():
+        if hasattr(module, "attention_impl"):
+            module.attention_impl = "auto"
+    flops_auto = _count_flops(model, pixel_values)[0] if _auto_differs(model) else flops
 
     with torch.no_grad():
-        start = time.perf_counter()
-        model(pixel_values)  # warm-up
-        first = time.perf_counter() - start
-        repeats = args.repeats if first < args.slow_seconds else 1
         baseline = _status_kib("VmRSS")
         reset = _reset_peak_rss()
         times = []
-        for _ in range(repeats):
+        while len(times) < args.repeats:
             start = time.perf_counter()
             model(pixel_values)
             times.append(time.perf_counter() - start)
+            if times[0] > args.slow_seconds:
+                break
     peak = _status_kib("VmHWM") if reset else _status_kib("VmRSS")
     print(
         "RESULT "
@@ -220,8 +238,7 @@ def worker(args) -> None:
                 "flops_auto": flops_auto,
                 "flops_by_component": flops_by_component,
                 "time_s": statistics.median(times),
-                "repeats": repeats,
-                "timing_impl": timing_impl,
+                "repeats": len(times),
                 "peak_rss_mb": peak / 1024,
                 "forward_mb": max(peak - baseline, 0) / 1024 if reset else None,
             }
@@ -406,9 +423,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model after one warm-up")
     parser.add_argument(
-        "--slow-seconds", type=float, default=2.0, help="time a single forward for models whose warm-up takes longer"
+        "--repeats", type=int, default=3, help="timed forwards per model after the warm-up (the FLOP-counting pass)"
+    )
+    parser.add_argument(
+        "--slow-seconds", type=float, default=2.0, help="stop after one timed forward when it takes longer than this"
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw results here")

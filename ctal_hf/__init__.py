@@ -1,11 +1,13 @@
 """ctal_hf: cross-task affinity learning (CTAL) for multitask dense prediction, Hugging Face-compatible.
 
-Importing the package registers the model with the transformers Auto classes."""
+Importing the package registers the model and its image processor with the transformers Auto classes, and the
+`pipeline("dense-multitask")` task."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_ctal import PRESETS, CTALConfig
 from .image_processing_ctal import CTALImageProcessor
+from .metrics import MultiTaskEvaluator, delta_m
 from .modeling_ctal import CTALDenseMultitaskOutput, CTALForDenseMultitask, CTALPreTrainedModel
 from .pipeline_ctal import DenseMultitaskPipeline  # importing it registers pipeline("dense-multitask")
 from .tasks import LOWER_IS_BETTER, TASKS
@@ -28,5 +30,8 @@ __all__ = [
     "PRESETS",
     "TASKS",
     "LOWER_IS_BETTER",
+    "CTALImageProcessor",
+    "DenseMultitaskPipeline",
+    "MultiTaskEvaluator",
+    "delta_m",
 ]
-__all__ += ["CTALImageProcessor", "DenseMultitaskPipeline"]

@@ -7,11 +7,11 @@ Because the fusion is linear, the whole operation has an exact form that never b
 
     M[i, j] = b[i] + sum_{t, d} W[i, t, d] <xn_t[:, i], xn_t[:, j + d]>     (d over the k x k offsets)
     D_t     = sum_{t', d} P_{t', d} (W[:, t', d] * xn_t')  +  rowsum(V_t) b^T,
-    P_{t', d} = V shift_d(xn_t')^T                                           (small: T*Cv x C per offset)
+    P_{t', d} = V_t shift_d(xn_t')^T                           (small: Cv x C, computed for all t at once)
 
 Its cost is O(N T^2 k^2 C Cv) instead of O(N^2 T (C + Cv)), so it wins for large maps (NYUv2 at 1/4 scale) and
 loses for small ones (Swin at 1/32); `impl="auto"` picks the cheaper from a FLOP model calibrated on CPU timings.
-See `docs/DESIGN.md` section 1 of the project notes.
+The derivation is in the design notes, section 1 ("Exact faster form").
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "factorized")
 
@@ -191,7 +187,9 @@ def attention_flops(
         if backward:
             macs += 4 * offsets * per_product  # dQ = P^T G, dP = G Q^T, dV += dP S, dS = dP^T V
     else:
-        raise ValueError(f"Unknown CTAL attention implementation {impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}.")
+        raise ValueError(
+            f"Unknown CTAL attention implementation {impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}."
+        )
     return 2 * batch_size * macs
 
 
@@ -260,7 +258,9 @@ def cross_task_diffusion(
         )
         impl = choose_attention_impl(n, channels, num_tasks, weight.shape[-1], value_channels, backward=backward)
     if impl not in _IMPLEMENTATIONS:
-        raise ValueError(f"Unknown CTAL attention implementation {impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}.")
+        raise ValueError(
+            f"Unknown CTAL attention implementation {impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}."
+        )
     dtype = torch.promote_types(values.dtype, normalized.dtype)
     values, normalized = values.to(dtype), normalized.to(dtype)
     weight = weight.to(dtype)

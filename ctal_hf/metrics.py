@@ -55,6 +55,10 @@ def _check_same_shape(pred: torch.Tensor, target: torch.Tensor, task: str):
         )
 
 
+def _warn_empty(task: str):
+    logger.warning("%s: no labelled pixel was seen since the last reset; its metrics are NaN.", task)
+
+
 def threshold_grid(thresholds: int | Sequence[float]) -> torch.Tensor:
     """Thresholds of a probability map: `n` gives the BSDS grid `k / (n + 1)` for k = 1..n (99 gives 0.01..0.99);
     a sequence is used as given (sorted). A pixel is positive at threshold `t` when its probability is >= `t`."""
@@ -253,6 +257,8 @@ class CTALSegmentationMetric(CTALMetric):
         total = confusion.sum()
         iou = torch.tensor(self.per_class_iou(), dtype=torch.float64)
         present = ~torch.isnan(iou)
+        if total == 0:
+            _warn_empty(self.task)
         miou = iou[present].mean().item() if present.any() else math.nan
         pixel_acc = (confusion.diag().sum() / total).item() if total > 0 else math.nan
         return {"mIoU": miou, "pixel_acc": pixel_acc}
@@ -295,6 +301,7 @@ class CTALDepthMetric(CTALMetric):
     def compute(self) -> dict[str, float]:
         count = int(self._state["count"])
         if count == 0:
+            _warn_empty(self.task)
             return {"abs_err": math.nan, "rel_err": math.nan, "rmse": math.nan}
         return {
             "abs_err": self._state["abs_sum"].item() / count,
@@ -388,6 +395,7 @@ class CTALNormalsMetric(CTALMetric):
         count = int(self._state["count"])
         names = ["mean_angle", "median_angle", "rmse_angle"] + [f"within_{t:g}" for t in NORMALS_ANGLE_THRESHOLDS]
         if count == 0:
+            _warn_empty(self.task)
             return dict.fromkeys(names, math.nan)
         result = {
             "mean_angle": self._state["angle_sum"].item() / count,
@@ -432,9 +440,9 @@ class CTALSaliencyMetric(CTALMetric):
         thresholds: number `n` of thresholds `k / (n + 1)` or the thresholds themselves. Default: 99 (0.01..0.99);
             with `double_sigmoid=True`, the InvPT-lineage grid 0.05, 0.10, ..., 0.95.
         beta_squared: weight of precision in the F-measure.
-        double_sigmoid: reproduce published InvPT-lineage numbers (InvPT, ATRC, TaskPrompter, the CTAL release):
-            their output function maps logits to probabilities and their saliency meter applies a sigmoid again,
-            so the thresholds act on sigmoid(p) in [0.5, 0.73]. The correct metric is the default, `False`.
+        double_sigmoid: reproduce published InvPT-lineage numbers: that evaluation code maps the outputs to
+            probabilities and its saliency meter applies a sigmoid again, so the thresholds act on sigmoid(p) in
+            [0.5, 0.73]. The correct metric is the default, `False`.
         from_logits: predictions are logits (the model contract); `False` for probabilities in [0, 1].
         ignore_index: label of unlabelled pixels.
     """
@@ -501,6 +509,7 @@ class CTALSaliencyMetric(CTALMetric):
 
     def compute(self) -> dict[str, float]:
         if int(self._state["positive_bins"].sum() + self._state["negative_bins"].sum()) == 0:
+            _warn_empty(self.task)
             return {"maxF": math.nan, "maxF_threshold": math.nan}
         curve = self.curve()
         best = int(curve["fscore"].argmax())
@@ -726,7 +735,11 @@ class CTALEdgeMetric(CTALMetric):
 
     def image_counts(self, prob: np.ndarray, boundary: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(matched, predicted) pixel counts per threshold for one (H, W) probability map and boundary label."""
+        from scipy.ndimage import distance_transform_edt
+
         radius = self.max_dist * math.hypot(*prob.shape)
+        # Predicted pixels farther than the tolerance from every boundary pixel can never match: skip them.
+        reachable = distance_transform_edt(~boundary) <= radius + 1e-6 if boundary.any() else np.zeros_like(boundary)
         matched = np.zeros(self.thresholds.numel(), dtype=np.int64)
         predicted = np.zeros_like(matched)
         previous = None
@@ -738,7 +751,7 @@ class CTALEdgeMetric(CTALMetric):
             previous = edges
             if self.thin:
                 edges = thin_boundaries(edges)
-            matched[k] = match_boundaries(edges, boundary, radius)
+            matched[k] = match_boundaries(edges & reachable, boundary, radius)
             predicted[k] = int(edges.sum())
         return matched, predicted
 
@@ -752,7 +765,7 @@ class CTALEdgeMetric(CTALMetric):
         target = target.to(pred.device)
         boundary, valid = _binary_labels(target, self.ignore_index, self.task)
         if self.from_logits:
-            total, count = balanced_bce_sum(pred.float(), target, self.pos_weight, self.ignore_index)
+            total, count = balanced_bce_sum(pred.double(), target, self.pos_weight, self.ignore_index)
             self._state["loss_sum"] += total.double()
             self._state["loss_count"] += count
         if not self.compute_ods:
@@ -790,6 +803,8 @@ class CTALEdgeMetric(CTALMetric):
 
     def compute(self) -> dict[str, float]:
         count = int(self._state["loss_count"])
+        if count == 0 and self.from_logits:
+            _warn_empty(self.task)
         result = {"loss": self._state["loss_sum"].item() / count if count else math.nan}
         if self.compute_ods:
             if int(self._state["predicted"].sum()) == 0 and int(self._state["boundary"]) == 0:

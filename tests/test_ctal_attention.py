@@ -123,7 +123,9 @@ def test_factorized_equals_dense_float64(size):
     inputs = make_inputs(*size)
     dense = outputs_and_grads("dense", *inputs)
     factorized = outputs_and_grads("factorized", *inputs)
-    for name, actual, expected in zip(["out", "values", "normalized", "weight", "bias"], factorized, dense):
+    for name, actual, expected in zip(
+        ["out", "values", "normalized", "weight", "bias"], factorized, dense, strict=True
+    ):
         assert actual.shape == expected.shape, name
         assert max_relative_error(actual, expected) < 1e-10, name
 
@@ -133,7 +135,9 @@ def test_factorized_equals_dense_float32(size):
     inputs = make_inputs(*size, dtype=torch.float32, seed=1)
     dense = outputs_and_grads("dense", *inputs)
     factorized = outputs_and_grads("factorized", *inputs)
-    for name, actual, expected in zip(["out", "values", "normalized", "weight", "bias"], factorized, dense):
+    for name, actual, expected in zip(
+        ["out", "values", "normalized", "weight", "bias"], factorized, dense, strict=True
+    ):
         assert actual.dtype == torch.float32, name
         assert max_relative_error(actual, expected) < 1e-4, name
 
@@ -142,7 +146,7 @@ def test_factorized_without_bias_and_partial_grads():
     values, normalized, weight, _, grad_out = make_inputs(2, 3, 4, 4, 5, 6, 3)
     dense = outputs_and_grads("dense", values, normalized, weight, None, grad_out)
     factorized = outputs_and_grads("factorized", values, normalized, weight, None, grad_out)
-    for actual, expected in zip(factorized, dense):
+    for actual, expected in zip(factorized, dense, strict=True):
         assert max_relative_error(actual, expected) < 1e-10
     # only the weight needs a gradient: the other branches of the backward are skipped
     out = cross_task_diffusion(values.detach(), normalized.detach(), weight, None, impl="factorized")
@@ -161,7 +165,7 @@ def test_factorized_under_gradient_checkpointing():
     expected = outputs_and_grads("dense", values, normalized, weight, bias, grad_out)
     out = checkpoint(cross_task_diffusion, values, normalized, weight, bias, "factorized", use_reentrant=False)
     grads = torch.autograd.grad(out, [values, normalized, weight, bias], grad_out)
-    for actual, ref in zip([out.detach(), *grads], expected):
+    for actual, ref in zip([out.detach(), *grads], expected, strict=True):
         assert max_relative_error(actual, ref) < 1e-10
 
 
@@ -226,7 +230,7 @@ def test_auto_choice():
     inputs = make_inputs(1, 2, 4, 4, 4, 5, 3)
     auto = outputs_and_grads("auto", *inputs)
     dense = outputs_and_grads("dense", *inputs)
-    for actual, expected in zip(auto, dense):
+    for actual, expected in zip(auto, dense, strict=True):
         assert max_relative_error(actual, expected) < 1e-10
 
 
