@@ -2,7 +2,7 @@
 # forward + backward (training) time and peak memory at the paper's three scales, and writes a markdown table.
 #
 #   python benchmarks/ctal_attention.py                  # the table, benchmarks/results/ctal_attention.md
-#   python benchmarks/ctal_attention.py --sweep          # adds the dense / factorized crossover sweep behind `auto`
+#   python benchmarks/ctal_attention.py --sections attention sweep   # adds the crossover sweep behind `auto`
 #
 # Every (case, implementation, mode) runs in its own fresh process (this script with --worker), threads pinned, and
 # reports the median of several runs after one warm-up. Peak memory is the process's peak resident set above its
@@ -245,8 +245,10 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sweep", action="store_true", help="also run the dense / factorized crossover sweep")
-    parser.add_argument("--sweep-repeats", type=int, default=3)
+    parser.add_argument(
+        "--sections", nargs="+", default=["attention"], choices=list(SECTIONS), help="what to measure, in order"
+    )
+    parser.add_argument("--sweep-repeats", type=int, default=3, help="timed runs per sweep point (min reported)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     # worker mode (internal): one measurement, JSON on stdout
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -262,8 +264,7 @@ def main(argv=None):
     command = "python benchmarks/ctal_attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()
-    sections = ["attention"] + (["sweep"] if args.sweep else [])
-    bodies = [SECTIONS[name](args) for name in sections]
+    bodies = [SECTIONS[name](args) for name in args.sections]
     load_after = os.getloadavg()
     header = [
         "# CTAL attention benchmark",

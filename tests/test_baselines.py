@@ -146,7 +146,7 @@ def test_stl_loads_backbone_weights_into_every_task_network(tmp_path):
         assert torch.equal(model.decoder.backbones[task].model.conv1.weight, stem)
 
 
-# --- information flows between tasks exactly where the design says ----------------------------------------------------
+# --- information flows between tasks exactly where the design says ---------------------------------------------------
 
 
 def _perturbation_target(model: CTALForDenseMultitask, task: str) -> torch.nn.Module:

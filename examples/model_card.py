@@ -1,0 +1,179 @@
+"""The model card that `examples/train.py` writes next to a trained model (README.md): tasks, dataset, recipe, the
+metrics table of the final (and initial) predictions, and `model-index` metadata so the Hub shows the results."""
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ctal_hf.tasks import TASKS
+
+# Metrics that are fractions in [0, 1]; cards and tables print them in percent, as the paper does.
+PERCENT_METRICS = frozenset({"mIoU", "pixel_acc", "maxF", "odsF", "oisF", "within_11.25", "within_22.5", "within_30"})
+# Metrics printed per task (the headline first); others stay in eval_results.json.
+DISPLAY_METRICS: dict[str, tuple[str, ...]] = {
+    "semseg": ("mIoU", "pixel_acc"),
+    "parts": ("mIoU", "pixel_acc"),
+    "depth": ("rel_err", "abs_err", "rmse"),
+    "normals": ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"),
+    "saliency": ("maxF",),
+    "edge": ("loss", "odsF"),
+}
+TASK_TITLES = {
+    "semseg": "Semantic segmentation",
+    "parts": "Human parts",
+    "depth": "Depth",
+    "normals": "Surface normals",
+    "saliency": "Saliency",
+    "edge": "Edges",
+}
+HUB_TASK_TYPES = {"semseg": "image-segmentation", "parts": "image-segmentation", "depth": "depth-estimation"}
+DECODER_NAMES = {
+    "ctal_ss": "CTAL-SS",
+    "ctal_ms": "CTAL-MS",
+    "stl": "STL",
+    "mtl": "MTL",
+    "padnet": "PAD-Net",
+    "papnet": "PAP-Net",
+    "mtinet": "MTI-Net",
+    "concat": "Concat",
+}
+
+
+def display_value(metric: str, value: float) -> str:
+    """A metric as printed: fractions in percent, two decimals (three for relative errors and losses)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if metric in PERCENT_METRICS:
+        return f"{100.0 * value:.2f}"
+    if metric in ("rel_err", "loss"):
+        return f"{value:.4f}"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def metric_label(metric: str) -> str:
+    arrow = (
+        "↓" if metric in ("rel_err", "abs_err", "rmse", "mean_angle", "median_angle", "rmse_angle", "loss") else "↑"
+    )
+    unit = " (%)" if metric in PERCENT_METRICS else (" (deg)" if "angle" in metric else "")
+    return f"{metric}{unit} {arrow}"
+
+
+def metrics_table(
+    final: Mapping[str, Mapping[str, float]], initial: Mapping[str, Mapping[str, float]] | None = None
+) -> str:
+    """Markdown table: one row per (task, metric), a column for the final and, if given, the initial predictions."""
+    initial = initial or {}
+    has_initial = any(initial.values())
+    header = "| task | metric | final |" + (" initial |" if has_initial else "")
+    lines = [header, "|---|---|---|" + ("---|" if has_initial else "")]
+    for task, values in final.items():
+        metrics = [m for m in DISPLAY_METRICS.get(task, tuple(values)) if m in values]
+        for metric in metrics:
+            row = f"| {task} | {metric_label(metric)} | {display_value(metric, values[metric])} |"
+            if has_initial:
+                row += f" {display_value(metric, initial.get(task, {}).get(metric))} |"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def _eval_results(final, dataset_name: str, dataset_type: str, split: str) -> list[EvalResult]:
+    results = []
+    for task, values in final.items():
+        for metric in DISPLAY_METRICS.get(task, tuple(values)):
+            value = values.get(metric)
+            if value is None or not math.isfinite(value):
+                continue
+            results.append(
+                EvalResult(
+                    task_type=HUB_TASK_TYPES.get(task, f"dense-{task}"),
+                    task_name=TASK_TITLES.get(task, task),
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_split=split,
+                    metric_type=metric,
+                    metric_name=f"{task} {metric}",
+                    metric_value=round(100.0 * value if metric in PERCENT_METRICS else value, 4),
+                )
+            )
+    return results
+
+
+def make_model_card(
+    config: Any,
+    final: Mapping[str, Mapping[str, float]],
+    initial: Mapping[str, Mapping[str, float]] | None,
+    dataset_name: str,
+    recipe: Mapping[str, Any],
+    model_name: str,
+    num_parameters: int | None = None,
+    completed_steps: int | None = None,
+    command: str | None = None,
+    split: str = "validation",
+) -> ModelCard:
+    """The card of a trained model; `recipe` is the flat dict of training settings (optimizer, lr, ...)."""
+    decoder = DECODER_NAMES.get(config.decoder, config.decoder)
+    dataset_type = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset_name).strip("-")
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        license="apache-2.0",
+        pipeline_tag="image-segmentation" if "semseg" in config.tasks else None,
+        tags=["ctal", "multitask", "dense-prediction", "vision", *config.tasks],
+        datasets=[dataset_name] if "/" in dataset_name else None,
+        metrics=sorted({m for values in final.values() for m in values if m in sum(DISPLAY_METRICS.values(), ())}),
+        eval_results=_eval_results(final, dataset_name, dataset_type, split),
+    )
+    task_lines = "\n".join(
+        f"- `{task}`: {TASK_TITLES[task]} ({config.task_channels(task)} output channel(s), headline metric "
+        f"{TASKS[task].headline_metric})"
+        for task in config.tasks
+    )
+    recipe_lines = "\n".join(f"| {key} | {value} |" for key, value in recipe.items())
+    size = "x".join(str(s) for s in config.image_size)
+    params = f"{num_parameters / 1e6:.2f} M parameters" if num_parameters else ""
+    body = f"""# {model_name}
+
+A {decoder} model (cross-task affinity learning for multitask dense prediction) with a `{config.backbone}` backbone,
+trained with `examples/train.py` of `ctal_hf` on **{dataset_name}** at {size} pixels. {params}
+
+## Tasks
+
+{task_lines}
+
+## Results ({split} split)
+
+Metrics of the whole split (sums over all pixels, not means of per-batch means); fractions in percent. The
+*initial* column scores the deeply supervised initial predictions (before cross-task distillation).
+
+{metrics_table(final, initial)}
+
+## Training recipe
+
+| setting | value |
+|---|---|
+{recipe_lines}
+| optimizer steps | {completed_steps} |
+
+{f"Command: `{command}`" if command else ""}
+
+## Use
+
+```python
+import ctal_hf  # registers the model, image processor and pipeline
+from transformers import pipeline
+
+predictor = pipeline("dense-multitask", model="{model_name}")
+maps = predictor("room.png")  # dict task -> map at the image's size
+```
+
+The folder also carries the modelling code, so `AutoModel.from_pretrained(..., trust_remote_code=True)` works
+without this package.
+"""
+    template = "---\n{{ card_data }}\n---\n\n{{ body }}"
+    return ModelCard.from_template(card_data, template_str=template, body=body)
+
+
+__all__ = ["PERCENT_METRICS", "DISPLAY_METRICS", "display_value", "metrics_table", "make_model_card"]

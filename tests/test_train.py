@@ -1,0 +1,315 @@
+"""The Accelerate training example (examples/train.py): recipes, exact resume after SIGKILL, DDP evaluation equal to
+one process, push to the Hub (fake upload, real download from the local mirror), clear errors, the table script.
+
+Runs use tiny settings (64x64 images, 16 training images, batch 4) and one CPU thread per process so that results
+are bit-reproducible."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import make_table  # noqa: E402
+import recipes  # noqa: E402
+import train  # noqa: E402
+
+TINY = [
+    "--image_size", "64", "64",
+    "--num_train_images", "16",
+    "--num_validation_images", "5",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "2",
+    "--num_prediction_images", "1",
+]  # fmt: skip
+
+
+def _env() -> dict:
+    env = dict(os.environ)  # carries the offline HF_HOME of the autouse fixture
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def _run(args: list[str], launcher: list[str] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = (launcher or [sys.executable]) + [str(EXAMPLES / "train.py"), *args]
+    return subprocess.run(command, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
+
+
+def _check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+def _results(folder: Path) -> dict:
+    return json.loads((folder / "eval_results.json").read_text())
+
+
+@pytest.fixture
+def reset_accelerate():
+    """In-process runs create accelerate's singleton state; reset it so other in-process runs start clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ------------------------------------------------------------------------------------------------------ recipes
+def test_default_run_is_the_cpu_synthetic_recipe():
+    args = train.parse_args([])
+    recipe = train.resolve_recipe(args)
+    config = train.build_config(args, recipe)
+    assert recipe.name == "synthetic" and recipe.dataset == "synthetic"
+    assert config.decoder == "ctal_ss" and config.tasks == ["semseg", "depth", "normals"]
+    assert config.image_size == [64, 96] and config.num_semseg_classes == 7
+    assert recipe.per_device_train_batch_size == 8 and args.output_dir is None
+    steps = recipe.num_train_epochs * math.ceil(recipe.num_train_images / recipe.per_device_train_batch_size)
+    assert steps <= 200  # a CPU run of a few minutes
+
+
+def test_paper_recipes_and_warm_restarts():
+    nyu, city, pascal = (recipes.get_recipe(name) for name in ("nyuv2", "cityscapes", "pascal_context"))
+    assert (nyu.learning_rate, nyu.weight_decay, nyu.num_train_epochs) == (1e-4, 1e-4, 200)
+    assert (city.learning_rate, city.weight_decay, city.num_train_epochs) == (5e-4, 1e-4, 75)
+    assert (pascal.learning_rate, pascal.weight_decay, pascal.num_train_epochs) == (2e-5, 1e-5, 70)
+    assert all(r.per_device_train_batch_size == 8 and r.lr_scheduler == "cosine" for r in (nyu, city, pascal))
+    assert city.scheduler_for("ctal_ms") == "cosine_warm_restarts" and city.scheduler_for("ctal_ss") == "cosine"
+    assert nyu.scheduler_for("ctal_ms") == "cosine"
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    scheduler = train.make_scheduler(optimizer, "cosine_warm_restarts", city, 75 * 10, 10, 75)
+    assert (scheduler.T_0, scheduler.T_mult) == (25 * 10, 2)  # T_0 = epochs // 3 epochs, in optimizer steps
+    # The preset's loss weights reach the config (Cityscapes: depth 10).
+    args = train.parse_args(["--recipe", "cityscapes", "--decoder", "ctal_ms"])
+    config = train.build_config(args, train.resolve_recipe(args))
+    assert config.loss_weights == {"semseg": 1.0, "depth": 10.0} and config.decoder == "ctal_ms"
+
+
+@pytest.mark.parametrize("num_samples, batch_size, processes", [(5, 2, 2), (7, 3, 2), (1, 4, 3), (12, 4, 3)])
+def test_eval_shards_cover_every_sample_once(num_samples, batch_size, processes):
+    shards = [train.eval_shard(num_samples, batch_size, processes, rank)[0] for rank in range(processes)]
+    assert len({len(shard) for shard in shards}) == 1  # same number of forward passes everywhere
+    seen = [i for shard in shards for batch in shard if batch is not None for i in batch]
+    assert sorted(seen) == list(range(num_samples))
+    one_process = train.eval_shard(num_samples, batch_size, 1, 0)[0]
+    assert sorted(map(tuple, (b for shard in shards for b in shard if b is not None))) == sorted(
+        map(tuple, one_process)
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+def test_clear_errors(tmp_path, capsys, reset_accelerate):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--decoder", "ctal_xl"])
+    assert "invalid choice: 'ctal_xl'" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="--data_dir .*nowhere.* does not exist"):
+        train.main(
+            ["--dataset", "nyuv2", "--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")]
+        )
+    with pytest.raises(ValueError, match="pass --data_dir"):
+        train.main(["--dataset", "cityscapes", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        train.main(["--dataset", str(tmp_path / "missing_parquet"), "--output_dir", str(tmp_path / "o")])
+
+    # A local Parquet copy (as dataset_scripts.publish writes it) without a task the model needs.
+    from dataset_scripts.publish import build, write_parquet_folder
+
+    rows = build("synthetic", config="nyuv2", cache_dir=str(tmp_path / "cache"), num_train=2, num_validation=2)
+    folder = write_parquet_folder("synthetic", rows, tmp_path / "parquet")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['saliency'\]"):
+        train.main(
+            ["--dataset", str(folder), "--recipe", "synthetic", "--tasks", "semseg", "saliency", *TINY[:3]]
+            + ["--output_dir", str(tmp_path / "o")]
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    common = [*TINY, "--max_train_steps", "8", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1"]
+    common += ["--scale_crop", "--seed", "3"]  # shuffling (always on), flip and scale-crop augmentation
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _check(_run([*common, "--output_dir", str(reference), "--report_to", "tensorboard"]))
+    assert list((reference / "runs").rglob("events.out.tfevents*")), "no tensorboard event file"
+
+    killed = _run([*common, "--output_dir", str(resumed), "--kill_after_step", "5"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = resumed / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step_3"
+    ]  # 4 steps per epoch: checkpoint and kill are mid-epoch
+    assert not (resumed / "model.safetensors").exists()
+    # What a kill while saving leaves behind must never be picked: a temporary folder, and a step folder without
+    # its completion file (as a non-atomic writer would leave).
+    (checkpoints / ".tmp-step_6").mkdir()
+    (checkpoints / ".tmp-step_6" / "model.safetensors").write_bytes(b"partial")
+    (checkpoints / "step_9").mkdir()
+    (checkpoints / "step_9" / "model.safetensors").write_bytes(b"partial")
+
+    _check(_run([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]))
+    assert not (checkpoints / ".tmp-step_6").exists()
+    assert [path.name for _, path in train.list_checkpoints(checkpoints)] == ["step_6"]  # total limit 1
+    expected, actual = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+    assert _results(resumed)["final"] == _results(reference)["final"]
+    assert _results(resumed)["initial"] == _results(reference)["initial"]
+    assert _results(resumed)["completed_steps"] == 8
+    # The saved folder is a complete model: processor, card and picture.
+    for name in ("config.json", "preprocessor_config.json", "README.md", "predictions/validation_0.png"):
+        assert (resumed / name).is_file(), name
+
+
+# ------------------------------------------------------------------------------------------------------ DDP
+def _ddp_run(args: list[str]) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return _run(args, launcher=launcher, env={**_env(), "ACCELERATE_USE_CPU": "1"})
+
+
+def test_ddp_on_cpu_evaluation_equals_single_process(tmp_path):
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    # 5 validation images in batches of 2: 3 batches for 2 processes, the last one short.
+    args = [*TINY, "--max_train_steps", "2", "--checkpointing_steps", "100", "--output_dir", str(ddp_dir)]
+    result = _ddp_run(args)
+    if result.returncode != 0 and not (ddp_dir / "README.md").is_file():
+        # torch 2.14's gloo sometimes aborts at exit ("terminate called without an active exception", about one
+        # run in ten, STACK-NOTES.md); a run that failed before writing its outputs is retried once.
+        result = _ddp_run(args)
+    # A nonzero exit is accepted only when every output was written (the known abort happens after that).
+    assert (ddp_dir / "README.md").is_file(), f"exit {result.returncode}\n{result.stderr[-5000:]}"
+    assert "MULTI_CPU" in result.stdout + result.stderr  # really two processes
+    ddp = _results(ddp_dir)
+    assert ddp["num_validation_images"] == 5 and ddp["settings"]["total_batch_size"] == 8
+
+    _check(_run([*TINY, "--eval_only", "--model_name_or_path", str(ddp_dir), "--output_dir", str(single_dir)]))
+    single = _results(single_dir)
+    assert single["num_validation_images"] == 5
+    assert single["initial"] and ddp["initial"]
+    for key in ("final", "initial"):
+        for task, metrics in single[key].items():
+            for metric, value in metrics.items():
+                assert ddp[key][task][metric] == pytest.approx(value, rel=1e-9, abs=1e-12), (key, task, metric)
+    # The counts prove no sample was dropped or counted twice: 5 images x 64 x 64 valid depth pixels.
+    assert single["final"]["depth"]["abs_err"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------ Hub
+class FakeHfApi:
+    """Stands in for `huggingface_hub.HfApi`: records the calls and keeps a copy of what each upload would send
+    (after the ignore patterns), so the test checks the repo's content and not only that a call was made."""
+
+    def __init__(self, root: Path):
+        self.root, self.created, self.uploads = root, [], []
+
+    def create_repo(self, repo_id, exist_ok=False, private=False, **kwargs):
+        self.created.append(repo_id)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, commit_message=None, ignore_patterns=None, **kw):
+        from huggingface_hub.utils import filter_repo_objects
+
+        assert repo_id in self.created, "upload before create_repo"
+        folder = Path(folder_path)
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        kept = list(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        target = self.root / repo_id / (path_in_repo or "")
+        for name in kept:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, target / name)
+        self.uploads.append({"path_in_repo": path_in_repo, "files": sorted(kept), "message": commit_message})
+
+
+def test_push_to_hub_uploads_model_and_card_then_loads_from_the_mirror(
+    tmp_path, monkeypatch, hub_mirror, reset_accelerate
+):
+    api = FakeHfApi(tmp_path / "hub")
+    output = tmp_path / "model"
+    argv = [*TINY, "--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", str(output)]
+    argv += ["--push_to_hub", "--hub_model_id", "ctal-org/ctal-tiny", "--push_checkpoints"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = train.main(argv, hub_api=api)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert api.created == ["ctal-org/ctal-tiny"]
+    checkpoint_upload, model_upload = api.uploads
+    assert checkpoint_upload["path_in_repo"] == "checkpoints/step_2"
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "training_state.json"} <= set(
+        checkpoint_upload["files"]
+    )
+    files = set(model_upload["files"])
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_ctal.py"} <= files
+    assert not any(name.startswith(("checkpoints/", "runs/")) for name in files)
+
+    card = (tmp_path / "hub" / "ctal-org/ctal-tiny" / "README.md").read_text()
+    assert "model-index:" in card and "name: ctal-org/ctal-tiny" in card
+    assert "type: mIoU" in card and "type: rel_err" in card and "type: mean_angle" in card
+    miou = 100 * results["final"]["semseg"]["mIoU"]
+    assert f"| semseg | mIoU (%) ↑ | {miou:.2f} |" in card  # the metrics table holds this run's numbers
+    for text in ("`semseg`", "`depth`", "`normals`", "synthetic", "| learning_rate | 0.001 |", "| optimizer | Adam |"):
+        assert text in card, text
+
+    # Download side: the uploaded folder, served by the local Hub mirror, loads with from_pretrained.
+    repo = tmp_path / "hub" / "ctal-org/ctal-tiny"
+    shutil.rmtree(repo / "checkpoints")
+    hub_mirror.add_repo("model", "ctal-org/ctal-tiny", repo)
+    hub_mirror.use(monkeypatch)
+    from ctal_hf import CTALForDenseMultitask, CTALImageProcessor
+
+    model = CTALForDenseMultitask.from_pretrained("ctal-org/ctal-tiny").eval()
+    # (AutoImageProcessor's revision lookup gets a 401 from the olah mirror; the pipeline test covers that route.)
+    processor = CTALImageProcessor.from_pretrained("ctal-org/ctal-tiny")
+    assert processor.image_size == (64, 64)
+    saved = load_file(output / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(tensor, saved[name]), name
+
+
+# ------------------------------------------------------------------------------------------------------ table
+def _fake_run(root: Path, method: str, seed: int, miou: float, rel: float, angle: float, params: int):
+    folder = root / method / f"seed_{seed}"
+    folder.mkdir(parents=True)
+    final = {
+        "semseg": {"mIoU": miou, "pixel_acc": 0.8},
+        "depth": {"abs_err": 1.0, "rel_err": rel},
+        "normals": {"mean_angle": angle, "median_angle": angle - 5, "within_11.25": 0.3},
+    }
+    results = {
+        "final": final,
+        "initial": {},
+        "headline": {"semseg": miou, "depth": rel, "normals": angle},
+        "tasks": ["semseg", "depth", "normals"],
+        "dataset": "synthetic (nyuv2)",
+        "num_validation_images": 50,
+        "num_parameters": params,
+        "completed_steps": 150,
+        "settings": {"image_size": "64x96", "total_batch_size": 8},
+    }
+    (folder / "eval_results.json").write_text(json.dumps(results))
+
+
+def test_make_table_means_stds_and_delta_m(tmp_path):
+    _fake_run(tmp_path, "stl", 0, 0.30, 0.20, 30.0, 11_000_000)
+    _fake_run(tmp_path, "stl", 1, 0.30, 0.20, 30.0, 11_000_000)
+    _fake_run(tmp_path, "ctal_ss", 0, 0.33, 0.18, 27.0, 5_900_000)
+    _fake_run(tmp_path, "ctal_ss", 1, 0.36, 0.18, 27.0, 5_900_000)
+    text = make_table.main(["--root", str(tmp_path), "--no_flops", "--command", "python examples/run_experiments.py"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "0 (reference)" in rows["STL"]
+    # Delta_m per seed: (+10% mIoU, +10% rel, +10% angle) / 3 = 10.00 and (+20%, +10%, +10%) / 3 = 13.33.
+    assert "11.67 ± 2.36" in rows["CTAL-SS"]
+    assert "34.50 ± 2.12" in rows["CTAL-SS"] and "| 5.90 |" in rows["CTAL-SS"]
+    assert "python examples/run_experiments.py" in text
