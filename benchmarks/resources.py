@@ -8,22 +8,23 @@
 # per multiply-accumulate of convolutions and matrix products (elementwise work, norms and resampling are not
 # counted). We also give MACs = FLOPs / 2 and MACs for a batch of 8, the convention Table 5 appears to use. CTAL
 # rows are counted with attention_impl="dense" (the paper's N x N formulation); the "auto" column shows what the
-# default implementation costs. Every model runs in its own fresh process (this script with --worker): threads
-# pinned, model.eval(), torch.no_grad(), the median of a few timed forwards after one warm-up; peak memory is the
-# process's peak resident set during the timed forwards (VmHWM reset through /proc/self/clear_refs after the model and
-# its input exist), given in total and above the resident set just before the forwards.
+# default implementation costs. Every model runs in its own forked process (fresh peak memory, no re-import): threads
+# pinned, model.eval(), torch.no_grad(), attention_impl="auto" (the default) for time and memory. Memory is taken on
+# the first forward after building (VmHWM reset through /proc/self/clear_refs): its peak resident set, in total and
+# above the resident set of the built model. That forward is also the warm-up; the time is the fastest of up to three
+# further forwards (one when it takes over --slow-seconds), the fastest being the least disturbed by a shared CPU.
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,27 +200,32 @@ def _auto_differs(model) -> bool:
     return False
 
 
-def worker(args) -> None:
+def _set_attention_impl(model, impl: str) -> None:
+    for module in model.modules():
+        if hasattr(module, "attention_impl"):
+            module.attention_impl = impl
+
+
+def measure(setting: str, row: dict, args) -> dict:
+    """Everything the table needs about one model; runs in a forked child process of its own."""
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config, model = _build(args.setting, args.decoder, args.scale, args.steps, "dense")
+    config, model = _build(setting, row["decoder"], row["scale"], row["steps"], "auto")
     pixel_values = torch.randn(1, 3, *config.image_size)
     params = sum(p.numel() for p in model.parameters())
     params_by_component = dict.fromkeys(COMPONENT_ORDER, 0)
     for part, count in model.num_parameters_by_part().items():
         params_by_component[COMPONENTS[part]] += count
-    flops, flops_by_component = _count_flops(model, pixel_values)  # also the warm-up of the timed forwards
-    # Time (and count, for the "auto" column) the default implementation of the CTAL diffusion.
-    for module in model.modules():
-        if hasattr(module, "attention_impl"):
-            module.attention_impl = "auto"
-    flops_auto = _count_flops(model, pixel_values)[0] if _auto_differs(model) else flops
 
     with torch.no_grad():
+        # Memory: the first forward after building grows the heap from the model's own footprint, so its peak above
+        # that footprint is the forward's working memory (later forwards reuse freed heap and would hide it).
         baseline = _status_kib("VmRSS")
         reset = _reset_peak_rss()
+        model(pixel_values)  # also the warm-up of the timed forwards
+        peak = _status_kib("VmHWM") if reset else _status_kib("VmRSS")
         times = []
         while len(times) < args.repeats:
             start = time.perf_counter()
@@ -227,55 +233,51 @@ def worker(args) -> None:
             times.append(time.perf_counter() - start)
             if times[0] > args.slow_seconds:
                 break
-    peak = _status_kib("VmHWM") if reset else _status_kib("VmRSS")
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "params": params,
-                "params_by_component": params_by_component,
-                "flops": flops,
-                "flops_auto": flops_auto,
-                "flops_by_component": flops_by_component,
-                "time_s": statistics.median(times),
-                "repeats": len(times),
-                "peak_rss_mb": peak / 1024,
-                "forward_mb": max(peak - baseline, 0) / 1024 if reset else None,
-            }
-        )
-    )
+    flops_auto = _count_flops(model, pixel_values)[0] if _auto_differs(model) else None
+    _set_attention_impl(model, "dense")  # the paper's formulation
+    flops, flops_by_component = _count_flops(model, pixel_values)
+    return {
+        "params": params,
+        "params_by_component": params_by_component,
+        "flops": flops,
+        "flops_auto": flops if flops_auto is None else flops_auto,
+        "flops_by_component": flops_by_component,
+        "time_s": min(times),
+        "repeats": len(times),
+        "peak_rss_mb": peak / 1024,
+        "forward_mb": max(peak - baseline, 0) / 1024 if reset else None,
+    }
+
+
+def _child(connection, setting: str, row: dict, args) -> None:
+    try:
+        connection.send(("ok", measure(setting, row, args)))
+    except BaseException:  # report anything, including MemoryError, to the parent
+        connection.send(("error", traceback.format_exc()))
+    finally:
+        connection.close()
 
 
 # ----------------------------------------------------------------------------------------------- driver
 def run_row(setting: str, row: dict, args) -> dict:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        "--setting",
-        setting,
-        "--decoder",
-        row["decoder"],
-        "--scale",
-        str(row["scale"]),
-        "--steps",
-        str(row["steps"]),
-        "--threads",
-        str(args.threads),
-        "--repeats",
-        str(args.repeats),
-        "--slow-seconds",
-        str(args.slow_seconds),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    """Measures one model in a forked child: each model gets a fresh process (its own peak memory), without paying
+    the interpreter's imports (torch, timm, transformers: several seconds) again. The parent imports them but runs
+    no torch op, so the children start with no OpenMP pool to inherit."""
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {setting}/{row['decoder']} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT ") :])
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(sender, setting, row, args))
+    process.start()
+    sender.close()
+    try:
+        status, payload = receiver.recv()
+    except EOFError:
+        status, payload = "error", "the child process died without a result (out of memory?)"
+    process.join()
+    if status != "ok" or process.exitcode != 0:
+        raise RuntimeError(f"{setting} / {label(row)} failed (exit code {process.exitcode}):\n{payload}")
     print(f"  {setting:17s} {label(row):28s} {time.perf_counter() - start:6.1f} s", file=sys.stderr, flush=True)
-    return result
+    return payload
 
 
 def label(row: dict) -> str:
@@ -553,11 +555,11 @@ def render(all_results: dict, meta: dict) -> str:
         '`attention_impl="dense"` (the paper\'s N x N formulation); `GFLOPs auto` is the default implementation '
         '(`"auto"` picks the exact factorised form where it is cheaper; `=` where it is the dense form or the row '
         "has no CTAL). The paper never states its FLOP convention, so FLOPs are compared as ratios to the MTL row "
-        "of the same table (`FLOPs / MTL` ours, `paper / MTL`, `ratio` = ours / paper). Times are the median of up "
+        "of the same table (`FLOPs / MTL` ours, `paper / MTL`, `ratio` = ours / paper). Times are the fastest of up "
         "to three forwards after a warm-up (one forward when it takes over 2 s), with the default "
         '`attention_impl="auto"`, on a shared CPU: compare them within a table only. Peak RSS is the process\'s '
-        "peak resident set during the timed forwards; `forward (MB)` is that peak above the resident set just "
-        "before them. Every model ran in its own process.",
+        "peak resident set during the first forward after building (also with `auto`); `forward (MB)` is that "
+        "peak above the resident set of the built model. Every model ran in its own process.",
         "",
     ]
     for setting, results in all_results.items():
@@ -572,15 +574,10 @@ def render(all_results: dict, meta: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--setting", choices=sorted(SETTINGS))
-    parser.add_argument("--decoder")
-    parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed forwards per model after the warm-up (the FLOP-counting pass)"
+        "--repeats", type=int, default=3, help="timed forwards per model after the warm-up (the fastest is reported)"
     )
     parser.add_argument(
         "--slow-seconds", type=float, default=2.0, help="stop after one timed forward when it takes longer than this"
@@ -589,15 +586,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw results here")
     parser.add_argument("--from-json", type=Path, default=None, help="only re-render the table from a --json dump")
     args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-
     if args.from_json:
         dump = json.loads(args.from_json.read_text())
         meta, all_results = dump["meta"], {k: [tuple(pair) for pair in v] for k, v in dump["results"].items()}
     else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
         import torch
+
+        import ctal_hf  # noqa: F401  (imported once here; the forked children inherit it)
 
         load_before = os.getloadavg()[0]
         start = time.perf_counter()

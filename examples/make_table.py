@@ -94,7 +94,7 @@ def build_table(runs: dict[str, list[dict]], reference: str, flops: dict[str, fl
         arrow = "↓" if metric in LOWER else "↑"
         unit = " (%)" if metric in PERCENT_METRICS else ""
         header.append(f"{task} {SHORT.get(metric, metric)}{unit} {arrow}")
-    header += ["Δm (%) ↑", "Params (M)"] + (["GMACs / image"] if flops else [])
+    header += ["Δm (%) ↑", "Params (M)"] + (["GMACs / image", "MACs / MTL"] if flops else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, method_runs in runs.items():
         row = [DECODER_NAMES.get(method, method), str(len(method_runs))]
@@ -110,6 +110,7 @@ def build_table(runs: dict[str, list[dict]], reference: str, flops: dict[str, fl
         row.append(f"{method_runs[0]['num_parameters'] / 1e6:.2f}")
         if flops:
             row.append(f"{flops[method] / 1e9:.2f}")
+            row.append(f"{flops[method] / flops['mtl']:.2f}" if "mtl" in flops else "n/a")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -139,7 +140,8 @@ def main(argv=None) -> str:
     if flops:
         notes.append(
             "GMACs: multiply-accumulates of convolutions and matrix products for one image at the training size "
-            "(torch.utils.flop_counter FLOPs / 2); the paper's Table 5 fits MACs of a batch of 8, so compare ratios."
+            "(torch.utils.flop_counter FLOPs / 2, the convention of benchmarks/resources.py; CTAL with its default "
+            "attention_impl, the one trained); the paper's Table 5 fits MACs of a batch of 8, so compare the ratios."
         )
     text = table + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
     if args.command:

@@ -329,6 +329,8 @@ def build_config(args, recipe: CTALRecipe) -> CTALConfig:
             fields[key] = getattr(args, key)
     if args.image_size is not None:
         fields["image_size"] = list(args.image_size)
+    if (args.dataset or recipe.dataset) == "cityscapes" and args.dataset_config == "7class":
+        fields.setdefault("num_semseg_classes", 7)
     if args.tasks is not None:
         fields["tasks"] = list(dict.fromkeys(args.tasks))
     weights = dict(PRESETS[recipe.preset].get("loss_weights", {}))

@@ -133,6 +133,52 @@ def test_clear_errors(tmp_path, capsys, reset_accelerate):
         )
 
 
+def test_real_nyuv2_sample_trains_and_evaluates(tmp_path, realdata, reset_accelerate):
+    """NYUv2 image #433 (../shared/realdata) in the MTAN layout, trained through `--dataset nyuv2 --data_dir`."""
+    import numpy as np
+    import scipy.io as sio
+    from PIL import Image
+
+    src = realdata / "nyuv2-433"
+    mapping = sio.loadmat(realdata / "nyuv2-meta" / "class13Mapping.mat")["classMapping13"]["labels13"][0, 0].ravel()
+
+    def resized(array, resample):
+        return np.array(Image.fromarray(array).resize((384, 288), resample))
+
+    label40 = resized(np.array(Image.open(src / "segm_gt_000433.png")), Image.NEAREST)
+    label13 = np.where(label40 == 255, -1, mapping[np.minimum(label40, 39)].astype(np.int64) - 1)
+    depth = resized(np.array(Image.open(src / "depth_gt_000433.png")).astype(np.float32) / 5000.0, Image.NEAREST)
+    normal_rgb = np.array(Image.open(src / "norm_gt_000433.png").convert("RGB"))
+    normals = 2.0 * normal_rgb.astype(np.float32) / 255.0 - 1.0
+    normals[(normal_rgb == 127).all(-1)] = 0.0
+    normals = np.stack([resized(normals[..., c], Image.NEAREST) for c in range(3)], -1)
+    image = resized(np.array(Image.open(src / "000433.png").convert("RGB")), Image.BILINEAR) / 255.0
+    arrays = {"image": image, "label": label13.astype(np.float32), "depth": depth[..., None], "normal": normals}
+    for split in ("train", "val"):
+        for folder, array in arrays.items():
+            (tmp_path / "nyuv2" / split / folder).mkdir(parents=True)
+            for index in range(2):
+                np.save(tmp_path / "nyuv2" / split / folder / f"{index}.npy", array)
+
+    output = tmp_path / "out"
+    argv = ["--dataset", "nyuv2", "--data_dir", str(tmp_path / "nyuv2"), "--cache_dir", str(tmp_path / "cache")]
+    argv += ["--image_size", "64", "96", "--max_train_steps", "2", "--per_device_train_batch_size", "2"]
+    argv += ["--num_prediction_images", "1", "--output_dir", str(output)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert results["dataset"] == "nyuv2" and results["settings"]["recipe"] == "nyuv2"
+    assert results["settings"]["learning_rate"] == 1e-4 and results["num_validation_images"] == 2
+    config = json.loads((output / "config.json").read_text())
+    assert config["num_semseg_classes"] == 13 and config["image_size"] == [64, 96]
+    for task in ("semseg", "depth", "normals"):
+        assert all(math.isfinite(v) for v in results["final"][task].values()), task
+    assert (output / "predictions" / "validation_0.png").stat().st_size > 10_000
+
+
 # ------------------------------------------------------------------------------------------------------ resume
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     common = [*TINY, "--max_train_steps", "8", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1"]
