@@ -4,7 +4,7 @@
 #
 #   accelerate launch examples/train.py
 #
-# The same script runs on one or many GPUs, with FSDP, or as DDP on CPU, unchanged (docs/training.md):
+# The same script runs on one or many GPUs, with FSDP, or as DDP on CPU, unchanged (README, "Training"):
 #
 #   accelerate launch --multi_gpu --num_processes 8 examples/train.py --dataset nyuv2 --data_dir nyuv2 --recipe nyuv2
 #   ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/train.py
@@ -210,7 +210,7 @@ def load_splits(args, recipe: CTALRecipe, tasks: list[str], image_size: list[int
         if not args.data_dir:
             raise ValueError(
                 f"--dataset {name} is built from the public preprocessed files: pass --data_dir <folder> "
-                "(docs/datasets.md), or a published Parquet copy as --dataset <hub id or folder>."
+                "(README section 'Datasets'), or a published Parquet copy as --dataset <hub id or folder>."
             )
         data_dir = Path(args.data_dir).expanduser()
         if not data_dir.is_dir():
