@@ -73,7 +73,6 @@ def test_forward_backward_reaches_every_parameter(decoder, backbone):
     assert not unused, f"{decoder}: parameters without a finite gradient: {unused[:5]}"
 
 
-
 @pytest.mark.parametrize(
     "decoder, backbone",
     [(d, HRNET) for d in CNN_DECODERS] + [("stl", SWIN)],
