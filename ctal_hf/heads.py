@@ -104,10 +104,8 @@ class CTALMultiScaleInitialHeads(nn.Module):
         self.propagations = nn.ModuleList(propagations)
 
     def forward(
-        self, features: list[torch.Tensor], refine=None
+        self, features: list[torch.Tensor]
     ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
-        """`refine(scale, task_features) -> task_features`, if given, runs on each scale's task features before
-        they are propagated (MTI-Net's per-scale distillation)."""
         task_features = {task: [None] * self.num_scales for task in self.tasks}
         predictions = {task: [None] * self.num_scales for task in self.tasks}
         propagated = None
@@ -117,8 +115,6 @@ class CTALMultiScaleInitialHeads(nn.Module):
             for task in self.tasks:
                 hidden = backbone_map if propagated is None else torch.cat([backbone_map, propagated[task]], dim=1)
                 current[task], predictions[task][scale] = self.heads[scale][task](hidden)
-            if refine is not None:
-                current = refine(scale, current)
             for task in self.tasks:
                 task_features[task][scale] = current[task]
             if scale > 0:

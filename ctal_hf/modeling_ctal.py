@@ -163,18 +163,5 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
             loss=loss, task_losses=task_losses, predictions=predictions, initial_predictions=initial
         )
 
-    def num_parameters_by_part(self) -> dict[str, int]:
-        """Parameter count per top-level part (backbone, decoder parts), for resource tables."""
-        counts = {}
-        for name, module in self.named_children():
-            if module is None:
-                continue
-            children = list(module.named_children()) if name == "decoder" else [(name, module)]
-            for child_name, child in children:
-                total = sum(p.numel() for p in child.parameters())
-                if total:
-                    counts[child_name] = total
-        return counts
-
 
 __all__ = ["CTALPreTrainedModel", "CTALForDenseMultitask", "CTALDenseMultitaskOutput"]
