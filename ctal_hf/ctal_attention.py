@@ -29,6 +29,10 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "factorized")
 # factorised one clearly wins.
 DENSE_FLOP_PENALTY = {"forward": 1.0, "backward": 1.5}
 
+# The factorised form unfolds at most this many feature elements at a time (16 MiB in float32): enough channels
+# per step that the work is a few large matmuls, few enough that memory stays far below the dense form's.
+FACTORIZED_CHUNK_ELEMENTS = 1 << 22
+
 
 def _dense_diffusion(values: torch.Tensor, normalized: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     """Reference form, as the authors' release computes it: N x N affinities, interleave, grouped conv, bmm."""
@@ -44,11 +48,19 @@ def _dense_diffusion(values: torch.Tensor, normalized: torch.Tensor, weight: tor
     return diffused.reshape(values.shape)
 
 
-class CTALFactorizedDiffusion(torch.autograd.Function):
-    """Exact CTAL diffusion accumulated per (task, offset): no N x N or (T k^2 C) x N tensor is ever built.
+def _channel_chunks(channels: int, per_channel: int) -> list[tuple[int, int]]:
+    """Equal channel ranges whose unfolded features (`per_channel` elements per channel) fit the chunk budget."""
+    num_chunks = -(-channels * per_channel // FACTORIZED_CHUNK_ELEMENTS)
+    size = -(-channels // max(1, min(channels, num_chunks)))
+    return [(start, min(start + size, channels)) for start in range(0, channels, size)]
 
-    Saves only the small products `P` (T * k^2 of them, each T*Cv x C per sample) for the backward pass; the
-    shifted features are re-sliced there. First-order gradients only (`once_differentiable`).
+
+class CTALFactorizedDiffusion(torch.autograd.Function):
+    """Exact CTAL diffusion accumulated per (task, channel chunk): no N x N or (T k^2 C) x N tensor is ever built.
+
+    Per task the k x k shifted features are unfolded a few channels at a time (`FACTORIZED_CHUNK_ELEMENTS`), so
+    each step is one large matmul rather than k^2 small ones. Saves only the small products `P` (T*Cv x T k^2 C
+    per sample) for the backward pass, which re-unfolds the features. First-order gradients only.
     """
 
     @staticmethod
@@ -57,91 +69,88 @@ class CTALFactorizedDiffusion(torch.autograd.Function):
         channels = normalized.shape[2]
         n = height * width
         kernel = weight.shape[-1]
-        radius = kernel // 2
+        k2 = kernel * kernel
         v_all = values.reshape(batch, num_tasks * value_channels, n)
-        xn = normalized.reshape(batch, num_tasks, channels, n)
-        xpad = F.pad(normalized.reshape(batch * num_tasks, channels, height, width), (radius,) * 4)
-        xpad = xpad.reshape(batch, num_tasks, channels, height + 2 * radius, width + 2 * radius)
-        w_flat = weight.reshape(n, num_tasks, kernel * kernel)
+        xn = normalized.reshape(batch, num_tasks, channels, 1, n)
+        w_tasks = weight.reshape(n, num_tasks, k2).permute(1, 2, 0)  # (T, k^2, N): W[i, t, d] at [t, d, i]
 
         if bias is not None:
             out = v_all.sum(dim=2, keepdim=True) * bias.reshape(1, 1, n)  # (V_t 1) b^T
         else:
             out = v_all.new_zeros(batch, num_tasks * value_channels, n)
-        products = v_all.new_empty(num_tasks, kernel * kernel, batch, num_tasks * value_channels, channels)
+        products = []
         for t in range(num_tasks):
-            for d in range(kernel * kernel):
-                dy, dx = divmod(d, kernel)
-                shifted = xpad[:, t, :, dy : dy + height, dx : dx + width].reshape(batch, channels, n)
-                torch.bmm(v_all, shifted.transpose(1, 2), out=products[t, d])
-                torch.baddbmm(out, products[t, d], xn[:, t] * w_flat[:, t, d], out=out)  # counted by flop_counter
+            for c0, c1 in _channel_chunks(channels, batch * k2 * n):
+                # keys[b, c * k^2 + d, j] = xn_t[b, c, j + d] (zero outside the map), as the grouped conv reads it
+                keys = F.unfold(normalized[:, t, c0:c1], kernel, padding=kernel // 2)
+                product = torch.bmm(v_all, keys.transpose(1, 2))  # (B, T*Cv, (c1 - c0) k^2)
+                queries = (xn[:, t, c0:c1] * w_tasks[t]).reshape(batch, (c1 - c0) * k2, n)
+                torch.baddbmm(out, product, queries, out=out)  # out= keeps it in place and seen by flop_counter
+                products.append(product)
 
-        ctx.save_for_backward(values, normalized, weight, bias, products)
+        ctx.save_for_backward(values, normalized, weight, bias, *products)
         return out.reshape(batch, num_tasks, value_channels, height, width)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        values, normalized, weight, bias, products = ctx.saved_tensors
+        values, normalized, weight, bias, *products = ctx.saved_tensors
         need_v, need_x, need_w, need_b = ctx.needs_input_grad
         batch, num_tasks, value_channels, height, width = values.shape
         channels = normalized.shape[2]
         n = height * width
         kernel = weight.shape[-1]
-        radius = kernel // 2
+        k2 = kernel * kernel
         v_all = values.reshape(batch, num_tasks * value_channels, n)
         grad = grad_output.reshape(batch, num_tasks * value_channels, n).contiguous()
-        xn = normalized.reshape(batch, num_tasks, channels, n)
-        xpad = F.pad(normalized.reshape(batch * num_tasks, channels, height, width), (radius,) * 4)
-        xpad = xpad.reshape(batch, num_tasks, channels, height + 2 * radius, width + 2 * radius)
-        w_flat = weight.reshape(n, num_tasks, kernel * kernel)
+        xn = normalized.reshape(batch, num_tasks, channels, 1, n)
+        w_tasks = weight.reshape(n, num_tasks, k2).permute(1, 2, 0)
 
-        grad_v = grad_x = grad_w = grad_b = None
-        if need_v:
-            grad_v = torch.zeros_like(v_all)
-        if need_x:
-            grad_x = torch.zeros_like(xn)
-            grad_xpad = torch.zeros_like(xpad)
-        if need_w:
-            grad_w = torch.zeros_like(w_flat)
+        grad_v = torch.zeros_like(v_all) if need_v else None
+        grad_x = torch.zeros_like(xn.squeeze(3)) if need_x else None
+        grad_w = v_all.new_zeros(num_tasks, k2, n) if need_w else None
         if need_v or need_x or need_w:
+            products = iter(products)
             for t in range(num_tasks):
-                for d in range(kernel * kernel):
-                    dy, dx = divmod(d, kernel)
-                    product = products[t, d]  # (B, T*Cv, C)
-                    w_td = w_flat[:, t, d]
+                for c0, c1 in _channel_chunks(channels, batch * k2 * n):
+                    product = next(products)  # (B, T*Cv, (c1 - c0) k^2)
+                    xn_chunk = xn[:, t, c0:c1]  # (B, cc, 1, N)
                     if need_w or need_x:
-                        grad_q = torch.bmm(product.transpose(1, 2), grad)  # (B, C, N)
+                        grad_q = torch.bmm(product.transpose(1, 2), grad).view(batch, c1 - c0, k2, n)
                         if need_w:
-                            grad_w[:, t, d] = (grad_q * xn[:, t]).sum(dim=(0, 1))
+                            grad_w[t] += (grad_q * xn_chunk).sum(dim=(0, 1))
                         if need_x:
-                            grad_x[:, t].addcmul_(grad_q, w_td)
+                            grad_x[:, t, c0:c1] += (grad_q * w_tasks[t]).sum(dim=2)
+                        del grad_q
                     if need_v or need_x:
-                        grad_p = torch.bmm(grad, (xn[:, t] * w_td).transpose(1, 2))  # (B, T*Cv, C)
+                        queries = (xn_chunk * w_tasks[t]).reshape(batch, (c1 - c0) * k2, n)
+                        grad_p = torch.bmm(grad, queries.transpose(1, 2))  # (B, T*Cv, cc k^2)
+                        del queries
                     if need_v:
-                        shifted = xpad[:, t, :, dy : dy + height, dx : dx + width].reshape(batch, channels, n)
-                        torch.baddbmm(grad_v, grad_p, shifted, out=grad_v)
+                        keys = F.unfold(normalized[:, t, c0:c1], kernel, padding=kernel // 2)
+                        torch.baddbmm(grad_v, grad_p, keys, out=grad_v)
+                        del keys
                     if need_x:
-                        grad_shifted = torch.bmm(grad_p.transpose(1, 2), v_all)  # (B, C, N)
-                        grad_xpad[:, t, :, dy : dy + height, dx : dx + width] += grad_shifted.view(
-                            batch, channels, height, width
+                        grad_keys = torch.bmm(grad_p.transpose(1, 2), v_all)  # (B, cc k^2, N)
+                        # fold is unfold's adjoint: it sends every shifted copy's gradient back to its pixel
+                        grad_x[:, t, c0:c1] += F.fold(grad_keys, (height, width), kernel, padding=kernel // 2).reshape(
+                            batch, c1 - c0, n
                         )
-            if need_x:
-                grad_x += grad_xpad[..., radius : radius + height, radius : radius + width].reshape(
-                    batch, num_tasks, channels, n
-                )
+                        del grad_keys
         if bias is not None:  # elementwise on purpose: the flop counter then sees only the matmuls of the model
             if need_b:
                 grad_b = (grad * v_all.sum(dim=2, keepdim=True)).sum(dim=(0, 1))
             if need_v:
                 grad_v += (grad * bias).sum(dim=2, keepdim=True)
+        if not (need_b and bias is not None):
+            grad_b = None
 
         if grad_v is not None:
             grad_v = grad_v.reshape(values.shape)
         if grad_x is not None:
             grad_x = grad_x.reshape(normalized.shape)
         if grad_w is not None:
-            grad_w = grad_w.reshape(weight.shape)
+            grad_w = grad_w.permute(2, 0, 1).reshape(weight.shape)
         return grad_v, grad_x, grad_w, grad_b
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from ctal_hf import ctal_attention
 from ctal_hf.ctal_attention import (
     CTALFactorizedDiffusion,
     attention_flops,
@@ -169,7 +170,7 @@ def test_factorized_under_gradient_checkpointing():
         assert max_relative_error(actual, ref) < 1e-10
 
 
-def test_factorized_never_builds_an_n_by_n_tensor():
+def test_factorized_never_builds_an_n_by_n_tensor(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class LargestTensor(TorchDispatchMode):
@@ -182,17 +183,22 @@ def test_factorized_never_builds_an_n_by_n_tensor():
                     self.largest = max(self.largest, tensor.numel())
             return out
 
-    height, width = 12, 12
+    height, width, kernel, channels = 12, 12, 3, 5
     n = height * width
-    values, normalized, weight, bias, grad_out = make_inputs(1, 2, 4, 4, height, width, 3)
-    for impl, bound in (("factorized", n * n // 4), ("dense", None)):
+    chunk = 2 * kernel * kernel * n  # two channels' unfolded features at a time: chunks of 2, 2 and 1 channels
+    monkeypatch.setattr(ctal_attention, "FACTORIZED_CHUNK_ELEMENTS", chunk)
+    inputs = make_inputs(1, 2, channels, 4, height, width, kernel)
+    sizes = {}
+    for impl in ("factorized", "dense"):
         with LargestTensor() as mode:
-            out = cross_task_diffusion(values, normalized, weight, bias, impl=impl)
-            out.backward(grad_out)
-        if bound is None:
-            assert mode.largest >= n * n  # the probe sees the dense form's N x N maps
-        else:
-            assert mode.largest < bound
+            result = outputs_and_grads(impl, *inputs)
+        sizes[impl] = mode.largest
+        if impl == "factorized":
+            factorized = result
+    assert sizes["dense"] >= n * n  # the probe does see the dense form's N x N maps
+    assert sizes["factorized"] <= chunk < n * n // 4
+    for actual, expected in zip(factorized, result, strict=True):
+        assert max_relative_error(actual, expected) < 1e-10
 
 
 @pytest.mark.parametrize("impl", ["dense", "factorized"])
