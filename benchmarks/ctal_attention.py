@@ -106,14 +106,13 @@ def worker(args) -> dict:
     gc.collect()
     baseline = _status_kib("VmRSS")
     exact_peak = _reset_peak()
+    step()  # warm-up
     times = []
-    for i in range(args.repeats + 1):
+    while len(times) < args.repeats or (sum(times) < args.min_seconds and len(times) < 200):
         start = time.perf_counter()
         out = step()
-        elapsed = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
         del out
-        if i > 0:  # the first run is a warm-up
-            times.append(elapsed)
     peak = _status_kib("VmHWM")
     return {
         "impl": args.impl,
@@ -128,11 +127,12 @@ def worker(args) -> dict:
     }
 
 
-def run_case(shape, impl: str, mode: str, repeats: int, threads: int) -> dict:
+def run_case(shape, impl: str, mode: str, repeats: int, threads: int, min_seconds: float = 1.0) -> dict:
     """One measurement in a fresh Python process, so that peaks and allocator state never leak between cases."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--mode", mode]
     cmd += ["--shape", *map(str, shape), "--repeats", str(repeats), "--threads", str(threads)]
+    cmd += ["--min-seconds", str(min_seconds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed for {shape} {impl} {mode}:\n{proc.stderr}")
@@ -147,8 +147,9 @@ def attention_section(args) -> str:
     lines = [
         "## CTAL diffusion alone",
         "",
-        f"float32, C = Cv = 128, k = 3. Time: median (min) in ms over {args.rounds} fresh processes x {args.repeats} "
-        "runs after one warm-up each, processes interleaved across implementations. Peak: the process's peak RSS "
+        f"float32, C = Cv = 128, k = 3. Time: median (min) in ms over {args.rounds} fresh processes x at least "
+        f"{args.repeats} runs (and {args.min_seconds:g} s) after one warm-up each, processes interleaved across "
+        "implementations. Peak: the process's peak RSS "
         "above its baseline (inputs allocated), MiB, max over the processes. Speed-ups from the medians. "
         "GFLOP: `attention_flops` (2 per multiply-add, as torch.utils.flop_counter counts). "
         "Ratios are dense / this row (higher is better); an `auto` row that resolves to dense runs the dense code, "
@@ -165,7 +166,7 @@ def attention_section(args) -> str:
         for _ in range(args.rounds):  # rounds interleave the implementations, so a busy spell hits all of them
             for mode in MODES:
                 for impl in IMPLS:
-                    res = run_case(CASES[case], impl, mode, args.repeats, args.threads)
+                    res = run_case(CASES[case], impl, mode, args.repeats, args.threads, args.min_seconds)
                     runs.setdefault((impl, mode), []).append(res)
                     print(
                         f"{case} {impl}->{res['resolved']} {mode}: runs "
@@ -208,7 +209,8 @@ def sweep_section(args) -> str:
     lines = [
         "## Crossover sweep (behind `auto`)",
         "",
-        f"C = 128, B = 2, k = 3, min of {args.sweep_repeats} runs. penalty = (dense time / factorized time) / "
+        f"C = 128, B = 2, k = 3, min of at least {args.sweep_repeats} runs ({args.min_seconds:g} s). "
+        "penalty = (dense time / factorized time) / "
         "(dense FLOPs / factorized FLOPs): what one dense FLOP costs in factorized FLOPs. "
         f"`DENSE_FLOP_PENALTY` = {DENSE_FLOP_PENALTY}.",
         "",
@@ -222,8 +224,8 @@ def sweep_section(args) -> str:
         row = [f"{height}x{width} ({n})", str(num_tasks)]
         for mode in MODES:
             backward = mode == "train"
-            dense = run_case(shape, "dense", mode, args.sweep_repeats, args.threads)["min_s"]
-            fact = run_case(shape, "factorized", mode, args.sweep_repeats, args.threads)["min_s"]
+            dense = run_case(shape, "dense", mode, args.sweep_repeats, args.threads, args.min_seconds)["min_s"]
+            fact = run_case(shape, "factorized", mode, args.sweep_repeats, args.threads, args.min_seconds)["min_s"]
             flop_ratio = attention_flops("dense", n, 128, num_tasks, 3, backward=backward) / attention_flops(
                 "factorized", n, 128, num_tasks, 3, backward=backward
             )
@@ -257,6 +259,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per process (after one warm-up)")
+    parser.add_argument(
+        "--min-seconds", type=float, default=1.0, help="short cases repeat until their runs add up to this"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per (case, implementation, mode)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
