@@ -8,6 +8,7 @@ baseline after building the model) is its own. Writes a markdown table.
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -26,10 +27,8 @@ def _vm_hwm_bytes() -> int:
 
 def _reset_hwm() -> None:
     # Writing 5 to clear_refs resets the peak RSS counter (Linux), so the baseline excludes model building.
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def run_case(preset: str, decoder: str, attention_impl: str, batch: int, threads: int, repeats: int) -> dict:

@@ -9,6 +9,7 @@ Fractions (mIoU, pixel accuracy, maxF, odsF, fractions of angles within a thresh
 them multiplied by 100. The gain is a percentage and does not depend on that scale."""
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -74,7 +75,7 @@ def threshold_grid(thresholds: int | Sequence[float]) -> torch.Tensor:
     return grid
 
 
-class CTALMetric:
+class CTALMetric(ABC):
     """Base class of the streaming metrics: the state is a dict of tensors that add up over batches and processes.
 
     Subclasses define `_initial_state`, `update` and `compute`; `_signature` lists the settings two metrics must
@@ -87,8 +88,9 @@ class CTALMetric:
         self._state: dict[str, torch.Tensor] = {}
         self.reset()
 
+    @abstractmethod
     def _initial_state(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The empty state: named tensors of sums and counts."""
 
     def _signature(self) -> tuple:
         return ()
@@ -112,16 +114,18 @@ class CTALMetric:
         if self.device != device:
             self.to(device)
 
+    @abstractmethod
     def update(self, pred: Any, target: Any) -> None:
-        raise NotImplementedError
+        """Adds a batch of predictions and labels to the state."""
 
     def update_examples(self, predictions: Iterable[Any], references: Iterable[Any]) -> None:
         """Updates with one example at a time (no batch dimension): the form `evaluate` modules receive."""
         for pred, ref in zip(predictions, references, strict=True):
             self.update(_as_tensor(pred, f"{self.task} prediction")[None], _as_tensor(ref, f"{self.task} label")[None])
 
+    @abstractmethod
     def compute(self) -> dict[str, float]:
-        raise NotImplementedError
+        """The metric values of everything added so far."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The state: every tensor is a sum over samples, so summing it across processes gives the global state."""
