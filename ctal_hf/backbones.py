@@ -1,8 +1,10 @@
-"""Feature extractors: timm's HRNet-W18-small-v2 (four raw branches) and SwinV2-S (its last 1/32 map), NCHW."""
+"""Feature extractors: timm's HRNet-W18-small-v2 (four raw branches) and SwinV2-S (its last 1/32 map, optionally
+upsampled to 1/16: `config.decoder_stride`), NCHW."""
 
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .configuration_ctal import CTALConfig
@@ -68,6 +70,9 @@ class CTALBackbone(nn.Module):
         self.model = create_timm_backbone(config)
         self.channels: list[int] = list(self.model.feature_info.channels())
         self.reductions: list[int] = list(self.model.feature_info.reduction())
+        # SwinV2 with `decoder_stride=16`: the decoder reads the last map upsampled by this factor.
+        self.upsample_factor = 1 if self.is_cnn else self.reductions[-1] // config.decoder_stride
+        self.reductions[-1] //= self.upsample_factor
         # Set by `model.gradient_checkpointing_enable()`: recompute the backbone in the backward pass (timm's
         # HRNet has no per-stage checkpointing of its own).
         self.gradient_checkpointing = False
@@ -79,6 +84,10 @@ class CTALBackbone(nn.Module):
             features = self.model(pixel_values)
         if not self.is_cnn:
             features = [feature.permute(0, 3, 1, 2).contiguous() for feature in features]  # timm Swin is NHWC
+        if self.upsample_factor > 1:
+            features[-1] = F.interpolate(
+                features[-1], scale_factor=self.upsample_factor, mode="bilinear", align_corners=False
+            )
         return list(features)
 
     def load_pretrained(self, config: CTALConfig, state_dict: dict[str, torch.Tensor]) -> None:

@@ -7,9 +7,10 @@ Each decoder follows the interface of `decoders.py`: `__init__(config, backbone_
 owns one backbone per task (`owns_backbones = True`), is built from the config alone and reads `pixel_values`.
 
 Heads (DESIGN.md section 2; they make the paper's parameter counts add up): STL / MTL use MTI-Net's high-resolution
-head with HRNet and a DeepLab head on the 1/32 map with SwinV2; the distillation baselines share CTAL-SS's front
-(cross-scale fusion for HRNet, then per-task initial heads of 256 channels) and end in the same final heads as CTAL
-(two bottlenecks + 1x1 for HRNet, DeepLab for SwinV2), on 256 channels for PAD-Net and 128 for PAP-Net and Concat.
+head with HRNet and a DeepLab head on the SwinV2 map (1/`decoder_stride`); the distillation baselines share CTAL-SS's
+front (cross-scale fusion for HRNet, then per-task initial heads of 256 channels) and end in the same final heads as
+CTAL (two bottlenecks + 1x1 for HRNet, DeepLab for SwinV2), on 256 channels for PAD-Net and 128 for PAP-Net and
+Concat.
 """
 
 import torch
@@ -84,8 +85,8 @@ class CTALHardSharingDecoder(nn.Module):
 
 class CTALDistillationDecoderBase(nn.Module):
     """The front the single-scale distillation models share with CTAL-SS: cross-scale fusion of the HRNet maps at 1/4
-    (SwinV2: its 1/32 map as is), then per task an initial head (two bottlenecks, `head_channels` out) whose 1x1
-    output is the deeply supervised initial prediction and whose features feed the distillation."""
+    (SwinV2: its 1/`decoder_stride` map as is), then per task an initial head (two bottlenecks, `head_channels` out)
+    whose 1x1 output is the deeply supervised initial prediction and whose features feed the distillation."""
 
     def __init__(self, config: CTALConfig, backbone_channels: list[int]):
         super().__init__()
@@ -148,7 +149,7 @@ class CTALMultiTaskDistillation(nn.Module):
 
 class CTALPADNetDecoder(CTALDistillationDecoderBase):
     """PAD-Net: initial heads -> multi-modal distillation on the 256-channel task features -> final heads (on 256
-    channels; at 1/4 for HRNet, 1/32 for SwinV2)."""
+    channels; at 1/4 for HRNet, 1/`decoder_stride` for SwinV2)."""
 
     def __init__(self, config: CTALConfig, backbone_channels: list[int]):
         super().__init__(config, backbone_channels)
@@ -177,12 +178,11 @@ class CTALPatternAffinityDiffusion(nn.Module):
     features over the pixel axis instead of the channels, which looks like a bug: the dot products are then not
     cosine similarities of pixel pairs. We normalise per pixel over channels."""
 
-    def __init__(self, tasks: list[str], beta: float = 0.05):
+    def __init__(self, tasks: list[str], beta: float = 0.05, diffusion_steps: int = 1):
         super().__init__()
         self.tasks = list(tasks)
         self.beta = beta
-        # Plain attribute (not in the config): the benchmark sets it to 2 to show what Table 5's PAP-Net FLOPs fit.
-        self.diffusion_steps = 1
+        self.diffusion_steps = diffusion_steps
         num_tasks = len(self.tasks)
         self.task_weights = nn.ParameterDict(
             {task: nn.Parameter(torch.full((num_tasks,), 1.0 / num_tasks)) for task in self.tasks}
@@ -211,13 +211,11 @@ class CTALPatternAffinityDiffusion(nn.Module):
 
 class CTALPAPNetDecoder(CTALDistillationDecoderBase):
     """PAP-Net: initial heads -> per task a 1x1 projection 256 -> `ctal_channels` (128) -> affinity diffusion at
-    1/`affinity_scale` (HRNet; 1/32 for SwinV2) -> final heads on the 128 diffused channels."""
+    1/`affinity_scale` (HRNet; 1/`decoder_stride` for SwinV2) -> final heads on the 128 diffused channels."""
 
     def __init__(self, config: CTALConfig, backbone_channels: list[int]):
         super().__init__(config, backbone_channels)
-        height, width = config.image_size
-        scale = config.affinity_scale if config.is_cnn else 32
-        self.size = (height // scale, width // scale)
+        self.size = config.affinity_map_size
         # A plain 1x1 conv with bias, as in the authors' PAP-Net for both backbones.
         self.projections = nn.ModuleDict(
             {
@@ -225,7 +223,9 @@ class CTALPAPNetDecoder(CTALDistillationDecoderBase):
                 for task in self.tasks
             }
         )
-        self.diffusion = CTALPatternAffinityDiffusion(self.tasks, beta=0.05)
+        self.diffusion = CTALPatternAffinityDiffusion(
+            self.tasks, beta=0.05, diffusion_steps=config.papnet_diffusion_steps
+        )
         self.final_heads = nn.ModuleDict(
             {task: _final_head(config, config.ctal_channels, task) for task in self.tasks}
         )

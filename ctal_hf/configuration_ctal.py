@@ -79,6 +79,14 @@ class CTALConfig(PreTrainedConfig):
         Kernel of the grouped convolution that fuses the task affinities; odd.
     affinity_scale (`int`, *optional*, defaults to 4):
         CTAL runs at 1/`affinity_scale` of the input (paper Table 5: 4, 6 or 8). CNN backbones only.
+    decoder_stride (`int`, *optional*, defaults to 32):
+        SwinV2 only: stride of the map the decoder reads. 32 is the backbone's last map; 16 upsamples it x2
+        (bilinear) first, so every decoder stage runs on a 4x larger map (at 288 x 384 the 1/32 map is 9 x 12, too
+        small for the ASPP's dilated taps). The printed FLOPs of the paper's NYUv2 SwinV2 baselines (Table 2) fit
+        16 for STL, MTL, PAD-Net and PAP-Net and 32 for CTAL-SS; its PASCAL-Context models (Table 3) fit 32.
+    papnet_diffusion_steps (`int`, *optional*, defaults to 1):
+        PAP-Net only: number of diffusion steps `X <- beta X A^T + (1 - beta) X_0`. One step is the authors'
+        setting (`num_iters: 1`); the printed FLOPs of the NYUv2 HRNet PAP-Net (Table 5) fit 2.
     attention_impl (`str`, *optional*, defaults to `"auto"`):
         How the affinity diffusion is computed: `"dense"` (N x N maps, as the paper's release), `"factorized"`
         (exact, never builds an N x N map) or `"auto"` (the cheaper of the two for the map size).
@@ -117,6 +125,8 @@ class CTALConfig(PreTrainedConfig):
     gamma: float = 0.05
     kernel_size: int = 3
     affinity_scale: int = 4
+    decoder_stride: int = 32
+    papnet_diffusion_steps: int = 1
     attention_impl: str = "auto"
     loss_weights: dict[str, float] | None = None
     ignore_index: int = 255
@@ -166,6 +176,15 @@ class CTALConfig(PreTrainedConfig):
             raise ValueError(f"`affinity_scale` must be 4, 6 or 8 (paper Table 5), got {self.affinity_scale}.")
         if self.affinity_scale != 4 and not self.is_cnn:
             raise ValueError("`affinity_scale` applies to CNN backbones; SwinV2 runs CTAL on its 1/32 map.")
+        if self.decoder_stride not in (16, 32):
+            raise ValueError(f"`decoder_stride` must be 16 or 32, got {self.decoder_stride}.")
+        if self.decoder_stride != 32 and self.is_cnn:
+            raise ValueError(
+                "`decoder_stride` applies to SwinV2; HRNet decoders read all four scales (CTAL runs at "
+                "1/`affinity_scale`)."
+            )
+        if self.papnet_diffusion_steps < 1:
+            raise ValueError(f"`papnet_diffusion_steps` must be at least 1, got {self.papnet_diffusion_steps}.")
         if self.decoder in ("ctal_ms", "mtinet") and not self.is_cnn:
             raise ValueError(f"decoder {self.decoder!r} needs a multi-scale backbone; {self.backbone} has one scale.")
         if not 0.0 <= self.gamma <= 1.0:
@@ -181,6 +200,14 @@ class CTALConfig(PreTrainedConfig):
     def is_cnn(self) -> bool:
         """Whether the backbone is the multi-scale CNN (HRNet) rather than SwinV2."""
         return BACKBONES[self.backbone][2]
+
+    @property
+    def affinity_map_size(self) -> tuple[int, int]:
+        """Size (h, w) of the maps CTAL and PAP-Net diffuse on: 1/`affinity_scale` of the input for CNNs,
+        1/`decoder_stride` for SwinV2."""
+        scale = self.affinity_scale if self.is_cnn else self.decoder_stride
+        height, width = self.image_size
+        return height // scale, width // scale
 
     @property
     def timm_model_name(self) -> str:

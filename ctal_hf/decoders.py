@@ -14,13 +14,6 @@ from .ctal_module import CTALAffinityModule
 from .heads import CTALInitialHead, CTALMultiScaleInitialHeads
 
 
-def affinity_size(config: CTALConfig) -> tuple[int, int]:
-    """Size (h, w) of the maps CTAL runs on: 1/`affinity_scale` of the input for CNNs, 1/32 for SwinV2."""
-    scale = config.affinity_scale if config.is_cnn else 32
-    height, width = config.image_size
-    return height // scale, width // scale
-
-
 def build_final_head(config: CTALConfig, in_channels: int, task: str) -> nn.Module:
     """CNN models end in two bottlenecks + 1x1; SwinV2 models in a DeepLab head."""
     if config.is_cnn:
@@ -34,8 +27,8 @@ class CTALSingleScaleDecoder(nn.Module):
     def __init__(self, config: CTALConfig, backbone_channels: list[int]):
         super().__init__()
         self.tasks = list(config.tasks)
-        self.size = affinity_size(config)
-        # A CNN's four maps are fused at 1/4; SwinV2 gives one 1/32 map that the heads read directly.
+        self.size = config.affinity_map_size
+        # A CNN's four maps are fused at 1/4; SwinV2 gives one map (1/32 or 1/16) that the heads read directly.
         self.fusion = CTALCrossScaleFusion(backbone_channels) if config.is_cnn else None
         in_channels = sum(backbone_channels)
         self.initial_heads = nn.ModuleDict(
@@ -68,7 +61,7 @@ class CTALMultiScaleDecoder(nn.Module):
     def __init__(self, config: CTALConfig, backbone_channels: list[int]):
         super().__init__()
         self.tasks = list(config.tasks)
-        self.size = affinity_size(config)
+        self.size = config.affinity_map_size
         out_channels = {task: config.task_channels(task) for task in self.tasks}
         self.initial_heads = CTALMultiScaleInitialHeads(self.tasks, backbone_channels, out_channels)
         self.fusions = nn.ModuleDict({task: CTALCrossScaleFusion(backbone_channels) for task in self.tasks})
@@ -91,4 +84,4 @@ DECODER_CLASSES: dict[str, type[nn.Module]] = {
     **BASELINE_DECODER_CLASSES,
 }
 
-__all__ = ["CTALSingleScaleDecoder", "CTALMultiScaleDecoder", "DECODER_CLASSES", "affinity_size"]
+__all__ = ["CTALSingleScaleDecoder", "CTALMultiScaleDecoder", "DECODER_CLASSES"]

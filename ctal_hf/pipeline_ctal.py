@@ -68,9 +68,8 @@ class DenseMultitaskPipeline(Pipeline):
             logger.info("No image processor found with the model: building CTALImageProcessor from its config.")
             self.image_processor = CTALImageProcessor.from_model_config(config)
         if not hasattr(self.image_processor, "post_process_multitask"):
-            raise ValueError(
-                f"The {PIPELINE_TASK!r} pipeline needs a CTALImageProcessor, got {type(self.image_processor).__name__}."
-            )
+            got = type(self.image_processor).__name__
+            raise ValueError(f"The {PIPELINE_TASK!r} pipeline needs a CTALImageProcessor, got {got}.")
         size = self.image_processor.size
         if [size.height, size.width] != list(config.image_size):
             raise ValueError(

@@ -1,10 +1,11 @@
 """The paper's baselines (STL, MTL, PAD-Net, PAP-Net, MTI-Net, Concat) next to CTAL-SS / CTAL-MS: they build, train,
 round-trip through save_pretrained, move information between tasks only where their design says so, and have the
-paper's parameter counts (Tables 2 and 5)."""
+paper's parameter counts and FLOP ratios (Tables 2 and 5)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask
 from ctal_hf.baselines import CTALMultiTaskDistillation, CTALPatternAffinityDiffusion
@@ -261,6 +262,43 @@ def test_pap_net_diffusion_is_one_beta_step_with_softmax_weighted_task_affinitie
     torch.testing.assert_close(out["semseg"], expected.view(1, 6, 3, 4))
 
 
+def test_pap_net_diffusion_steps_repeat_the_beta_step_from_the_undiffused_features():
+    torch.manual_seed(0)
+    tasks = ["semseg", "depth"]
+    one = CTALPatternAffinityDiffusion(tasks, beta=0.05)
+    two = CTALPatternAffinityDiffusion(tasks, beta=0.05, diffusion_steps=2)
+    features = {task: torch.randn(1, 6, 3, 4) for task in tasks}
+    once = one(features)
+    combined = 0.5 * one.affinity(features["semseg"]) + 0.5 * one.affinity(features["depth"])
+    source = features["semseg"].flatten(2)
+    expected = 0.05 * torch.einsum("bcj,bij->bci", once["semseg"].flatten(2), combined) + 0.95 * source
+    torch.testing.assert_close(two(features)["semseg"], expected.view(1, 6, 3, 4))
+    assert build("papnet", papnet_diffusion_steps=2).decoder.diffusion.diffusion_steps == 2
+
+
+def test_swin_decoder_stride_16_feeds_every_decoder_the_backbone_map_upsampled_twice():
+    coarse, fine = build("mtl", SWIN), build("mtl", SWIN, decoder_stride=16)
+    assert coarse.num_parameters() == fine.num_parameters()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        coarse_map, fine_map = coarse.backbone(pixel_values)[-1], fine.backbone(pixel_values)[-1]
+    assert coarse_map.shape[-2:] == (2, 2) and fine_map.shape[-2:] == (4, 4)
+    torch.testing.assert_close(fine_map, F.interpolate(coarse_map, scale_factor=2, mode="bilinear"))
+    assert fine.backbone.reductions[-1] == 16
+    # CTAL and PAP-Net diffuse on the 1/16 map: one affinity group per pixel of it.
+    ctal = build("ctal_ss", SWIN, decoder_stride=16)
+    assert ctal.config.affinity_map_size == (4, 4) and ctal.decoder.ctal.size == (4, 4)
+    assert build("papnet", SWIN, decoder_stride=16).decoder.size == (4, 4)
+
+
+@pytest.mark.parametrize("decoder", ["stl", "padnet", "papnet", "ctal_ss"])
+def test_swin_decoders_train_on_the_1_16_map(decoder):
+    model = build(decoder, SWIN, decoder_stride=16)
+    out = model(torch.randn(2, 3, 64, 64), labels=make_labels(model.config))
+    out.loss.backward()
+    assert out.predictions["semseg"].shape == (2, 5, 64, 64) and torch.isfinite(out.loss)
+
+
 # --- parameter counts of the paper ----------------------------------------------------------------------------------
 
 # Table 5 (NYUv2, HRNet-W18-small): parameters relative to STL.
@@ -307,3 +345,58 @@ def test_nyuv2_hrnet_stl_is_three_backbones_and_high_resolution_heads(nyuv2_stl_
 def test_nyuv2_swin_parameters_match_table_2(decoder, paper_millions):
     millions = _num_parameters(decoder=decoder, backbone=SWIN) / 1e6
     assert millions == pytest.approx(paper_millions, rel=0.05), f"{decoder}: {millions:.1f} M, paper {paper_millions}"
+
+
+# --- FLOPs of the paper, as ratios to MTL (counted on the meta device: shapes only, about a second a model) ----------
+
+# Table 5 (NYUv2, HRNet, its unstated "G"): PAP-Net's printed FLOPs fit two diffusion steps.
+TABLE5_FLOPS = [
+    ({"decoder": "mtl"}, 42),
+    ({"decoder": "papnet", "papnet_diffusion_steps": 2}, 521),
+    ({"decoder": "padnet"}, 484),
+    ({"decoder": "ctal_ss"}, 537),
+    ({"decoder": "ctal_ss", "affinity_scale": 6}, 194),
+    ({"decoder": "ctal_ss", "affinity_scale": 8}, 124),
+    ({"decoder": "mtinet"}, 65),
+    ({"decoder": "ctal_ms"}, 525),
+    ({"decoder": "ctal_ms", "affinity_scale": 6}, 190),
+    ({"decoder": "ctal_ms", "affinity_scale": 8}, 117),
+]
+
+# Table 2 (NYUv2, SwinV2-S, GFLOPs): the baselines' printed FLOPs fit their decoders on the 1/16 map.
+TABLE2_FLOPS = [
+    ({"decoder": "mtl", "decoder_stride": 16}, 60.5),
+    ({"decoder": "stl", "decoder_stride": 16}, 148.2),
+    ({"decoder": "padnet", "decoder_stride": 16}, 57.4),
+    ({"decoder": "papnet", "decoder_stride": 16}, 49.2),
+    ({"decoder": "ctal_ss"}, 49.9),
+]
+
+
+def _forward_flops(**kwargs) -> int:
+    """Forward FLOPs at batch 1 of the NYUv2 model, CTAL in the paper's dense N x N form."""
+    with torch.device("meta"):
+        model = CTALForDenseMultitask(CTALConfig.from_preset("nyuv2", attention_impl="dense", **kwargs)).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 3, 288, 384))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    "table, overrides",
+    [(TABLE5_FLOPS, {}), (TABLE2_FLOPS, {"backbone": SWIN})],
+    ids=["table5-hrnet", "table2-swin"],
+)
+def test_nyuv2_flop_ratios_to_mtl_match_the_paper_within_10_percent(table, overrides):
+    (mtl_fields, mtl_paper), *rows = table
+    mtl = _forward_flops(**mtl_fields, **overrides)
+    for fields, paper in rows:
+        ratio = _forward_flops(**fields, **overrides) / mtl
+        assert ratio == pytest.approx(paper / mtl_paper, rel=0.10), f"{fields}: {ratio:.2f} x MTL, paper {paper}"
+
+
+def test_one_pap_net_diffusion_step_misses_table_5_by_one_affinity_product():
+    """The authors' one step (the default) costs exactly one T N^2 C product less than the two Table 5 fits."""
+    one, two = _forward_flops(decoder="papnet"), _forward_flops(decoder="papnet", papnet_diffusion_steps=2)
+    tasks, pixels, channels = 3, 72 * 96, 128
+    assert two - one == 2 * tasks * pixels**2 * channels

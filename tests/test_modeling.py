@@ -188,6 +188,9 @@ def test_gamma_zero_makes_ctal_ignore_other_tasks_and_gamma_positive_does_not():
         (dict(loss_weights={"edge": 1.0}), "loss_weights"),
         (dict(attention_impl="flash"), "attention_impl"),
         (dict(normals_loss="l2"), "normals_loss"),
+        (dict(decoder_stride=16), "applies to SwinV2"),
+        (dict(backbone="swinv2_small", decoder_stride=8), "decoder_stride"),
+        (dict(papnet_diffusion_steps=0), "papnet_diffusion_steps"),
     ],
 )
 def test_bad_configs_raise_value_errors_that_name_the_problem(fields, message):
