@@ -177,6 +177,18 @@ def _build(setting: str, row: dict, attention_impl: str):
     return config, CTALForDenseMultitask(config).eval()
 
 
+def _count_parameters(model) -> dict[str, int]:
+    """Parameters per component: the shared backbone, then each child of the decoder (STL's `backbones` included)."""
+    components = dict.fromkeys(COMPONENT_ORDER, 0)
+    parts = [] if model.backbone is None else [("backbone", model.backbone)]
+    parts += list(model.decoder.named_children())
+    for name, module in parts:
+        components[COMPONENTS[name]] += sum(p.numel() for p in module.parameters())
+    if sum(components.values()) != model.num_parameters():
+        raise RuntimeError(f"some parameters of {type(model.decoder).__name__} belong to no component")
+    return components
+
+
 def _count_flops(model, pixel_values) -> tuple[int, dict[str, int]]:
     """Total forward FLOPs and FLOPs per component. Containers (ModuleDict / ModuleList) are never called, so a part
     is the sum of its outermost called modules (e.g. `decoder.initial_heads.semseg`)."""
@@ -235,9 +247,7 @@ def measure(setting: str, row: dict, args) -> dict:
     config, model = _build(setting, row, "auto")
     pixel_values = torch.randn(1, 3, *config.image_size)
     params = sum(p.numel() for p in model.parameters())
-    params_by_component = dict.fromkeys(COMPONENT_ORDER, 0)
-    for part, count in model.num_parameters_by_part().items():
-        params_by_component[COMPONENTS[part]] += count
+    params_by_component = _count_parameters(model)
 
     with torch.no_grad():
         # Memory: the first forward after building grows the heap from the model's own footprint, so its peak above
@@ -613,9 +623,17 @@ def render(all_results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _selected(row: dict, decoders: list[str] | None) -> bool:
+    """Whether `--decoders` keeps `row`; the tables' ratios need the STL and MTL rows."""
+    return decoders is None or row["decoder"] in {*decoders, "stl", "mtl"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument(
+        "--decoders", nargs="+", choices=sorted(NAMES), default=None, help="only these rows (STL and MTL always run)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed forwards per model after the warm-up (the fastest is reported)"
@@ -641,7 +659,8 @@ def main() -> None:
         start = time.perf_counter()
         all_results = {}
         for setting in args.settings:
-            all_results[setting] = [(row, run_row(setting, row, args)) for row in SETTINGS[setting]["rows"]]
+            rows = [row for row in SETTINGS[setting]["rows"] if _selected(row, args.decoders)]
+            all_results[setting] = [(row, run_row(setting, row, args)) for row in rows]
         meta = {
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

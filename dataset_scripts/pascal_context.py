@@ -67,9 +67,11 @@ HUMAN_PART_IDS = {
     **dict.fromkeys(["luleg", "ruleg"], 5),
     **dict.fromkeys(["llleg", "rlleg", "lfoot", "rfoot"], 6),
 }
-# PASCAL-Context (459-class LabelMap) ids whose class name also names an NYUv2 class ("unknown" excluded), plus
-# `tvmonitor` (427): the pixels where the distilled normals count, as in the public PASCAL-MT loaders. Derived by
-# intersecting the PASCAL-Context label names (labels.txt, ids 1..459) with the 894 NYUv2 class names.
+# PASCAL-Context (459-class LabelMap) ids whose class name exactly equals (lowercased, inner spaces kept) an NYUv2
+# class name ("unknown" excluded), plus `tvmonitor` (427): the pixels where the distilled normals count, as in the
+# public PASCAL-MT loaders. Derived from the 459 names in labels.txt order (as listed in MendelXu/SAN,
+# san/data/datasets/register_pcontext.py, MIT) and the 894 NYUv2 names (TUI-NICR/ESANet, src/datasets/nyuv2/nyuv2.py,
+# Apache-2.0). Matching with spaces removed would also admit 148 "fire place", 201 "headphone" and 456 "wineglass".
 NORMALS_VALID_CLASSES = (
     3, 4, 6, 9, 10, 11, 13, 15, 17, 18, 22, 23, 29, 30, 33, 34, 36, 37, 38, 39, 41, 43, 46, 49, 50, 51, 53, 55, 56,
     59, 61, 62, 65, 66, 68, 69, 72, 73, 78, 83, 84, 85, 87, 88, 95, 96, 101, 104, 105, 107, 111, 113, 115, 122, 124,

@@ -1,0 +1,101 @@
+"""The benchmark scripts still run end to end: each is started as a user would (`python benchmarks/...`) on its
+smallest setting, and the table it writes is read back. The numbers are the scripts' business; these tests only
+guard against the scripts rotting while the package changes under them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows keyed by their first cell."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| model"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_resources_benchmark_writes_the_cityscapes_table(tmp_path):
+    output = tmp_path / "resources.md"
+    _run(
+        "resources.py",
+        "--settings",
+        "cityscapes_hrnet",
+        "--decoders",
+        "ctal_ss",
+        "--repeats",
+        "1",
+        "--output",
+        str(output),
+    )
+    rows = _table_rows(output.read_text())
+    assert {"STL", "MTL", "CTAL-SS"} <= set(rows)
+    assert rows["MTL"][1] == "4.013"  # parameters (M) of the Cityscapes hard-sharing model
+    assert float(rows["CTAL-SS"][1]) > float(rows["MTL"][1])
+
+
+@pytest.mark.parametrize(
+    "script, args, expected",
+    [
+        (
+            "train_step.py",
+            [
+                "--preset",
+                "cityscapes",
+                "--decoders",
+                "mtl",
+                "--attention_impls",
+                "auto",
+                "--batch",
+                "1",
+                "--repeats",
+                "1",
+            ],
+            "mtl",
+        ),
+        ("synthetic_speed.py", ["--count", "4", "--repeats", "1"], "nyuv2"),
+    ],
+)
+def test_timing_benchmarks_write_their_tables(script, args, expected, tmp_path):
+    output = tmp_path / "table.md"
+    flag = "--out" if script == "train_step.py" else "--output"
+    _run(script, *args, flag, str(output))
+    text = output.read_text()
+    assert expected in text and text.count("\n|") >= 2
+
+
+def test_ctal_attention_benchmark_writes_its_table(tmp_path):
+    output = tmp_path / "attention.md"
+    _run(
+        "ctal_attention.py",
+        "--cases",
+        "pascal_swin",
+        "--rounds",
+        "1",
+        "--repeats",
+        "1",
+        "--min-seconds",
+        "0",
+        "--output",
+        str(output),
+    )
+    text = output.read_text()
+    assert "pascal_swin" in text and "dense" in text
