@@ -31,7 +31,29 @@ _PAD_FILL = {"semseg": IGNORE_INDEX, "parts": IGNORE_INDEX, "saliency": IGNORE_I
 def _as_tensor(value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
-    return torch.as_tensor(np.asarray(value))
+    array = np.asarray(value)
+    return torch.as_tensor(array if array.flags.writeable else array.copy())  # PIL-backed arrays are read-only
+
+
+def _channels_last(value: torch.Tensor) -> torch.Tensor:
+    """`datasets.Image` columns in torch format come channels-first, (C, H, W) with C in 1, 3, 4: move C last."""
+    if value.ndim == 3 and value.shape[0] in (1, 3, 4) and value.shape[-1] not in (1, 3, 4):
+        return value.permute(1, 2, 0)
+    return value
+
+
+def _as_rgb(value) -> torch.Tensor:
+    """An image as (H, W, 3): PIL images of any mode, grayscale or RGBA arrays, channels-first tensors."""
+    if hasattr(value, "convert"):  # a PIL image (a `datasets.Image` column in Python format)
+        value = value.convert("RGB")
+    image = _channels_last(_as_tensor(value))
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image.expand(-1, -1, 3)
+    elif image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]  # drop alpha
+    return image
 
 
 def row_to_sample(row: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -44,15 +66,17 @@ def row_to_sample(row: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]
     missing = [name for name in ("image", *tasks) if name not in row]
     if missing:
         raise ValueError(f"Dataset row has no column(s) {missing}; its columns are {sorted(row)}.")
-    image = _as_tensor(row["image"])
+    image = _as_rgb(row["image"])
     if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"`image` must be (H, W, 3), got {tuple(image.shape)}.")
+        raise ValueError(f"`image` must be an RGB image (H, W, 3), got shape {tuple(image.shape)}.")
     height, width = image.shape[:2]
     if "height" in row and "width" in row:
         height, width = int(row["height"]), int(row["width"])
     sample = {"image": image[:height, :width].permute(2, 0, 1).float() / 255.0}
     for task in tasks:
-        value = _as_tensor(row[task])[:height, :width]
+        value = _channels_last(_as_tensor(row[task]))[:height, :width]
+        if task != "normals" and value.ndim == 3 and value.shape[-1] == 1:
+            value = value[..., 0]
         if task in ("semseg", "parts"):
             sample[task] = value.long()
         elif task == "normals":
@@ -60,8 +84,6 @@ def row_to_sample(row: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]
                 raise ValueError(f"`normals` must be (H, W, 3), got {tuple(value.shape)}.")
             sample[task] = value.float().permute(2, 0, 1).contiguous()
         else:  # depth, saliency, edge
-            if value.ndim == 3 and value.shape[-1] == 1:
-                value = value[..., 0]
             sample[task] = value.float().unsqueeze(0)
         if sample[task].shape[-2:] != (height, width):
             raise ValueError(f"`{task}` has size {tuple(sample[task].shape[-2:])}, the image is {(height, width)}.")

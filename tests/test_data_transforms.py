@@ -61,6 +61,30 @@ def test_row_to_sample_layouts(synthetic):
         row_to_sample(row, ["albedo"])
 
 
+@pytest.mark.parametrize("output_format", [None, "torch", "numpy"])
+def test_rows_with_datasets_image_columns_are_read_in_every_format(output_format):
+    """Hub datasets often store images and label maps as `datasets.Image` (PNG): PIL in Python format, (C, H, W)
+    tensors in torch format; RGB, grayscale and RGBA images all become (3, H, W)."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    images = [Image.fromarray(rgb), Image.fromarray(rgb[..., 0]), Image.fromarray(np.dstack([rgb, rgb[..., :1]]))]
+    semseg = rng.integers(0, 13, (5, 6), dtype=np.uint8)
+    features = datasets.Features({"image": datasets.Image(), "semseg": datasets.Image()})
+    table = datasets.Dataset.from_dict({"image": images, "semseg": [Image.fromarray(semseg)] * 3}, features=features)
+    if output_format is not None:
+        table = table.with_format(output_format)
+    expected_rgb = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
+    gray = torch.from_numpy(rgb[..., 0]).float() / 255.0
+    for index, expected in enumerate([expected_rgb, gray.expand(3, -1, -1), expected_rgb]):
+        sample = row_to_sample(table[index], ["semseg"])
+        torch.testing.assert_close(sample["image"], expected)
+        assert sample["semseg"].dtype == torch.int64
+        torch.testing.assert_close(sample["semseg"], torch.from_numpy(semseg).long())
+
+
 def test_padded_rows_are_cropped_to_height_width():
     image = np.zeros((8, 8, 3), np.uint8)
     image[:5, :6] = 200
