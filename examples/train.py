@@ -98,6 +98,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--image_size", nargs=2, type=int, default=None, metavar=("HEIGHT", "WIDTH"))
     model.add_argument("--num_semseg_classes", type=int, default=None)
     model.add_argument("--num_parts_classes", type=int, default=None)
+    model.add_argument(
+        "--config_overrides",
+        default=None,
+        help='Further config fields as "key=value,key=value", e.g. "affinity_scale=6" (paper Table 5), '
+        '"decoder_stride=16", "papnet_diffusion_steps=2", "attention_impl=dense" or "gamma=0.1". Not with '
+        "--model_name_or_path.",
+    )
     model.add_argument("--gradient_checkpointing", action="store_true")
 
     train = parser.add_argument_group("training (defaults: the recipe's)")
@@ -315,6 +322,8 @@ def backbone_weights_file(source: str) -> str | None:
 def build_config(args, recipe: CTALRecipe) -> CTALConfig:
     """The model's config: the saved one of --model_name_or_path, else the recipe's preset with the overrides."""
     if args.model_name_or_path:
+        if args.config_overrides:
+            raise ValueError("--config_overrides builds a new model; it cannot change --model_name_or_path's config.")
         config = CTALConfig.from_pretrained(args.model_name_or_path)
         if args.image_size and list(args.image_size) != list(config.image_size):
             raise ValueError(
@@ -336,7 +345,40 @@ def build_config(args, recipe: CTALRecipe) -> CTALConfig:
     weights = dict(PRESETS[recipe.preset].get("loss_weights", {}))
     tasks = fields.get("tasks", PRESETS[recipe.preset]["tasks"])
     fields["loss_weights"] = {task: weight for task, weight in weights.items() if task in tasks}
+    fields.update(parse_config_overrides(args.config_overrides))
     return CTALConfig.from_preset(recipe.preset, **fields)
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`"key=value,key=value"` -> typed `CTALConfig` fields (int, float, bool or str); names a bad key or value."""
+    if not text:
+        return {}
+    defaults = CTALConfig()
+    fields = {}
+    for item in text.split(","):
+        key, separator, value = (part.strip() for part in item.partition("="))
+        if not separator or key not in CTALConfig.__annotations__:
+            raise ValueError(
+                f"--config_overrides: {item.strip()!r} is not key=value with a CTALConfig field as key; fields: "
+                f"{', '.join(sorted(CTALConfig.__annotations__))}."
+            )
+        default = getattr(defaults, key)
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(value)
+                fields[key] = value.lower() == "true"
+            elif isinstance(default, (int, float, str)):
+                fields[key] = type(default)(value)
+            else:
+                raise TypeError(key)
+        except ValueError:
+            raise ValueError(f"--config_overrides: {key}={value!r} is not a valid {type(default).__name__}.") from None
+        except TypeError:
+            raise ValueError(
+                f"--config_overrides: {key} is a {type(default).__name__} field; set it with its own flag."
+            ) from None
+    return fields
 
 
 def build_model(args, config: CTALConfig) -> CTALForDenseMultitask:

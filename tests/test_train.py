@@ -107,6 +107,25 @@ def test_eval_shards_cover_every_sample_once(num_samples, batch_size, processes)
     )
 
 
+def test_config_overrides_reach_the_model_config():
+    args = train.parse_args(
+        ["--decoder", "papnet", "--config_overrides", "affinity_scale=6, papnet_diffusion_steps=2,gamma=0.1"]
+    )
+    config = train.build_config(args, train.resolve_recipe(args))
+    assert (config.decoder, config.affinity_scale, config.papnet_diffusion_steps) == ("papnet", 6, 2)
+    assert config.gamma == 0.1 and isinstance(config.gamma, float)
+    for text, message in [
+        ("affinity_scale", "not key=value"),
+        ("scale=6", "not key=value"),
+        ("affinity_scale=six", "not a valid int"),
+        ("tasks=semseg", "own flag"),
+        ("affinity_scale=5", "affinity_scale"),  # the config's own validation
+    ]:
+        args = train.parse_args(["--config_overrides", text])
+        with pytest.raises(ValueError, match=message):
+            train.build_config(args, train.resolve_recipe(args))
+
+
 # ------------------------------------------------------------------------------------------------------ errors
 def test_clear_errors(tmp_path, capsys, reset_accelerate):
     with pytest.raises(SystemExit):
