@@ -1,9 +1,14 @@
 """CTAL model configuration."""
 
+import copy
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from .tasks import TASKS
 
@@ -18,6 +23,14 @@ DECODERS: tuple[str, ...] = ("ctal_ss", "ctal_ms", "stl", "mtl", "padnet", "papn
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "dense", "factorized")
 
 NORMALS_LOSSES: tuple[str, ...] = ("cosine", "l1")
+
+# The pipeline a saved folder declares in config.json (`custom_pipelines`) and carries the code of, for
+# `transformers.pipeline(model=folder, trust_remote_code=True)` in a process without this package.
+PIPELINE_TASK = "dense-multitask"
+PIPELINE_FILE = "pipeline_ctal.py"
+CUSTOM_PIPELINES: dict[str, dict[str, Any]] = {
+    PIPELINE_TASK: {"impl": "pipeline_ctal.DenseMultitaskPipeline", "pt": ["AutoModel"], "type": "image"}
+}
 
 # The paper's settings (DESIGN.md sections 3-5): tasks in order, classes, input size (H, W), loss weights.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -197,6 +210,37 @@ class CTALConfig(PreTrainedConfig):
             raise ValueError(f"`loss_weights` names tasks the model does not predict: {sorted(extra)}.")
 
     @property
+    def custom_pipelines(self) -> dict[str, dict[str, Any]]:
+        """The pipelines config.json declares (see `save_pretrained`), which `transformers.pipeline()` loads from the
+        folder's code. Empty in a process where the task is registered (by `import ctal_hf`): `pipeline()` then uses
+        the registered class, where a declared pipeline would make it demand `trust_remote_code=True`."""
+        declared = self.__dict__.get("custom_pipelines") or {}
+        if declared:
+            from transformers.pipelines import PIPELINE_REGISTRY
+
+            if any(task in PIPELINE_REGISTRY.supported_tasks for task in declared):
+                return {}
+        return copy.deepcopy(declared)  # `pipeline()` edits the dict it reads
+
+    @custom_pipelines.setter
+    def custom_pipelines(self, value: dict[str, dict[str, Any]]) -> None:
+        self.__dict__["custom_pipelines"] = value  # saved by `to_dict`, like any attribute
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Saves config.json. A config saved with its code (`import ctal_hf` registers it for `AutoConfig`) also saves
+        the code of `pipeline("dense-multitask")` (`pipeline_ctal.py` and the modules it imports) and declares it in
+        `custom_pipelines`, so `transformers.pipeline(model=folder, trust_remote_code=True)` works without this
+        package. Done here rather than in the model's `save_pretrained`, which saves its config before uploading
+        with `push_to_hub=True`, so the files are uploaded too."""
+        pipeline_file = Path(__file__).with_name(PIPELINE_FILE)
+        if self._auto_class is not None and pipeline_file.is_file():  # a copy loaded as remote code may lack it
+            os.makedirs(save_directory, exist_ok=True)
+            for source in [pipeline_file, *map(Path, get_relative_import_files(pipeline_file))]:
+                shutil.copyfile(source, Path(save_directory, source.name))
+            self.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @property
     def is_cnn(self) -> bool:
         """Whether the backbone is the multi-scale CNN (HRNet) rather than SwinV2."""
         return BACKBONES[self.backbone][2]
@@ -234,4 +278,4 @@ class CTALConfig(PreTrainedConfig):
         return cls(**fields)
 
 
-__all__ = ["CTALConfig", "PRESETS", "BACKBONES", "DECODERS"]
+__all__ = ["CTALConfig", "PRESETS", "BACKBONES", "DECODERS", "PIPELINE_TASK"]

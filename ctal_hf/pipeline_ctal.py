@@ -1,5 +1,7 @@
 """`pipeline("dense-multitask")`: any image in, every task's map at the image's own size out, with colour-coded
-visualisations. Importing this module (done by `import ctal_hf`) registers the task with transformers."""
+visualisations. `import ctal_hf` registers the task with transformers; a saved model folder also carries this file
+and declares it (`CTALConfig.custom_pipelines`), so `pipeline(model=folder, trust_remote_code=True)` runs it without
+the package."""
 
 import os
 from collections.abc import Sequence
@@ -7,17 +9,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModel, Pipeline
-from transformers.pipelines import PIPELINE_REGISTRY
+from transformers import Pipeline
 from transformers.utils import logging
 
+from .configuration_ctal import PIPELINE_TASK
 from .image_processing_ctal import CTALImageProcessor, load_image
 from .tasks import TASKS
 from .visualization import visualize_predictions
 
 logger = logging.get_logger(__name__)
-
-PIPELINE_TASK = "dense-multitask"
 
 
 class DenseMultitaskPipeline(Pipeline):
@@ -144,10 +144,5 @@ class DenseMultitaskPipeline(Pipeline):
             result["visualizations"] = visualize_predictions(result)
         return result
 
-
-if PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK, {}).get("impl") is not DenseMultitaskPipeline:
-    PIPELINE_REGISTRY.register_pipeline(
-        PIPELINE_TASK, pipeline_class=DenseMultitaskPipeline, pt_model=AutoModel, type="image"
-    )
 
 __all__ = ["DenseMultitaskPipeline", "PIPELINE_TASK"]

@@ -169,8 +169,8 @@ predictor = pipeline("dense-multitask", model="{model_name}")
 maps = predictor("room.png")  # dict task -> map at the image's size
 ```
 
-The folder also carries the modelling code, so `AutoModel.from_pretrained(..., trust_remote_code=True)` works
-without this package.
+The folder also carries the modelling and pipeline code, so `AutoModel.from_pretrained(..., trust_remote_code=True)`
+and `pipeline("dense-multitask", model=..., trust_remote_code=True)` work without this package.
 """
     template = "---\n{{ card_data }}\n---\n\n{{ body }}"
     return ModelCard.from_template(card_data, template_str=template, body=body)

@@ -2,6 +2,12 @@
 sample images (skipped when absent) and odd sizes, with models from a saved folder, a model object and the local
 Hub mirror."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -173,6 +179,44 @@ def test_model_from_the_local_hub_mirror(hub_mirror, saved_model, monkeypatch):
     check_result(predictor(image), (250, 333))
     local = pipeline("dense-multitask", model=str(saved_model), device="cpu")
     assert_same_maps(predictor(image), local(image))
+
+
+def test_saved_folder_runs_with_trust_remote_code_in_a_process_without_ctal_hf(saved_model, predictor, tmp_path):
+    config = json.loads((saved_model / "config.json").read_text())
+    assert config["custom_pipelines"] == {
+        "dense-multitask": {"impl": "pipeline_ctal.DenseMultitaskPipeline", "pt": ["AutoModel"], "type": "image"}
+    }
+    saved_files = {path.name for path in saved_model.iterdir()}
+    assert {"pipeline_ctal.py", "image_processing_ctal.py", "visualization.py", "tasks.py"} <= saved_files
+    image = odd_images()[0]
+    np.save(tmp_path / "image.npy", image)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np, torch
+        torch.set_num_threads(1)
+        from transformers import pipeline
+        image = np.load({str(tmp_path / "image.npy")!r})
+        for task in ("dense-multitask", None):  # None: the folder declares a single pipeline, which is then used
+            predictor = pipeline(task, model={str(saved_model)!r}, trust_remote_code=True, device="cpu")
+            assert type(predictor).__module__.startswith("transformers_modules"), type(predictor).__module__
+            result = predictor(image)
+            pictures = result.pop("visualizations")
+            assert {{task: picture.size for task, picture in pictures.items()}} == dict.fromkeys(result, (333, 250))
+            np.savez({str(tmp_path)!r} + f"/{{task}}.npz", **result)
+        assert "ctal_hf" not in sys.modules, "the package was imported"
+        print("REMOTE-PIPELINE-OK")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "REMOTE-PIPELINE-OK" in result.stdout, result.stderr[-3000:]
+    expected = predictor(image)
+    check_result(expected, (250, 333))
+    for name in ("dense-multitask", "None"):
+        with np.load(tmp_path / f"{name}.npz") as remote:
+            assert set(remote.files) == set(ALL_TASKS)
+            assert_same_maps(expected, {task: remote[task] for task in remote.files})
 
 
 def test_bad_inputs_say_what_is_wrong(predictor, tmp_path):
