@@ -27,19 +27,10 @@ import time
 import traceback
 from pathlib import Path
 
+from ctal_hf.configuration_ctal import DECODER_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "resources.md"
-
-NAMES = {
-    "stl": "STL",
-    "mtl": "MTL",
-    "padnet": "PAD-Net",
-    "papnet": "PAP-Net",
-    "mtinet": "MTI-Net",
-    "concat": "Concat",
-    "ctal_ss": "CTAL-SS",
-    "ctal_ms": "CTAL-MS",
-}
 
 
 def _row(decoder, scale=4, steps=1, stride=32, **paper):
@@ -311,7 +302,7 @@ def run_row(setting: str, row: dict, args) -> dict:
 
 
 def label(row: dict) -> str:
-    text = NAMES[row["decoder"]]
+    text = DECODER_NAMES[row["decoder"]]
     if row["decoder"].startswith("ctal") and row["scale"] != 4:
         text += f" 1/{row['scale']}"
     if row["steps"] != 1:
@@ -632,7 +623,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument(
-        "--decoders", nargs="+", choices=sorted(NAMES), default=None, help="only these rows (STL and MTL always run)"
+        "--decoders",
+        nargs="+",
+        choices=sorted(DECODER_NAMES),
+        default=None,
+        help="only these rows (STL and MTL always run)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(

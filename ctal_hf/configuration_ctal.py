@@ -20,6 +20,18 @@ BACKBONES: dict[str, tuple[str, int, bool]] = {
 
 DECODERS: tuple[str, ...] = ("ctal_ss", "ctal_ms", "stl", "mtl", "padnet", "papnet", "mtinet", "concat")
 
+# How the paper names each decoder (tables, model cards, logs).
+DECODER_NAMES: dict[str, str] = {
+    "ctal_ss": "CTAL-SS",
+    "ctal_ms": "CTAL-MS",
+    "stl": "STL",
+    "mtl": "MTL",
+    "padnet": "PAD-Net",
+    "papnet": "PAP-Net",
+    "mtinet": "MTI-Net",
+    "concat": "Concat",
+}
+
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "dense", "factorized")
 
 NORMALS_LOSSES: tuple[str, ...] = ("cosine", "l1")
@@ -278,4 +290,4 @@ class CTALConfig(PreTrainedConfig):
         return cls(**fields)
 
 
-__all__ = ["CTALConfig", "PRESETS", "BACKBONES", "DECODERS", "PIPELINE_TASK"]
+__all__ = ["CTALConfig", "PRESETS", "BACKBONES", "DECODERS", "DECODER_NAMES", "PIPELINE_TASK"]

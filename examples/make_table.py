@@ -19,9 +19,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-from model_card import DECODER_NAMES, PERCENT_METRICS  # noqa: E402
+from model_card import PERCENT_METRICS  # noqa: E402
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask  # noqa: E402
+from ctal_hf.configuration_ctal import DECODER_NAMES  # noqa: E402
 from ctal_hf.metrics import delta_m  # noqa: E402
 from ctal_hf.tasks import TASKS  # noqa: E402
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ctal_hf.configuration_ctal import DECODER_NAMES
 from ctal_hf.tasks import TASKS
 
 # Metrics that are fractions in [0, 1]; cards and tables print them in percent, as the paper does.
@@ -30,16 +31,6 @@ TASK_TITLES = {
     "edge": "Edges",
 }
 HUB_TASK_TYPES = {"semseg": "image-segmentation", "parts": "image-segmentation", "depth": "depth-estimation"}
-DECODER_NAMES = {
-    "ctal_ss": "CTAL-SS",
-    "ctal_ms": "CTAL-MS",
-    "stl": "STL",
-    "mtl": "MTL",
-    "padnet": "PAD-Net",
-    "papnet": "PAP-Net",
-    "mtinet": "MTI-Net",
-    "concat": "Concat",
-}
 
 
 def display_value(metric: str, value: float) -> str:

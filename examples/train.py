@@ -42,12 +42,12 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from model_card import DECODER_NAMES, make_model_card, metrics_table  # noqa: E402
+from model_card import make_model_card, metrics_table  # noqa: E402
 from recipes import RECIPES, SCHEDULERS, CTALRecipe, get_recipe  # noqa: E402
 
 import ctal_hf  # noqa: E402, F401  (registers the Auto classes)
 from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor  # noqa: E402
-from ctal_hf.configuration_ctal import BACKBONES, DECODERS, PRESETS  # noqa: E402
+from ctal_hf.configuration_ctal import BACKBONES, DECODER_NAMES, DECODERS, PRESETS  # noqa: E402
 from ctal_hf.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CTALTorchDataset, CTALTransform  # noqa: E402
 from ctal_hf.metrics import MultiTaskEvaluator  # noqa: E402
 from ctal_hf.tasks import TASKS  # noqa: E402
