@@ -1,4 +1,5 @@
-"""Per-task training losses (DESIGN.md section 3) and the criterion that weighs and sums them.
+"""Per-task training losses (docs/design.md, "Tasks, losses and metrics") and the criterion that weighs and sums
+them.
 
 Each task loss returns a `(sum, count)` pair over the valid pixels, so a loss is also exactly mergeable as an
 evaluation metric (the paper reports the edge task by its validation loss)."""

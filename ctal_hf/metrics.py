@@ -1,4 +1,5 @@
-"""Evaluation metrics of the paper (DESIGN.md section 3), exact over a whole set and mergeable across processes.
+"""Evaluation metrics of the paper (docs/design.md, "Tasks, losses and metrics"), exact over a whole set and
+mergeable across processes.
 
 Every metric keeps its state as tensors of sums and counts (a confusion matrix, per-threshold counts, a histogram of
 angles), never per-batch means: states of several batches or processes add up to the state of the whole set, so

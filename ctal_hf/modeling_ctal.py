@@ -10,11 +10,11 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
-from .backbones import CTALBackbone, read_backbone_state_dict
+from .backbones import CTALBackbone, pretrained_backbone_state_dict
 from .blocks import CTALClassifier, upsample_to
 from .configuration_ctal import CTALConfig
 from .ctal_module import CTALAffinityModule
-from .decoders import DECODER_CLASSES
+from .decoders import DECODERS
 from .losses import CTALCriterion
 from .tasks import TASKS
 
@@ -77,14 +77,26 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
 
     def __init__(self, config: CTALConfig):
         super().__init__(config)
-        decoder_class = DECODER_CLASSES[config.decoder]
+        spec = DECODERS[config.decoder]
         # STL owns one backbone per task; every other decoder shares one.
-        if getattr(decoder_class, "owns_backbones", False):
+        if spec.owns_backbones:
             self.backbone = None
-            self.decoder = decoder_class(config)
+            self.decoder = spec.decoder_class(config)
         else:
             self.backbone = CTALBackbone(config)
-            self.decoder = decoder_class(config, self.backbone.channels)
+            feature_info = self.backbone.feature_info
+            if spec.needs_multi_scale and not feature_info.is_multi_scale:
+                raise ValueError(
+                    f"decoder {config.decoder!r} needs a multi-scale backbone; {self.backbone.name} gives one map."
+                )
+            affinity_stride = feature_info.affinity_stride(config.affinity_scale)
+            if any(side % affinity_stride for side in config.image_size):
+                raise ValueError(
+                    f"The affinity map does not fit: `image_size` {list(config.image_size)} is not divisible by its "
+                    f"stride {affinity_stride} (max of `affinity_scale` {config.affinity_scale} and the finest "
+                    f"backbone map's stride {feature_info.finest_stride})."
+                )
+            self.decoder = spec.decoder_class(config, feature_info)
         self.criterion = CTALCriterion(config)
         self.post_init()
 
@@ -92,16 +104,20 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
     def from_config_with_backbone_weights(
         cls, config: CTALConfig, backbone_weights: str | os.PathLike | None = None
     ) -> "CTALForDenseMultitask":
-        """Builds a randomly initialised model, then loads ImageNet weights into its backbone(s).
+        """Builds a randomly initialised model, then loads pretrained weights into its backbone(s).
 
-        `backbone_weights` is `None` (timm's pretrained weights from the Hub), a `.safetensors` file or a torch
-        state dict file of the full timm model (`timm.create_model(name).state_dict()`). Loading happens after
-        `post_init()`, so the weights are not re-initialised; every backbone tensor must be found in the file."""
+        Named backbones: `backbone_weights` is `None` (timm's pretrained weights from the Hub), a `.safetensors` file
+        or a torch state dict file of the full timm model (`timm.create_model(name).state_dict()`). With
+        `backbone_config`: a timm backbone takes the same, a folder holding such a file or a timm Hub id
+        (`"timm/resnet50.a1_in1k"`); a transformers backbone a Hub id or folder (`AutoBackbone.from_pretrained`), or a
+        state dict file of the backbone (`None`: where `backbone_config` was loaded from, if it was). Loading happens
+        after `post_init()`, so the weights are not re-initialised; every backbone tensor must be found, or a
+        `ValueError` names the missing ones."""
         model = cls(config)
-        state_dict = read_backbone_state_dict(config, backbone_weights)
+        state_dict = pretrained_backbone_state_dict(config, backbone_weights)
         for module in model.modules():
             if isinstance(module, CTALBackbone):
-                module.load_pretrained(config, state_dict)
+                module.load_pretrained(state_dict)
         return model
 
     def _check_inputs(self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None) -> None:
