@@ -8,8 +8,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ctal_hf.configuration_ctal import DECODER_NAMES
-from ctal_hf.tasks import TASKS
+from ..configuration_ctal import DECODER_NAMES
+from ..tasks import TASKS
 
 # Metrics that are fractions in [0, 1]; cards and tables print them in percent, as the paper does.
 PERCENT_METRICS = frozenset({"mIoU", "pixel_acc", "maxF", "odsF", "oisF", "within_11.25", "within_22.5", "within_30"})
