@@ -98,7 +98,7 @@ def main() -> None:
         f"Machine: {cpu_description()}; torch {torch.__version__}, {args.threads} threads "
         f"(`torch.set_num_threads`), float32, eval mode, no gradients; load average at start "
         f"{os.getloadavg()[0]:.1f} (other jobs share the cores: compare the ratios of one run, not the seconds).",
-        f"NYUv2 preset (semseg 13 classes, depth, normals), random weights, `attention_impl=\"auto\"`; forward time "
+        f'NYUv2 preset (semseg 13 classes, depth, normals), random weights, `attention_impl="auto"`; forward time '
         f"median / best of {args.repeats} after a warm-up. Maps: channels@stride, finest first; the cross-scale "
         "fusion keeps all their channels, so wide pyramids make the fusion and initial heads large.",
         "",

@@ -62,7 +62,7 @@ class CTALMultiScaleDecoder(nn.Module):
         self.size = feature_info.affinity_map_size(config.affinity_scale)
         channels = list(feature_info.channels)
         out_channels = {task: config.task_channels(task) for task in self.tasks}
-        self.initial_heads = CTALMultiScaleInitialHeads(self.tasks, channels, out_channels)
+        self.initial_heads = CTALMultiScaleInitialHeads(self.tasks, channels, out_channels, config.fpm_grouping)
         self.fusions = nn.ModuleDict({task: CTALCrossScaleFusion(channels) for task in self.tasks})
         self.ctal = CTALAffinityModule(config, sum(channels), self.size)
         self.final_heads = nn.ModuleDict(

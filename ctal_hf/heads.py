@@ -31,8 +31,8 @@ class CTALFusedDeepLabHead(CTALDeepLabHead):
     """A DeepLab head on a backbone's maps: the single map as is, several maps fused at the finest first (the STL /
     MTL head of the `"deeplab"` family)."""
 
-    def __init__(self, in_channels: list[int], out_channels: int):
-        super().__init__(sum(in_channels), out_channels)
+    def __init__(self, in_channels: list[int], out_channels: int, dropout: float = 0.0):
+        super().__init__(sum(in_channels), out_channels, dropout=dropout)
         self.fusion = CTALCrossScaleFusion(in_channels) if len(in_channels) > 1 else None
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -44,34 +44,52 @@ class CTALHeadFamily:
     """How a model ends (`config.head_family`): the paper's CNN models and its SwinV2 models differ in three places.
 
     Args:
-        final_head: `(in_channels, out_channels) -> module` on one map: the final heads of CTAL and of the
+        final_head: `(in_channels, out_channels, config) -> module` on one map: the final heads of CTAL and of the
             distillation baselines.
-        task_head: `(backbone_channels, out_channels) -> module` on the backbone's list of maps: the heads of STL
-            and MTL.
+        task_head: `(backbone_channels, out_channels, config) -> module` on the backbone's list of maps: the heads
+            of STL and MTL.
         projection_norm: whether the 1x1 projections into CTAL (and Concat's) have BatchNorm + ReLU.
     """
 
-    final_head: Callable[[int, int], nn.Module]
-    task_head: Callable[[list[int], int], nn.Module]
+    final_head: Callable[[int, int, CTALConfig], nn.Module]
+    task_head: Callable[[list[int], int, CTALConfig], nn.Module]
     projection_norm: bool
+
+
+def _residual_final_head(in_channels: int, out_channels: int, config: CTALConfig) -> nn.Module:
+    return CTALResidualHead(in_channels, out_channels)
+
+
+def _high_resolution_task_head(in_channels: list[int], out_channels: int, config: CTALConfig) -> nn.Module:
+    return CTALHighResolutionHead(in_channels, out_channels)
+
+
+def _deeplab_final_head(in_channels: int, out_channels: int, config: CTALConfig) -> nn.Module:
+    return CTALDeepLabHead(in_channels, out_channels, dropout=config.aspp_dropout)
+
+
+def _deeplab_task_head(in_channels: list[int], out_channels: int, config: CTALConfig) -> nn.Module:
+    return CTALFusedDeepLabHead(in_channels, out_channels, dropout=config.aspp_dropout)
 
 
 HEAD_FAMILIES: dict[str, CTALHeadFamily] = {
     # Two bottlenecks + 1x1 final heads; MTI-Net's high-resolution head (fusion + 1x1) for STL / MTL.
-    "bottleneck": CTALHeadFamily(final_head=CTALResidualHead, task_head=CTALHighResolutionHead, projection_norm=False),
-    # DeepLab-v3 heads everywhere; projections with BatchNorm + ReLU.
-    "deeplab": CTALHeadFamily(final_head=CTALDeepLabHead, task_head=CTALFusedDeepLabHead, projection_norm=True),
+    "bottleneck": CTALHeadFamily(
+        final_head=_residual_final_head, task_head=_high_resolution_task_head, projection_norm=False
+    ),
+    # DeepLab-v3 heads everywhere (with `config.aspp_dropout`); projections with BatchNorm + ReLU.
+    "deeplab": CTALHeadFamily(final_head=_deeplab_final_head, task_head=_deeplab_task_head, projection_norm=True),
 }
 
 
 def build_final_head(config: CTALConfig, in_channels: int, task: str) -> nn.Module:
     """The final head of `task` on `in_channels` features, of the config's head family."""
-    return HEAD_FAMILIES[config.head_family].final_head(in_channels, config.task_channels(task))
+    return HEAD_FAMILIES[config.head_family].final_head(in_channels, config.task_channels(task), config)
 
 
 def build_task_head(config: CTALConfig, backbone_channels: list[int], task: str) -> nn.Module:
     """The STL / MTL head of `task` on the backbone's maps, of the config's head family."""
-    return HEAD_FAMILIES[config.head_family].task_head(list(backbone_channels), config.task_channels(task))
+    return HEAD_FAMILIES[config.head_family].task_head(list(backbone_channels), config.task_channels(task), config)
 
 
 class CTALInitialHead(nn.Module):
@@ -151,11 +169,19 @@ class CTALFeaturePropagation(nn.Module):
     T*C -> T*C/4, a basic block, a 1x1 conv back to T*C) gives attention logits that a softmax across the tasks
     turns into per-task masks over the concatenation; a basic block reduces the masked features to one shared C
     channel representation; each task selects from it with its own squeeze-and-excitation gate and adds the result
-    to its own features. The output is upsampled to the finer scale, where it joins the backbone map."""
+    to its own features. The output is upsampled to the finer scale, where it joins the backbone map.
 
-    def __init__(self, tasks: list[str], channels: int):
+    `grouping` says which logits one softmax normalises (`config.fpm_grouping`): `"tasks"`, the T tasks' copies of
+    each channel (masks per task, as the MTI-Net paper describes); `"consecutive"`, T consecutive channels of the
+    concatenation (the authors' releases view the T*C logits as (C, T) and take the softmax over T, so one group
+    mixes neighbouring channels of one task, or of two at a task boundary)."""
+
+    def __init__(self, tasks: list[str], channels: int, grouping: str = "tasks"):
         super().__init__()
+        if grouping not in ("tasks", "consecutive"):
+            raise ValueError(f"Unknown `fpm_grouping` {grouping!r}; choose from ['tasks', 'consecutive'].")
         self.tasks = list(tasks)
+        self.grouping = grouping
         shared = len(self.tasks) * channels
         hidden = max(shared // 4, 1)
         self.attention = nn.Sequential(
@@ -168,10 +194,12 @@ class CTALFeaturePropagation(nn.Module):
         stacked = torch.stack([features[task] for task in self.tasks], dim=1)  # (B, T, C, h, w)
         batch, num_tasks, channels, height, width = stacked.shape
         concat = stacked.reshape(batch, num_tasks * channels, height, width)
-        # Softmax across the tasks, per channel and pixel. (The public re-implementation groups the channels as
-        # (C, T) instead of (T, C), so its "task" axis mixes channels of one task; the paper's masks are per task.)
-        logits = self.attention(concat).reshape(batch, num_tasks, channels, height, width)
-        masked = (torch.softmax(logits, dim=1) * stacked).reshape(batch, num_tasks * channels, height, width)
+        logits = self.attention(concat)
+        if self.grouping == "tasks":  # softmax across the tasks, per channel and pixel
+            mask = torch.softmax(logits.reshape(batch, num_tasks, channels, height, width), dim=1)
+        else:  # softmax over each run of T consecutive channels of the concatenation
+            mask = torch.softmax(logits.reshape(batch, channels, num_tasks, height, width), dim=2)
+        masked = mask.reshape(batch, num_tasks * channels, height, width) * concat
         shared = self.reduction(masked)
         return {task: upsample_to(features[task] + self.selection[task](shared), size) for task in self.tasks}
 
@@ -182,7 +210,9 @@ class CTALMultiScaleInitialHeads(nn.Module):
 
     Returns per task the list of features and the list of predictions, finest scale first."""
 
-    def __init__(self, tasks: list[str], channels: list[int], out_channels: dict[str, int]):
+    def __init__(
+        self, tasks: list[str], channels: list[int], out_channels: dict[str, int], fpm_grouping: str = "tasks"
+    ):
         super().__init__()
         self.tasks = list(tasks)
         self.num_scales = len(channels)
@@ -193,7 +223,9 @@ class CTALMultiScaleInitialHeads(nn.Module):
             heads.append(
                 nn.ModuleDict({task: CTALScaleHead(width + coarser, width, out_channels[task]) for task in self.tasks})
             )
-            propagations.append(CTALFeaturePropagation(self.tasks, coarser) if coarser else nn.Identity())
+            propagations.append(
+                CTALFeaturePropagation(self.tasks, coarser, fpm_grouping) if coarser else nn.Identity()
+            )
         self.heads = nn.ModuleList(heads)
         self.propagations = nn.ModuleList(propagations)
 

@@ -250,16 +250,23 @@ def test_timm_backbone_weights_load_from_a_file_after_post_init_and_a_missing_te
     from safetensors.torch import save_file
 
     reference = timm.create_model("mobilenetv3_small_050", pretrained=False)
-    full = {key: torch.randn_like(value) if value.is_floating_point() else value for key, value in reference.state_dict().items()}
+    full = {
+        key: torch.randn_like(value) if value.is_floating_point() else value
+        for key, value in reference.state_dict().items()
+    }
     save_file(full, tmp_path / "mnv3.safetensors")
-    model = CTALForDenseMultitask.from_config_with_backbone_weights(make_config(mobilenet()), tmp_path / "mnv3.safetensors")
+    model = CTALForDenseMultitask.from_config_with_backbone_weights(
+        make_config(mobilenet()), tmp_path / "mnv3.safetensors"
+    )
     loaded = model.backbone.model._backbone.state_dict()
     assert len(loaded) > 100
     for key, value in loaded.items():
         assert torch.equal(value, full[key]), key
     save_file({k: v for k, v in full.items() if k != "conv_stem.weight"}, tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match=r"(?s)missing\.safetensors.*conv_stem\.weight"):
-        CTALForDenseMultitask.from_config_with_backbone_weights(make_config(mobilenet()), tmp_path / "missing.safetensors")
+        CTALForDenseMultitask.from_config_with_backbone_weights(
+            make_config(mobilenet()), tmp_path / "missing.safetensors"
+        )
 
 
 def test_transformers_backbone_weights_load_from_a_folder_or_file_and_a_missing_tensor_is_refused(tmp_path):
@@ -276,7 +283,9 @@ def test_transformers_backbone_weights_load_from_a_folder_or_file_and_a_missing_
     state_dict = {k: v for k, v in pretrained.state_dict().items() if k != "embeddings.patch_embeddings.weight"}
     save_file(state_dict, tmp_path / "partial.safetensors")
     with pytest.raises(ValueError, match=r"(?s)partial\.safetensors.*embeddings\.patch_embeddings\.weight"):
-        CTALForDenseMultitask.from_config_with_backbone_weights(make_config(convnext()), tmp_path / "partial.safetensors")
+        CTALForDenseMultitask.from_config_with_backbone_weights(
+            make_config(convnext()), tmp_path / "partial.safetensors"
+        )
     with pytest.raises(ValueError, match="names no checkpoint"):
         CTALForDenseMultitask.from_config_with_backbone_weights(make_config(convnext()))
 
