@@ -212,31 +212,48 @@ class CTALBackbone(nn.Module):
             features = [feature.permute(0, 3, 1, 2) for feature in features]
         return list(features)
 
-    def _measure(self, config: CTALConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Channels and strides of the maps, from a forward pass on the meta device (shapes only, no compute), with
-        the checks that the maps exist and divide the input."""
-        height, width = config.image_size
+    def _map_shapes(self, height: int, width: int) -> list[tuple[int, ...]]:
+        """Shapes of the maps for a (1, 3, height, width) input, from a forward pass on the meta device (shapes
+        only, no compute), in eval mode (batch statistics of one 1x1 map are undefined in training mode)."""
         meta = {name: torch.empty_like(tensor, device="meta") for name, tensor in self.model.named_parameters()}
         meta.update({name: torch.empty_like(tensor, device="meta") for name, tensor in self.model.named_buffers()})
-        probe = torch.empty(1, 3, height, width, device="meta")
+        training = self.model.training
+        self.model.eval()
         try:
             with torch.no_grad():
-                features = torch.func.functional_call(self.model, meta, (probe,))
+                features = torch.func.functional_call(
+                    self.model, meta, (torch.empty(1, 3, height, width, device="meta"),)
+                )
+        finally:
+            self.model.train(training)
+        if not isinstance(features, (list, tuple)):
+            features = features.feature_maps
+        return [tuple(feature.shape) for feature in features or ()]
+
+    def _measure(self, config: CTALConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Channels and strides of the maps, with the checks that the maps exist and divide the input."""
+        height, width = config.image_size
+        try:
+            shapes = self._map_shapes(height, width)
         except Exception as error:  # any failure of a foreign model on this input: say which model and input
             raise ValueError(
                 f"The backbone {self.name} cannot run on image_size {list(config.image_size)}: "
                 f"{type(error).__name__}: {error}"
             ) from error
-        if not isinstance(features, (list, tuple)):
-            features = features.feature_maps
-        features = [tuple(feature.shape) for feature in features or ()]
-        if not features:
+        if not shapes:
             raise ValueError(
                 f"The backbone {self.name} returns no feature maps; list the stages the decoder should read "
                 "(`out_features` / `out_indices` of `backbone_config`)."
             )
+        # A map of an input that is not a multiple of its stride can still divide it (DINOv2 with patch 8 makes a 4x4
+        # map of 36x36): the strides must also hold at twice the size. Models that only run at their own input size
+        # (timm's windowed transformers) skip this second look.
+        try:
+            doubled = self._map_shapes(2 * height, 2 * width) if self.uses_backbone_config else None
+        except Exception:  # a model tied to one input size: the first look stands
+            doubled = None
         channels, strides = [], []
-        for index, shape in enumerate(features):
+        for index, shape in enumerate(shapes):
             if len(shape) != 4:
                 raise ValueError(
                     f"The backbone {self.name} returns a map of shape {shape} (feature {index}); CTAL decoders need "
@@ -246,15 +263,22 @@ class CTALBackbone(nn.Module):
             map_height, map_width, map_channels = (
                 (shape[1], shape[2], shape[3]) if self.channels_last_output else (shape[2], shape[3], shape[1])
             )
-            if height % map_height or width % map_width or height // map_height != width // map_width:
+            stride = height // map_height
+            fits = not (height % map_height or width % map_width or width // map_width != stride)
+            if fits and doubled is not None:
+                fits = tuple(doubled[index][-2:] if not self.channels_last_output else doubled[index][1:3]) == (
+                    2 * map_height,
+                    2 * map_width,
+                )
+            if not fits:
                 raise ValueError(
                     f"image_size {list(config.image_size)} does not fit the backbone {self.name}: its map {index} is "
-                    f"{map_height}x{map_width}, not the input divided by one stride. Use an image_size divisible "
-                    "by the backbone's largest stride (e.g. a multiple of 32 for most CNNs, of the patch size for "
-                    "ViTs)."
+                    f"{map_height}x{map_width}, not the input divided by the map's stride. Use an image_size "
+                    "divisible by the backbone's largest stride (e.g. a multiple of 32 for most CNNs, of the patch "
+                    "size for ViTs)."
                 )
             channels.append(map_channels)
-            strides.append(height // map_height)
+            strides.append(stride)
         if strides != sorted(strides):
             raise ValueError(
                 f"The backbone {self.name} returns maps with strides {strides}; list them finest first "
@@ -331,22 +355,28 @@ def _timm_backbone_state_dict(backbone_config, source: str | None) -> dict[str, 
         if os.path.isdir(source):
             source = _weights_file_in(source)
         if os.path.isfile(source):
-            overlay = {"state_dict": _read_state_dict_file(source)}
+            state_dict = _read_state_dict_file(source)
+            # timm loads a features-only model leniently (it drops the classifier): check against the full model.
+            reference = _timm().create_model(
+                backbone_config.backbone, pretrained=False, in_chans=backbone_config.num_channels
+            )
+            try:
+                reference.load_state_dict(state_dict, strict=True)
+            except RuntimeError as error:
+                raise ValueError(f"{source!r} does not match timm's {backbone_config.backbone}: {error}") from None
+            overlay = {"state_dict": state_dict}
         elif source.count("/") == 1 and not source.startswith((".", "/")):
             overlay = {"hf_hub_id": source}  # a timm checkpoint on the Hub, e.g. "timm/resnet18.a1_in1k"
         else:
             raise FileNotFoundError(
                 f"Backbone weights {source!r}: no such file or folder (and not a Hub id org/name)."
             )
-    kwargs = _timm_features_kwargs(backbone_config)
-    try:
-        model = _timm().create_model(
-            backbone_config.backbone, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs
-        )
-    except RuntimeError as error:  # timm loads strictly: a missing, unexpected or mis-shaped key
-        raise ValueError(
-            f"{source or 'timm weights'!r} do not match timm's {backbone_config.backbone}: {error}"
-        ) from None
+    model = _timm().create_model(
+        backbone_config.backbone,
+        pretrained=True,
+        pretrained_cfg_overlay=overlay or None,
+        **_timm_features_kwargs(backbone_config),
+    )
     return {f"_backbone.{key}": value for key, value in model.state_dict().items()}
 
 
@@ -367,8 +397,11 @@ def _auto_backbone_state_dict(backbone_config, source: str | None) -> dict[str, 
     if os.path.isfile(source):
         state_dict = _read_state_dict_file(source)
     else:
+        # The concrete class: `AutoBackbone.from_pretrained` takes anything that is not a Hub repo for a timm name.
         try:
-            pretrained, info = AutoBackbone.from_pretrained(source, config=backbone_config, output_loading_info=True)
+            pretrained, info = type(reference).from_pretrained(
+                source, config=backbone_config, output_loading_info=True
+            )
         except OSError as error:
             raise FileNotFoundError(f"Backbone weights {source!r}: {error}") from None
         if info["missing_keys"] or info["mismatched_keys"]:
