@@ -99,3 +99,28 @@ def test_ctal_attention_benchmark_writes_its_table(tmp_path):
     )
     text = output.read_text()
     assert "pascal_swin" in text and "dense" in text
+
+
+def test_backbones_benchmark_writes_its_table(tmp_path):
+    output = tmp_path / "backbones.md"
+    _run(
+        "backbones.py",
+        "--backbones",
+        "hrnet_w18_small_v2",
+        "mobilenetv3_large_100",
+        "--image_size",
+        "64",
+        "64",
+        "--repeats",
+        "1",
+        "--output",
+        str(output),
+    )
+    text = output.read_text()
+    rows = _table_rows(text)
+    hrnet = rows["HRNet-W18-small-v2 (paper, timm)"]
+    mobile = rows["MobileNetV3-Large 1.0 (timm, 4 maps)"]
+    assert hrnet[1] == "18@1/4, 36@1/8, 72@1/16, 144@1/32" and mobile[2] == "16x16"
+    assert float(hrnet[4]) == 3.86  # HRNet-W18-small-v2's feature layers (M parameters)
+    assert hrnet[-1] == "1.00" and float(mobile[-1]) > 0
+    assert "avx512_bf16" in text and "threads" in text
