@@ -16,7 +16,6 @@ from .configuration_ctal import CTALConfig
 from .ctal_module import CTALAffinityModule
 from .decoders import DECODER_CLASSES
 from .losses import CTALCriterion
-from .tasks import TASKS
 
 logger = logging.get_logger(__name__)
 
@@ -29,9 +28,9 @@ class CTALDenseMultitaskOutput(ModelOutput):
     task_losses (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are given):
         The weighted loss of each labelled task.
     predictions (`dict[str, torch.FloatTensor]`):
-        Final predictions at the input size, per task: `semseg` / `parts` logits `(batch, classes, H, W)`, `depth`
-        `(batch, 1, H, W)`, `normals` `(batch, 3, H, W)` (not normalised), `saliency` / `edge` logits
-        `(batch, 1, H, W)`.
+        Final predictions at the input size, per task, `(batch, channels, H, W)`: class logits (`semseg` /
+        `parts`), regression values (`depth`: one channel), normals (3 channels, not normalised), binary logits
+        (`saliency` / `edge`: one channel).
     initial_predictions (`dict[str, torch.FloatTensor | list[torch.FloatTensor]]`, *optional*):
         The deeply supervised initial predictions at the input size, same layouts; for multi-scale decoders a list
         with one map per backbone scale, finest first. Empty for decoders without initial heads (STL, MTL).
@@ -115,17 +114,22 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
             )
         if labels is None:
             return
+        if not isinstance(labels, dict):
+            raise ValueError(
+                f"`labels` must be a dict task -> label tensor, got {type(labels).__name__}; pass `labels=None` for "
+                "inference."
+            )
+        if not labels:
+            raise ValueError(
+                f"`labels` is an empty dict: pass a label for at least one of the tasks {list(self.config.tasks)}, or "
+                "`labels=None` for inference."
+            )
         unknown = set(labels) - set(self.config.tasks)
         if unknown:
             raise ValueError(f"`labels` has tasks the model does not predict: {sorted(unknown)}.")
         batch = pixel_values.shape[0]
         for task, target in labels.items():
-            kind = TASKS[task].kind
-            channels = {"normals": 3}.get(task, 1)
-            want = (batch, *expected) if kind == "classification" else (batch, channels, *expected)
-            if tuple(target.shape) != want:
-                layout = "(B, H, W) class ids" if kind == "classification" else f"(B, {channels}, H, W)"
-                raise ValueError(f"labels[{task!r}] has shape {tuple(target.shape)}, expected {want} {layout}.")
+            self.criterion.task_objects[task].check_label(target, batch, expected)
 
     def forward(
         self,
@@ -138,9 +142,11 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
             Normalised images at `config.image_size` (see [`CTALImageProcessor`]).
         labels (`dict[str, torch.Tensor]`, *optional*):
-            Targets per task, in the layouts of [`CTALDenseMultitaskOutput`]: `semseg` / `parts` `(batch, H, W)`
-            int64 with `config.ignore_index`, `depth` `(batch, 1, H, W)` (0 = missing), `normals` `(batch, 3, H, W)`
-            (zero = missing), `saliency` / `edge` `(batch, 1, H, W)` in {0, 1}. Tasks left out are not trained.
+            Targets per task (torch tensors), in the layouts of [`CTALDenseMultitaskOutput`]: classification tasks
+            (`semseg` / `parts`) `(batch, H, W)` int64 class ids with the ignore index, regression tasks `(batch, C,
+            H, W)` (`depth`: 0 = missing), normals `(batch, 3, H, W)` (zero = missing), binary tasks (`saliency` /
+            `edge`) `(batch, 1, H, W)` in {0, 1}. Non-finite values count as missing. Tasks left out are not
+            trained. Labels of the wrong layout, or class ids outside the classes, raise a `ValueError`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self._check_inputs(pixel_values, labels)
