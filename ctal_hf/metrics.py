@@ -340,14 +340,78 @@ class CTALRegressionMetric(CTALMetric):
         }
 
 
-class CTALDepthMetric(CTALRegressionMetric):
-    """Depth (or disparity): the regression errors over the valid pixels of the whole set (label 0 or non-finite =
-    no measurement); the paper's headline is `rel_err`."""
+class CTALDepthMetric(CTALMetric):
+    """Depth (or disparity, or any positive quantity): errors over the valid pixels of the whole set (label 0 or
+    non-finite = no measurement).
+
+    `abs_err` = mean |p - g|, `rel_err` = mean |p - g| / g, `sq_rel` = mean (p - g)^2 / g, `rmse` =
+    sqrt(mean (p - g)^2), `log_rmse` = sqrt(mean (log p - log g)^2), each a mean over all valid pixels of the set
+    (not a mean of per-image means).
+
+    Args:
+        min_prediction: predictions `<= 0` are replaced by this value before every error is computed (the authors'
+            evaluation does so with 1e-9, which keeps `log_rmse` finite); `None` keeps the raw predictions (then a
+            non-positive prediction makes `log_rmse` infinite or NaN).
+        task: task name used in messages.
+    """
 
     headline_metric = "rel_err"
 
-    def __init__(self, task: str = "depth"):
-        super().__init__(task=task, ignore_value=0.0)
+    def __init__(self, min_prediction: float | None = 1e-9, task: str = "depth"):
+        self.task = task
+        if min_prediction is not None and not (math.isfinite(min_prediction) and min_prediction > 0):
+            raise ValueError(f"{task}: min_prediction must be a positive number or None, got {min_prediction!r}.")
+        self.min_prediction = None if min_prediction is None else float(min_prediction)
+        super().__init__()
+
+    def _signature(self) -> tuple:
+        return (self.min_prediction,)
+
+    def _initial_state(self) -> dict[str, torch.Tensor]:
+        zero = torch.zeros((), dtype=torch.float64)
+        return {
+            "abs_sum": zero.clone(),
+            "rel_sum": zero.clone(),
+            "sq_sum": zero.clone(),
+            "sq_rel_sum": zero.clone(),
+            "log_sq_sum": zero.clone(),
+            "count": torch.zeros((), dtype=torch.int64),
+        }
+
+    @torch.no_grad()
+    def update(self, pred: Any, target: Any) -> None:
+        """`pred` and `target`: (B, 1, H, W) or (B, H, W)."""
+        pred = _single_channel(_as_tensor(pred, f"{self.task} prediction"), f"{self.task} prediction")
+        target = _single_channel(_as_tensor(target, f"{self.task} label"), f"{self.task} label")
+        _check_same_shape(pred, target, self.task)
+        self._follow(pred.device)
+        target = target.to(pred.device, torch.float64)
+        valid = (target != 0) & torch.isfinite(target)
+        g = target[valid].abs()
+        p = pred.to(torch.float64)[valid]
+        if self.min_prediction is not None:
+            p = torch.where(p <= 0, torch.full_like(p, self.min_prediction), p)
+        diff = (p - g).abs()
+        self._state["abs_sum"] += diff.sum()
+        self._state["rel_sum"] += (diff / g).sum()
+        self._state["sq_sum"] += (diff * diff).sum()
+        self._state["sq_rel_sum"] += (diff * diff / g).sum()
+        self._state["log_sq_sum"] += (torch.log(p) - torch.log(g)).square().sum()
+        self._state["count"] += valid.sum()
+
+    def compute(self) -> dict[str, float]:
+        count = int(self._state["count"])
+        names = ("abs_err", "rel_err", "sq_rel", "rmse", "log_rmse")
+        if count == 0:
+            _warn_empty(self.task)
+            return dict.fromkeys(names, math.nan)
+        return {
+            "abs_err": self._state["abs_sum"].item() / count,
+            "rel_err": self._state["rel_sum"].item() / count,
+            "sq_rel": self._state["sq_rel_sum"].item() / count,
+            "rmse": math.sqrt(self._state["sq_sum"].item() / count),
+            "log_rmse": math.sqrt(self._state["log_sq_sum"].item() / count),
+        }
 
 
 class CTALNormalsMetric(CTALMetric):

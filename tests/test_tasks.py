@@ -2,9 +2,7 @@
 contract and augmentations, post-processing, the pipeline and the model card; bad specs and bad labels refused
 with errors that name the task and the field; non-finite label pixels count as missing everywhere."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -419,17 +417,8 @@ def test_pipeline_returns_every_custom_task_at_the_input_size_after_save_and_rel
     assert set(only) == {"albedo"}
 
 
-def _load_example(name: str):
-    """A module of examples/ (a folder of scripts, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_model_card_lists_custom_tasks_and_their_metrics():
-    make_model_card = _load_example("model_card").make_model_card
+    from ctal_hf.training.model_card import make_model_card
 
     config = custom_config(tasks=["semseg", "albedo", "mask"])
     final = {

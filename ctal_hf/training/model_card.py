@@ -8,15 +8,17 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ctal_hf.configuration_ctal import DECODER_NAMES
-from ctal_hf.tasks import TASKS, as_tasks
+from ..configuration_ctal import DECODER_NAMES
+from ..tasks import TASKS, as_tasks
 
 # Metrics that are fractions in [0, 1]; cards and tables print them in percent, as the paper does.
 PERCENT_METRICS = frozenset({"mIoU", "pixel_acc", "maxF", "odsF", "oisF", "within_11.25", "within_22.5", "within_30"})
 # Metrics printed per built-in task (the headline first; each task object says which, custom ones included); others
 # stay in eval_results.json.
 DISPLAY_METRICS: dict[str, tuple[str, ...]] = {name: task.display_metrics() for name, task in TASKS.items()}
-LOWER_IS_BETTER_METRICS = frozenset({"rel_err", "abs_err", "rmse", "mean_angle", "median_angle", "rmse_angle", "loss"})
+LOWER_IS_BETTER_METRICS = frozenset(
+    {"rel_err", "abs_err", "rmse", "sq_rel", "log_rmse", "mean_angle", "median_angle", "rmse_angle", "loss"}
+)
 
 
 def display_value(metric: str, value: float) -> str:
