@@ -100,7 +100,7 @@ class CTALConfig(PreTrainedConfig):
     task_specs (`dict[str, dict]`, *optional*):
         Specs of the tasks that are not built in, by name, e.g. `{"albedo": {"kind": "regression",
         "num_channels": 3}}`: `kind` (`"classification"`, `"regression"`, `"normals"` or `"binary"`) and
-        optional `num_channels`, `loss`, `ignore_value`, `pos_weight`, `flip_negate_channels`, `divide_by_zoom`,
+        optional `num_channels`, `loss`, `ignore_value`, `pos_weight`, `flip_negate_channels`, `divide_by_zoom`, `positive`,
         `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type` (see `ctal_hf.tasks`). Saved in
         config.json, so a model folder carries its tasks.
     num_semseg_classes (`int`, *optional*, defaults to 13):

@@ -8,7 +8,8 @@ Kinds (`TASK_KINDS`):
 - `classification`: `num_channels` class logits; labels (B, H, W) integer class ids, `ignore_value` (default the
   config's `ignore_index`) unlabelled; cross-entropy; metric mIoU / pixel accuracy; maps are class ids (H, W).
 - `regression`: any `num_channels`; labels (B, C, H, W) float, `ignore_value` (default none) marks missing values;
-  loss `l1` (default), `mse` or `smooth_l1`; metric abs_err / rel_err / rmse; maps (H, W) or (H, W, C).
+  loss `l1` (default), `mse` or `smooth_l1`; metric abs_err / rel_err / rmse (and, with `positive`, the depth
+  metric's sq_rel / log_rmse); maps (H, W) or (H, W, C).
 - `normals`: 3 channels, unit vectors; labels (B, 3, H, W), the zero vector unlabelled; loss `cosine` or `l1` on
   normalised predictions; metric angular errors; a horizontal flip negates channel 0 (x); maps (H, W, 3).
 - `binary`: one logit; labels (B, 1, H, W) in {0, 1}, `ignore_value` (default the config's `ignore_index`)
@@ -64,6 +65,7 @@ SPEC_FIELDS: tuple[str, ...] = (
     "pos_weight",
     "flip_negate_channels",
     "divide_by_zoom",
+    "positive",
     "metric",
     "lower_is_better",
     "value_range",
@@ -90,6 +92,9 @@ class CTALTask(ABC):
         pos_weight: binary `balanced_bce` only: weight of positive pixels, `None` for the batch's negative fraction.
         flip_negate_channels: channels whose sign a horizontal flip changes (normals: x, channel 0).
         divide_by_zoom: regression only: a zoom by `s` (random scale-crop) divides the label by `s` (depth).
+        positive: regression only, one channel: the values are positive (depth, distances); the metric adds `sq_rel`
+            and `log_rmse`, counts label 0 as missing and clamps predictions <= 0 to 1e-9 (the release's depth
+            evaluation).
         value_range: regression only: (low, high) mapped to the colour range in pictures (default: per image).
         title: human-readable name (model cards, figures).
         hub_task_type: the Hub task type of its results in model cards.
@@ -104,6 +109,7 @@ class CTALTask(ABC):
     pos_weight: float | None = None
     flip_negate_channels: tuple[int, ...] = ()
     divide_by_zoom: bool = False
+    positive: bool = False
     value_range: tuple[float, float] | None = None
     title: str = ""
     hub_task_type: str | None = None
@@ -182,8 +188,10 @@ class CTALTask(ABC):
                 name, "flip_negate_channels", f"must list channel indices in [0, {num_channels}), got {flip!r}."
             )
         divide_by_zoom = spec.get("divide_by_zoom", False)
-        if not isinstance(divide_by_zoom, bool):
-            raise _spec_error(name, "divide_by_zoom", f"must be true or false, got {divide_by_zoom!r}.")
+        positive = spec.get("positive", False)
+        for field, value in (("divide_by_zoom", divide_by_zoom), ("positive", positive)):
+            if not isinstance(value, bool):
+                raise _spec_error(name, field, f"must be true or false, got {value!r}.")
         value_range = spec.get("value_range")
         if value_range is not None:
             if (
@@ -215,6 +223,7 @@ class CTALTask(ABC):
             pos_weight=None if pos_weight is None else float(pos_weight),
             flip_negate_channels=tuple(int(c) for c in flip),
             divide_by_zoom=divide_by_zoom,
+            positive=positive,
             value_range=value_range,
             title=title,
             hub_task_type=hub_task_type,
@@ -449,7 +458,13 @@ class CTALRegressionTask(CTALTask):
 
     kind: ClassVar[str] = "regression"
     losses: ClassVar[tuple[str, ...]] = REGRESSION_LOSSES
-    metrics: ClassVar[dict[str, bool]] = {"abs_err": True, "rel_err": True, "rmse": True}
+    metrics: ClassVar[dict[str, bool]] = {
+        "abs_err": True,
+        "rel_err": True,
+        "rmse": True,
+        "sq_rel": True,
+        "log_rmse": True,
+    }
     allowed_fields: ClassVar[frozenset[str]] = frozenset(
         {
             "num_channels",
@@ -457,6 +472,7 @@ class CTALRegressionTask(CTALTask):
             "ignore_value",
             "flip_negate_channels",
             "divide_by_zoom",
+            "positive",
             "metric",
             "lower_is_better",
             "value_range",
@@ -465,16 +481,28 @@ class CTALRegressionTask(CTALTask):
         }
     )
 
+    def _check_combination(self) -> None:
+        if self.positive and (self.num_channels != 1 or self.ignore_value not in (None, 0)):
+            raise _spec_error(
+                self.name, "positive", "applies to one-channel tasks whose missing labels are 0 (or non-finite)."
+            )
+        if self.metric in ("sq_rel", "log_rmse") and not self.positive:
+            raise _spec_error(self.name, "metric", f"{self.metric!r} needs positive values: set `positive` to true.")
+
     def loss_sum(self, pred, target):
         return regression_loss_sum(pred, target, self.loss, self.ignore_value)
 
     def display_metrics(self) -> tuple[str, ...]:
+        if self.positive:
+            return tuple(dict.fromkeys((self.metric, "rel_err", "abs_err", "rmse")))
         others = ("abs_err", "rmse") if self.ignore_value is None else ("abs_err", "rmse", "rel_err")
         return tuple(dict.fromkeys((self.metric, *others)))
 
     def make_metric(self, **kwargs):
-        from .metrics import CTALRegressionMetric
+        from .metrics import CTALDepthMetric, CTALRegressionMetric
 
+        if self.positive:
+            return CTALDepthMetric(**{"task": self.name, **kwargs})
         return CTALRegressionMetric(**{"task": self.name, "ignore_value": self.ignore_value, **kwargs})
 
     def _valid(self, value: np.ndarray, label: bool) -> np.ndarray:
@@ -668,6 +696,7 @@ def builtin_task_specs(
             "loss": "l1",
             "ignore_value": 0.0,
             "divide_by_zoom": True,
+            "positive": True,
             "metric": "rel_err",
             "title": "Depth",
             "hub_task_type": "depth-estimation",

@@ -224,7 +224,8 @@ def make_figure(
         ground_truths: optional dict (or `None`) per image with the labels in the layout of the maps (`(H, W)`
             class ids or one channel, `(H, W, C)` otherwise; `CTALTask.label_to_map` converts a label), with the
             tasks' ignore values (semseg 255, depth 0, normals the zero vector, saliency / edge 255).
-        tasks: the columns; default: `semseg`, `depth`, `normals` where predicted, else every predicted task.
+        tasks: the columns; default: `semseg`, `depth`, `normals` where predicted and every custom task, else every
+            predicted task.
         class_names: names of the semantic classes, for a legend under the figure.
         path: when given, the figure is saved there as PNG.
         ignore_index: kept for compatibility; each task's ignore value comes from its spec.
@@ -247,7 +248,8 @@ def make_figure(
     known = _known_tasks(list(predictions[0]) + list(tasks or []), task_specs)
     if tasks is None:
         available = [task for task in predictions[0] if task in known]
-        tasks = [task for task in FIGURE_TASKS if task in available] or available
+        custom = [task for task in available if task not in BUILTIN_TASK_NAMES]
+        tasks = [task for task in FIGURE_TASKS if task in available] + custom or available
     tasks = list(tasks)
     unknown = [task for task in tasks if task not in known]
     if unknown:

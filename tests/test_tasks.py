@@ -3,6 +3,7 @@ contract and augmentations, post-processing, the pipeline and the model card; ba
 with errors that name the task and the field; non-finite label pixels count as missing everywhere."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,16 @@ def test_built_in_tasks_keep_their_settings_and_follow_the_config_fields():
     tasks = config.get_tasks()
     assert (tasks["semseg"].num_channels, tasks["parts"].num_channels) == (21, 6)
     assert tasks["normals"].loss == "l1" and tasks["edge"].pos_weight == 0.9 and tasks["saliency"].pos_weight is None
+    metrics = MultiTaskEvaluator(config).metrics
+    assert [type(metrics[name]).__name__ for name in expected] == [
+        "CTALSegmentationMetric",
+        "CTALSegmentationMetric",
+        "CTALDepthMetric",
+        "CTALNormalsMetric",
+        "CTALSaliencyMetric",
+        "CTALEdgeMetric",
+    ]
+    assert (metrics["semseg"].num_classes, metrics["parts"].num_classes, metrics["edge"].pos_weight) == (21, 6, 0.9)
 
 
 def test_every_kind_round_trips_through_to_dict():
@@ -113,6 +124,12 @@ def test_every_kind_round_trips_through_to_dict():
         (["x"], {"x": {"kind": "regression", "num_channels": 2, "loss": "l3"}}, ["'x'", "`loss`", "l3"]),
         (["x"], {"x": {"kind": "regression", "num_channels": 1, "metric": "mIoU"}}, ["'x'", "`metric`", "mIoU"]),
         (["x"], {"x": {"kind": "regression", "num_channels": 1, "colour": 1}}, ["'x'", "`colour`", "not a spec"]),
+        (
+            ["x"],
+            {"x": {"kind": "regression", "num_channels": 1, "metric": "log_rmse"}},
+            ["'x'", "`metric`", "positive"],
+        ),
+        (["x"], {"x": {"kind": "regression", "num_channels": 2, "positive": True}}, ["'x'", "`positive`"]),
         (["x"], {"x": {"kind": "normals", "num_channels": 2}}, ["'x'", "`num_channels`", "must be 3"]),
         (["x"], {"x": {"kind": "binary", "pos_weight": 0.5}}, ["'x'", "`pos_weight`", "balanced_bce"]),
         (["x"], {"x": {"kind": "binary", "metric": "loss"}}, ["'x'", "`metric`", "pos_weight"]),
@@ -440,3 +457,69 @@ def test_model_card_lists_custom_tasks_and_their_metrics():
 def test_resolve_tasks_orders_tasks_as_listed():
     tasks = resolve_tasks(["albedo", "depth"], {"albedo": CUSTOM_SPECS["albedo"]})
     assert list(tasks) == ["albedo", "depth"] and tasks["albedo"].value_range == (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------- synthetic albedo, end to end
+def test_synthetic_albedo_is_the_colour_before_shading():
+    from dataset_scripts.synthetic import ALBEDO_TASK_SPEC, CONFIG_TASKS, render_scene
+
+    assert "albedo" in CONFIG_TASKS["nyuv2"]
+    scene = render_scene(3, height=48, width=64)
+    assert scene["albedo"].shape == (48, 64, 3) and scene["albedo"].dtype == np.float32
+    albedo, image = scene["albedo"].astype(np.float64), scene["image"].astype(np.float64) / 255.0
+    assert 0.0 < albedo.min() <= albedo.max() <= 1.0
+    # The image is albedo x one shading factor per pixel (+ noise and 8-bit rounding): the same ratio per channel.
+    bright = (image > 0.1).all(axis=-1) & (image < 0.95).all(axis=-1)
+    ratio = image[bright] / albedo[bright]
+    spread = (ratio.max(axis=-1) - ratio.min(axis=-1)) / ratio.mean(axis=-1)
+    assert bright.mean() > 0.5 and np.median(spread) < 0.05
+    assert ratio.std() > 0.05  # while the shading itself varies over the image
+    assert CTALTask.from_spec("albedo", ALBEDO_TASK_SPEC).num_channels == 3
+
+
+@pytest.fixture
+def reset_accelerate():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_train_py_with_task_specs_trains_evaluates_saves_and_serves_albedo(tmp_path, reset_accelerate):
+    """examples/train.py on the synthetic scenes with a task defined only in a specs file (no edit of ctal_hf)."""
+    import json
+    import sys
+
+    from dataset_scripts.synthetic import ALBEDO_TASK_SPEC
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import train
+
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps({"albedo": ALBEDO_TASK_SPEC}))
+    output = tmp_path / "out"
+    argv = ["--tasks", "semseg", "depth", "albedo", "--task_specs", str(specs), "--max_train_steps", "2"]
+    argv += ["--image_size", "32", "32", "--num_train_images", "8", "--num_validation_images", "3"]
+    argv += ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3", "--num_prediction_images", "1"]
+    argv += ["--cache_dir", str(tmp_path / "cache"), "--output_dir", str(output)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert results["tasks"] == ["semseg", "depth", "albedo"]
+    assert set(results["final"]["albedo"]) == {"abs_err", "rel_err", "rmse"}
+    assert 0 < results["headline"]["albedo"] == results["final"]["albedo"]["abs_err"] < 1
+    card = (output / "README.md").read_text()
+    assert "`albedo`: Albedo (regression task, 3 output channel(s)" in card and "| albedo | abs_err ↓ |" in card
+    assert json.loads((output / "config.json").read_text())["task_specs"] == {"albedo": ALBEDO_TASK_SPEC}
+    assert (output / "predictions" / "validation_0.png").stat().st_size > 5_000
+
+    model = CTALForDenseMultitask.from_pretrained(output)
+    assert model.config.get_tasks()["albedo"].kind == "regression"
+    predictor = pipeline("dense-multitask", model=str(output), device="cpu")
+    result = predictor(np.zeros((20, 30, 3), dtype=np.uint8))
+    assert result["albedo"].shape == (20, 30, 3) and result["depth"].shape == (20, 30)
+    assert result["visualizations"]["albedo"].size == (30, 20)
