@@ -285,6 +285,11 @@ class CTALTask(ABC):
         """Kind-specific checks of label values."""
         return None
 
+    def random_label(self, batch: int, height: int, width: int, generator: torch.Generator | None = None):
+        """A valid random batch of labels (tests, benchmarks): values uniform in [0, 1) (positive tasks: [0.1, 1.1))."""
+        label = torch.rand(self.label_shape(batch, height, width), generator=generator)
+        return label + 0.1 if self.positive else label
+
     @abstractmethod
     def loss_sum(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) of the task's loss over the labelled pixels; `pred` has the label's size."""
@@ -407,6 +412,9 @@ class CTALClassificationTask(CTALTask):
                 f"(`config.ignore_index`, or `ignore_value` in the task's spec) or check `num_channels` / "
                 f"`num_{self.name}_classes`."
             )
+
+    def random_label(self, batch, height, width, generator=None):
+        return torch.randint(self.num_channels, self.label_shape(batch, height, width), generator=generator)
 
     def loss_sum(self, pred, target):
         return cross_entropy_sum(pred, target, int(self.ignore_value))
@@ -558,6 +566,10 @@ class CTALNormalsTask(CTALTask):
     fixed_channels: ClassVar[int | None] = 3
     default_flip_negate_channels: ClassVar[tuple[int, ...]] = (0,)
 
+    def random_label(self, batch, height, width, generator=None):
+        vectors = torch.randn(self.label_shape(batch, height, width), generator=generator)
+        return F.normalize(vectors, dim=1)
+
     def loss_sum(self, pred, target):
         return normals_loss_sum(pred, target, self.loss)
 
@@ -617,6 +629,9 @@ class CTALBinaryTask(CTALTask):
     def boundary_metric(self) -> bool:
         """Whether the task is scored as boundaries (loss, odsF, oisF) rather than regions (maxF)."""
         return self.metric != "maxF"
+
+    def random_label(self, batch, height, width, generator=None):
+        return torch.randint(2, self.label_shape(batch, height, width), generator=generator).float()
 
     def loss_sum(self, pred, target):
         if self.loss == "bce":

@@ -39,17 +39,9 @@ def custom_config(**kwargs) -> CTALConfig:
 
 def random_labels(config: CTALConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    labels = {}
-    for name, task in config.get_tasks().items():
-        shape = task.label_shape(batch, *SIZE)
-        if task.kind == "classification":
-            labels[name] = torch.randint(task.num_channels, shape, generator=generator)
-        elif task.kind == "binary":
-            labels[name] = torch.randint(2, shape, generator=generator).float()
-        elif task.kind == "normals":
-            labels[name] = torch.nn.functional.normalize(torch.randn(shape, generator=generator), dim=1)
-        else:
-            labels[name] = torch.rand(shape, generator=generator)
+    labels = {name: task.random_label(batch, *SIZE, generator) for name, task in config.get_tasks().items()}
+    for name, task in config.get_tasks().items():  # each kind's random labels are valid labels
+        task.check_label(labels[name], batch, SIZE)
     return labels
 
 
