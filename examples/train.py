@@ -289,6 +289,8 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     results = {
         "final": result.final, "initial": result.initial, "losses": result.losses,
         "headline": {task: result.final[task][spec.metric] for task, spec in config.get_tasks().items()},
+        "headline_metrics": {task: spec.metric for task, spec in config.get_tasks().items()},
+        "lower_is_better": [task for task, spec in config.get_tasks().items() if spec.lower_is_better],
         "dataset": dataset_name, "num_validation_images": len(eval_dataset), "decoder": config.decoder,
         "tasks": tasks, "num_parameters": num_parameters, "completed_steps": completed_steps,
         "loss_weights_final": weighting.current_weights(), "settings": settings,
