@@ -14,6 +14,13 @@ from .configuration_ctal import CTALConfig
 from .ctal_attention import cross_task_diffusion
 
 
+def stack_task_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+    """(B, T, C, h, w) from T maps (B, C, h, w), in their memory layout: NCHW maps give a contiguous stack,
+    channels-last maps the channels-last layout of the (B, T*C, h, w) view (what `cross_task_diffusion` reads
+    without copying)."""
+    return torch.cat(maps, dim=1).unflatten(1, (len(maps), -1))
+
+
 class CTALTaskProjection(nn.Module):
     """1x1 projection of a task's features to the affinity channels (CNN: plain conv; Swin: conv + BN + ReLU)."""
 
@@ -80,8 +87,8 @@ class CTALAffinityModule(nn.Module):
                 f"CTAL was built for {self.size[0]}x{self.size[1]} affinity maps, got features of size "
                 f"{tuple(next(iter(projected.values())).shape[-2:])}."
             )
-        stacked = torch.stack([projected[task] for task in self.tasks], dim=1)  # (B, T, C, h, w)
-        values = torch.stack([self.values[task](projected[task]) for task in self.tasks], dim=1)
+        stacked = stack_task_maps([projected[task] for task in self.tasks])  # (B, T, C, h, w)
+        values = stack_task_maps([self.values[task](projected[task]) for task in self.tasks])
         if self.gradient_checkpointing and self.training:
             diffused = torch.utils.checkpoint.checkpoint(self._diffuse, stacked, values, use_reentrant=False)
         else:
@@ -93,4 +100,4 @@ class CTALAffinityModule(nn.Module):
         return outputs
 
 
-__all__ = ["CTALAffinityModule", "CTALTaskProjection", "CTALUpsampleBlock"]
+__all__ = ["CTALAffinityModule", "CTALTaskProjection", "CTALUpsampleBlock", "stack_task_maps"]
