@@ -229,12 +229,7 @@ def _factorized_backward(ctx, grad_output):
     return grad_v, grad_x, grad_w, grad_b
 
 
-@functools.cache
-def factorized_diffusion_function(device_type: str) -> type[torch.autograd.Function]:
-    """The factorised diffusion as an autograd Function for tensors on `device_type` (`"cpu"`, `"cuda"`, ...):
-    `torch.amp.custom_fwd` / `custom_bwd` for that device type record the caller's autocast state, so the
-    matmuls run in the autocast dtype and the backward pass under the same state as the forward."""
-
+def _make_factorized_function(device_type: str) -> type[torch.autograd.Function]:
     class Function(torch.autograd.Function):
         forward = staticmethod(torch.amp.custom_fwd(_factorized_forward, device_type=device_type))
         backward = staticmethod(
@@ -255,9 +250,18 @@ for the backward pass, which re-unfolds the features. First-order gradients only
 matmuls run in the autocast dtype; sums over pixels, tasks and chunks, and the weight and bias gradients, are
 accumulated in float32; the output has the autocast dtype, each gradient its input's dtype."""
 
-# The Function for CPU tensors (`apply(values, normalized, weight, bias)`); `factorized_diffusion_function(device)`
-# gives the one for other devices.
-CTALFactorizedDiffusion = factorized_diffusion_function("cpu")
+# One Function per device type, built up front (torch.compile cannot trace a class being defined): the
+# `torch.amp.custom_fwd` / `custom_bwd` of each record that device type's autocast state, so the matmuls run in
+# the autocast dtype and the backward pass under the same state as the forward.
+_FACTORIZED_FUNCTIONS = {device: _make_factorized_function(device) for device in ("cpu", "cuda", "xpu", "mps")}
+CTALFactorizedDiffusion = _FACTORIZED_FUNCTIONS["cpu"]  # `apply(values, normalized, weight, bias)` on CPU
+
+
+def factorized_diffusion_function(device_type: str) -> type[torch.autograd.Function]:
+    """The factorised diffusion's autograd Function for tensors on `device_type` (`"cpu"`, `"cuda"`, ...)."""
+    if device_type not in _FACTORIZED_FUNCTIONS:
+        _FACTORIZED_FUNCTIONS[device_type] = _make_factorized_function(device_type)
+    return _FACTORIZED_FUNCTIONS[device_type]
 
 
 def _factorized_diffusion(values, normalized, weight, bias) -> torch.Tensor:
@@ -370,6 +374,10 @@ def dense_fits(n: int, num_tasks: int, batch_size: int, dtype: torch.dtype, devi
     return available is None or dense_peak_bytes(n, num_tasks, batch_size, dtype, backward) <= available
 
 
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:,.0f}" if size >= 1e10 else f"{size / 1e9:.2g}"
+
+
 def check_dense_fits(n: int, num_tasks: int, batch_size: int, dtype: torch.dtype, device, backward: bool) -> None:
     """Refuses, before anything is allocated, a dense diffusion whose N x N maps cannot fit: a `ValueError` with
     the estimate, rather than an out-of-memory crash halfway through a step."""
@@ -379,8 +387,8 @@ def check_dense_fits(n: int, num_tasks: int, batch_size: int, dtype: torch.dtype
     available = available_memory_bytes(device)
     raise ValueError(
         f"attention_impl='dense' at N = {n} affinity pixels (T = {num_tasks} tasks, batch {batch_size}, {dtype}, "
-        f"{'training' if backward else 'inference'}) needs about {needed / 1e9:.1f} GB of N x N maps, but only "
-        f"{available / 1e9:.1f} GB is available on {torch.device(device)}. Use attention_impl='factorized' (exact, "
+        f"{'training' if backward else 'inference'}) needs about {_gigabytes(needed)} GB of N x N maps, but only "
+        f"{_gigabytes(available)} GB is available on {torch.device(device)}. Use attention_impl='factorized' (exact, "
         "memory linear in N) or 'auto', or a smaller batch / image_size."
     )
 
@@ -396,6 +404,44 @@ def diffusion_dtype(values: torch.Tensor, normalized: torch.Tensor) -> torch.dty
         and torch.is_autocast_enabled(device_type)
     ):
         return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_autocast_dtype(dtype: str | torch.dtype | None, device_type: str) -> torch.dtype | None:
+    """The autocast dtype for `"bf16"` / `"bfloat16"` / `"fp16"` / `"float16"` / a torch dtype (`None`, `"no"`,
+    `"fp32"`: no autocast), checked against the device: a CPU without native bf16 / fp16 matmuls (oneDNN reports
+    AVX-512 BF16 / AMX / AVX-512 FP16 support) or a CUDA GPU without bf16 raises a `ValueError`, instead of running
+    emulated and slower than float32."""
+    if dtype is None or dtype in ("no", "fp32", "float32", torch.float32):
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"Unknown autocast dtype {dtype!r}; choose from {sorted(_DTYPE_NAMES)} or 'fp32'.")
+        dtype = _DTYPE_NAMES[dtype]
+    if dtype not in REDUCED_PRECISION_DTYPES:
+        raise ValueError(f"Autocast runs in bfloat16 or float16, got {dtype}.")
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if device_type == "cpu":
+        check = (
+            torch.ops.mkldnn._is_mkldnn_bf16_supported
+            if name == "bf16"
+            else torch.ops.mkldnn._is_mkldnn_fp16_supported
+        )
+        supported = check()
+        hint = "AVX-512 BF16 or AMX" if name == "bf16" else "AVX-512 FP16 or AMX-FP16"
+    elif device_type == "cuda":
+        supported = torch.cuda.is_available() and (name == "fp16" or torch.cuda.is_bf16_supported())
+        hint = "compute capability 8.0 or newer for bf16"
+    else:
+        supported, hint = True, ""
+    if not supported:
+        raise ValueError(
+            f"{name} autocast was requested, but this {device_type.upper()} has no native {name} matmuls ({hint}): "
+            f"it would be emulated and slower than float32. Run in float32, or {'fp16 on a GPU' if name == 'bf16' else 'bf16'}."
+        )
     return dtype
 
 
@@ -485,4 +531,5 @@ __all__ = [
     "dense_peak_bytes",
     "diffusion_dtype",
     "factorized_diffusion_function",
+    "resolve_autocast_dtype",
 ]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_ctal import CTALConfig
-from .ctal_attention import cross_task_diffusion
+from .ctal_attention import check_dense_fits, cross_task_diffusion
 
 
 def stack_task_maps(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -75,6 +75,19 @@ class CTALAffinityModule(nn.Module):
         )
         self.upsample = nn.ModuleDict({task: CTALUpsampleBlock(channels) for task in self.tasks})
         self.gradient_checkpointing = False
+
+    def check_memory(self, batch_size: int) -> None:
+        """Refuses, before the step starts, a dense diffusion whose N x N maps cannot fit in the available memory
+        (a `ValueError` with the estimate; see `check_dense_fits`)."""
+        if self.attention_impl != "dense" or torch.compiler.is_compiling():
+            return
+        weight = self.fusion.weight
+        device_type = weight.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+        backward = self.training and torch.is_grad_enabled()
+        num_pixels = self.size[0] * self.size[1]
+        check_dense_fits(num_pixels, len(self.tasks), batch_size, dtype, weight.device, backward)
 
     def _diffuse(self, stacked: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         normalized = F.normalize(stacked, dim=2)
