@@ -194,7 +194,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         return outputs, loss
 
     # ------------------------------------------------------------------------------------------------ training
-    completed_steps = 0
+    completed_steps, history = 0, []  # history: the per-epoch evaluations (--eval_every_epoch) of this process run
     if not args.eval_only:
         starting_epoch, skip_batches = 0, 0
         if candidates:
@@ -266,6 +266,9 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
             if args.eval_every_epoch:
                 result = run_evaluation(desc=f"evaluating epoch {epoch}")
                 accelerator.log(result.log_dict("val"), step=completed_steps)
+                history.append(
+                    {"epoch": epoch, "step": completed_steps, "losses": result.losses, "final": result.final}
+                )
                 losses = ", ".join(
                     f"{t} {result.losses['final'][t]:.4f}"
                     + (f" (initial {result.losses['initial'][t]:.4f})" if "initial" in result.losses else "")
@@ -283,7 +286,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         "headline": {task: result.final[task][TASKS[task].headline_metric] for task in tasks},
         "dataset": dataset_name, "num_validation_images": len(eval_dataset), "decoder": config.decoder,
         "tasks": tasks, "num_parameters": num_parameters, "completed_steps": completed_steps,
-        "loss_weights_final": weighting.current_weights(), "settings": settings,
+        "loss_weights_final": weighting.current_weights(), "history": history, "settings": settings,
     }  # fmt: skip
     if args.report_to != "none":
         accelerator.log(result.log_dict("eval"), step=completed_steps)
