@@ -24,12 +24,15 @@ from ctal_hf.training.arguments import parse_args  # noqa: E402  (light: --help 
 
 def main(argv=None, hub_api=None, on_step=None) -> dict:
     """Trains (or evaluates) and returns the evaluation results. `hub_api` replaces `huggingface_hub.HfApi` and
-    `on_step(completed_steps)` is called after every optimizer step (both for tests)."""
+    `on_step(completed_steps, run)` is called after every optimizer step, `run` holding the accelerator, model,
+    optimizer and loss weighting (both for tests)."""
     args = argv if not isinstance(argv, (list, tuple, type(None))) else parse_args(argv)
 
+    import contextlib
     import json
     import logging
     import shlex
+    from types import SimpleNamespace
 
     import datasets
     import torch
@@ -169,6 +172,11 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         return accelerator.reduce(tensor, "mean") if accelerator.num_processes > 1 else tensor
 
     def training_step(batch):
+        # TorchJD back-propagates with autograd.grad, which DDP's reducer does not see: no_sync, then averaged by hand.
+        with accelerator.no_sync(model) if aggregation is not None else contextlib.nullcontext():
+            return _training_step(batch)
+
+    def _training_step(batch):
         outputs = model(**batch)
         terms = weighting(outputs.task_losses, terms=2 if outputs.initial_predictions else 1)
         loss = torch.stack(list(terms.values())).sum()
@@ -257,7 +265,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
                 if checkpointing_every != "epoch" and completed_steps % int(checkpointing_every) == 0:
                     save(completed_steps, epoch)
                 if on_step is not None:
-                    on_step(completed_steps)
+                    on_step(completed_steps, SimpleNamespace(accelerator=accelerator, model=model, weighting=weighting))
                 if completed_steps >= max_train_steps:
                     break
             weighting.end_epoch()

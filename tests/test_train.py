@@ -55,7 +55,7 @@ import os, signal, sys
 sys.path.insert(0, {examples!r})
 import train
 
-def on_step(step):
+def on_step(step, run):
     if step == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
 
