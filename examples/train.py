@@ -265,7 +265,9 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
                 if checkpointing_every != "epoch" and completed_steps % int(checkpointing_every) == 0:
                     save(completed_steps, epoch)
                 if on_step is not None:
-                    on_step(completed_steps, SimpleNamespace(accelerator=accelerator, model=model, weighting=weighting))
+                    on_step(
+                        completed_steps, SimpleNamespace(accelerator=accelerator, model=model, weighting=weighting)
+                    )
                 if completed_steps >= max_train_steps:
                     break
             weighting.end_epoch()

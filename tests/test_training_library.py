@@ -197,8 +197,9 @@ def test_torchjd_sum_aggregation_equals_plain_backward(decoder):
     jd.backward(model(pixel_values=pixels, labels=labels).task_losses)
     actual = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert actual.keys() == expected.keys()
-    for name, grad in expected.items():
-        torch.testing.assert_close(actual[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in expected.items():  # float sums in another order: compare to the tensor's own scale
+        scale = grad.abs().max().item()
+        assert (actual[name] - grad).abs().max().item() <= 1e-4 * scale + 1e-7, name
     jd.features.remove()
 
 
