@@ -36,7 +36,7 @@ TABLE_METRICS = {
     "edge": ("loss",),
 }
 SHORT = {"within_11.25": "<11.25°", "mean_angle": "mean°", "median_angle": "median°", "pixel_acc": "pix acc"}
-LOWER = {"abs_err", "rel_err", "rmse", "mean_angle", "median_angle", "rmse_angle", "loss"}
+LOWER = {"abs_err", "rel_err", "rmse", "sq_rel", "log_rmse", "mean_angle", "median_angle", "rmse_angle", "loss"}
 
 
 def parse_args(argv=None):

@@ -79,13 +79,14 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     tasks = list(config.tasks)
     with accelerator.main_process_first():  # the main process builds the dataset cache, the others read it
         train_rows, eval_rows, dataset_name, class_names = load_splits(args, recipe, tasks, config.image_size)
-    model = building.build_model(args, config)
+    model = building.build_model(args, config, recipe)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     check_aggregation_setting(args.gradient_aggregator, model, accelerator, args.mixed_precision)
     train_transform = CTALTransform(
         config.image_size, train=True, flip=recipe.flip, scale_crop=recipe.scale_crop, fit=recipe.fit,
-        normalize=recipe.normalize,
+        normalize=recipe.normalize, rescale_range=recipe.rescale_range, crop=recipe.crop,
+        cat_max_ratio=recipe.cat_max_ratio, photometric=recipe.photometric,
     )  # fmt: skip
     eval_transform = CTALTransform(config.image_size, train=False, fit=recipe.fit, normalize=recipe.normalize)
     train_dataset = CTALTorchDataset(train_rows, tasks, train_transform, seed=args.seed)
@@ -93,7 +94,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     train_sampler = EpochShuffleSampler(train_dataset, seed=args.seed)
     train_dataloader = DataLoader(
         train_dataset, sampler=train_sampler, batch_size=recipe.per_device_train_batch_size,
-        collate_fn=train_dataset.collate, num_workers=args.dataloader_num_workers,
+        collate_fn=train_dataset.collate, num_workers=args.dataloader_num_workers, drop_last=recipe.drop_last,
     )  # fmt: skip
     num_parameters = sum(p.numel() for p in model.parameters())  # before FSDP shards them
     weighting = build_loss_weighting(args.loss_weighting, config).to(accelerator.device)
@@ -102,6 +103,12 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         param_groups.append({"params": weighting.trainable_parameters(), "weight_decay": 0.0})
     optimizer = torch.optim.Adam(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"{len(train_dataset)} training images make no complete batch of {recipe.per_device_train_batch_size} per "
+            f"process ({accelerator.num_processes} processes) with drop_last: lower --per_device_train_batch_size or "
+            "pass --no-drop_last."
+        )
     accelerator.register_for_checkpointing(weighting)
     aggregation = None
     if args.gradient_aggregator != "none":
@@ -131,16 +138,17 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
 
     settings = {
         "recipe": recipe.name, "dataset": dataset_name, "decoder": config.decoder, "backbone": config.backbone,
-        "pretrained_backbone": args.pretrained_backbone or "none (random init)", "tasks": ",".join(tasks),
+        "pretrained_backbone": building.pretrained_backbone_source(args, recipe) or "none (random init)",
+        "tasks": ",".join(tasks),
         "image_size": "x".join(map(str, config.image_size)),
         "loss_weights": ", ".join(f"{t}={w:g}" for t, w in config.loss_weights.items()),
         "loss_weighting": args.loss_weighting, "gradient_aggregator": args.gradient_aggregator,
         "optimizer": "Adam", "learning_rate": recipe.learning_rate, "weight_decay": recipe.weight_decay,
-        "lr_scheduler": scheduler_name, "epochs": num_epochs, "max_train_steps": max_train_steps,
+        "lr_scheduler": f"{scheduler_name} (per {recipe.lr_scheduler_interval})", "epochs": num_epochs,
+        "max_train_steps": max_train_steps, "drop_last": recipe.drop_last,
         "total_batch_size": recipe.per_device_train_batch_size * accelerator.num_processes
         * args.gradient_accumulation_steps,
-        "augmentation": "+".join(n for n, on in (("flip", recipe.flip), ("scale_crop", recipe.scale_crop)) if on)
-        or "none",
+        "augmentation": recipe.augmentation_name(),
         "normalize": "ImageNet mean/std" if recipe.normalize else "[0, 1]",
         "mixed_precision": accelerator.mixed_precision, "seed": args.seed,
     }  # fmt: skip

@@ -112,7 +112,8 @@ def test_paper_recipes_and_warm_restarts():
     # Warm restarts: T_0 = epochs // 3 epochs (in optimizer steps), then twice as long; the closed form the
     # script steps equals torch's CosineAnnealingWarmRestarts step by step.
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
-    scheduler = building.make_scheduler(optimizer, "cosine_warm_restarts", city, 75 * 10, 10, 75)
+    per_step = city.replace(lr_scheduler_interval="step")
+    scheduler = building.make_scheduler(optimizer, "cosine_warm_restarts", per_step, 75 * 10, 10, 75)
     reference_optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
     reference = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(reference_optimizer, T_0=25 * 10, T_mult=2)
     for step in range(750):
@@ -213,7 +214,7 @@ def test_real_nyuv2_sample_trains_and_evaluates(tmp_path, realdata, reset_accele
     output = tmp_path / "out"
     argv = ["--dataset", "nyuv2", "--data_dir", str(tmp_path / "nyuv2"), "--cache_dir", str(tmp_path / "cache")]
     argv += ["--image_size", "64", "96", "--max_train_steps", "2", "--per_device_train_batch_size", "2"]
-    argv += ["--num_prediction_images", "1", "--output_dir", str(output)]
+    argv += ["--num_prediction_images", "1", "--output_dir", str(output), "--pretrained_backbone", "none"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

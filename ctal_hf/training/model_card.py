@@ -46,7 +46,10 @@ def display_value(metric: str, value: float) -> str:
 
 def metric_label(metric: str) -> str:
     arrow = (
-        "↓" if metric in ("rel_err", "abs_err", "rmse", "mean_angle", "median_angle", "rmse_angle", "loss") else "↑"
+        "↓"
+        if metric
+        in ("rel_err", "abs_err", "rmse", "sq_rel", "log_rmse", "mean_angle", "median_angle", "rmse_angle", "loss")
+        else "↑"
     )
     unit = " (%)" if metric in PERCENT_METRICS else (" (deg)" if "angle" in metric else "")
     return f"{metric}{unit} {arrow}"
