@@ -84,6 +84,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss_weights": {"semseg": 2.0, "parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0},
         "backbone": "swinv2_small",
     },
+    # Full resolution, CTAL at 1/4 (affinity maps 120 x 160 and 128 x 256, N = 19,200 and 32,768): only the
+    # factorised diffusion fits (the dense form would need tens of GB of N x N maps per step).
+    "nyuv2_full": {
+        "tasks": ["semseg", "depth", "normals"],
+        "num_semseg_classes": 13,
+        "image_size": [480, 640],
+        "loss_weights": {"semseg": 1.0, "depth": 1.0, "normals": 1.0},
+        "backbone": "hrnet_w18_small_v2",
+        "attention_impl": "factorized",
+    },
+    "cityscapes_full": {
+        "tasks": ["semseg", "depth"],
+        "num_semseg_classes": 19,
+        "image_size": [512, 1024],
+        "loss_weights": {"semseg": 1.0, "depth": 10.0},
+        "backbone": "hrnet_w18_small_v2",
+        "attention_impl": "factorized",
+    },
 }
 
 
@@ -350,9 +368,10 @@ class CTALConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "CTALConfig":
-        """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`) with the authors'
-        release's behaviours (`RELEASE_BEHAVIOUR`); keyword arguments override any field, e.g. `decoder="ctal_ms"`,
-        `backbone="swinv2_small"` or `decoder_init="he"`."""
+        """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`), or NYUv2 / Cityscapes at
+        full resolution (`"nyuv2_full"` 480 x 640, `"cityscapes_full"` 512 x 1024, CTAL at 1/4, factorised), with the
+        authors' release's behaviours (`RELEASE_BEHAVIOUR`); keyword arguments override any field, e.g.
+        `decoder="ctal_ms"`, `backbone="swinv2_small"` or `decoder_init="he"`."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
         fields = {**RELEASE_BEHAVIOUR, **PRESETS[name], **kwargs}

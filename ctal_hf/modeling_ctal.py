@@ -42,6 +42,15 @@ class CTALDenseMultitaskOutput(ModelOutput):
     initial_predictions: dict[str, torch.FloatTensor | list[torch.FloatTensor]] | None = None
 
 
+def _to_float32(maps: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Reduced-precision (autocast) maps as float32, for the losses; float32 and float64 maps as they are."""
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+    return {task: [cast(m) for m in value] if isinstance(value, list) else cast(value) for task, value in maps.items()}
+
+
 class CTALPreTrainedModel(PreTrainedModel):
     config: CTALConfig
     config_class = CTALConfig
@@ -104,6 +113,22 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
             self.decoder = decoder_class(config, self.backbone.channels)
         self.criterion = CTALCriterion(config)
         self.post_init()
+        # Plain attributes (not submodules): the CTAL modules, checked up front for memory, and the name of the
+        # first spatial conv weight, whose layout says whether the model runs channels-last.
+        self._affinity_modules = [module for module in self.modules() if isinstance(module, CTALAffinityModule)]
+        self._layout_probe = next(
+            (name for name, param in self.named_parameters() if param.dim() == 4 and param.shape[-1] > 1), None
+        )
+
+    @property
+    def is_channels_last(self) -> bool:
+        """Whether the weights are channels-last (`model.to(memory_format=torch.channels_last)`); the model then
+        converts `pixel_values` to channels-last too, so activations stay channels-last end to end. Outputs match
+        the NCHW model's within float tolerance; `save_pretrained` writes the same (contiguous) weights."""
+        if self._layout_probe is None:
+            return False
+        weight = self.get_parameter(self._layout_probe)
+        return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
     @classmethod
     def from_config_with_backbone_weights(
@@ -130,6 +155,8 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
                 f"`pixel_values` are {tuple(pixel_values.shape[-2:])} but this model is tied to image_size "
                 f"{expected} (CTAL's grouped conv has one group per pixel); resize with CTALImageProcessor."
             )
+        for module in self._affinity_modules:
+            module.check_memory(pixel_values.shape[0])
         if labels is None:
             return
         if not isinstance(labels, dict):
@@ -168,6 +195,8 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self._check_inputs(pixel_values, labels)
+        if self.is_channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         size = pixel_values.shape[-2:]
         features = pixel_values if self.backbone is None else self.backbone(pixel_values)
         predictions, initial = self.decoder(features)
@@ -178,7 +207,8 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         }
         loss, task_losses = None, None
         if labels is not None:
-            losses = self.criterion(predictions, initial, labels)
+            # In float32 even under autocast: the losses normalise, take logs and reduce over every pixel.
+            losses = self.criterion(_to_float32(predictions), _to_float32(initial), labels)
             loss = losses.pop("loss")
             task_losses = losses
         if not return_dict:

@@ -13,6 +13,7 @@ from transformers import Pipeline
 from transformers.utils import logging
 
 from .configuration_ctal import PIPELINE_TASK
+from .ctal_attention import resolve_autocast_dtype
 from .image_processing_ctal import CTALImageProcessor, load_image
 from .visualization import visualize_predictions
 
@@ -36,6 +37,12 @@ class DenseMultitaskPipeline(Pipeline):
     Call options: `tasks=[...]` (return only these tasks), `visualize=False` (skip the PIL images), `batch_size`,
     `timeout` (for URLs).
 
+    Speed options (construction only): `autocast_dtype="bf16"` (or `"fp16"`) runs the model under `torch.autocast`
+    (convolutions and the CTAL diffusion's matmuls in that dtype, float32 accumulation; refused on hardware without
+    native support); `channels_last=True` converts the model to channels-last (faster convolutions on most CPUs
+    and GPUs); `compile=True` wraps it in `torch.compile` (the first call compiles: minutes on a CPU). Maps come
+    back in float32 whatever the options. transformers' own `dtype=` still sets the dtype the weights load in.
+
     Example:
 
     ```python
@@ -56,7 +63,14 @@ class DenseMultitaskPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(
+        self,
+        *args,
+        autocast_dtype: str | torch.dtype | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         config = self.model.config
         if getattr(config, "model_type", None) != "ctal":
@@ -78,6 +92,10 @@ class DenseMultitaskPipeline(Pipeline):
             )
         self.task_objects = config.get_tasks()
         self.model.eval()  # batch norm in training mode would make a result depend on the rest of its batch
+        self.autocast_dtype = resolve_autocast_dtype(autocast_dtype, self.device.type)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._run_model = torch.compile(self.model) if compile else self.model
 
     def __call__(self, inputs: Any = None, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
         """Predicts every task for one image (returns a dict) or a list of images (returns a list)."""
@@ -129,9 +147,12 @@ class DenseMultitaskPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
         target_size = model_inputs.pop("target_size")
-        outputs = self.model(pixel_values=model_inputs["pixel_values"])
+        autocast = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=autocast):
+            outputs = self._run_model(pixel_values=model_inputs["pixel_values"])
+        predictions = {task: value.float() for task, value in outputs.predictions.items()}
         # A flat dict (task -> batched tensor) so the pipeline's batching can split it per image.
-        return {**outputs.predictions, "target_size": target_size}
+        return {**predictions, "target_size": target_size}
 
     def postprocess(
         self, model_outputs: dict[str, Any], tasks: Sequence[str] | None = None, visualize: bool = True

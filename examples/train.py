@@ -24,12 +24,15 @@ from ctal_hf.training.arguments import parse_args  # noqa: E402  (light: --help 
 
 def main(argv=None, hub_api=None, on_step=None) -> dict:
     """Trains (or evaluates) and returns the evaluation results. `hub_api` replaces `huggingface_hub.HfApi` and
-    `on_step(completed_steps)` is called after every optimizer step (both for tests)."""
+    `on_step(completed_steps, run)` is called after every optimizer step, `run` holding the accelerator, model,
+    optimizer and loss weighting (both for tests)."""
     args = argv if not isinstance(argv, (list, tuple, type(None))) else parse_args(argv)
 
+    import contextlib
     import json
     import logging
     import shlex
+    from types import SimpleNamespace
 
     import datasets
     import torch
@@ -177,6 +180,11 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         return accelerator.reduce(tensor, "mean") if accelerator.num_processes > 1 else tensor
 
     def training_step(batch):
+        # TorchJD back-propagates with autograd.grad, which DDP's reducer does not see: no_sync, then averaged by hand.
+        with accelerator.no_sync(model) if aggregation is not None else contextlib.nullcontext():
+            return _training_step(batch)
+
+    def _training_step(batch):
         outputs = model(**batch)
         terms = weighting(outputs.task_losses, terms=2 if outputs.initial_predictions else 1)
         loss = torch.stack(list(terms.values())).sum()
@@ -202,7 +210,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         return outputs, loss
 
     # ------------------------------------------------------------------------------------------------ training
-    completed_steps = 0
+    completed_steps, history = 0, []  # history: the per-epoch evaluations (--eval_every_epoch) of this process run
     if not args.eval_only:
         starting_epoch, skip_batches = 0, 0
         if candidates:
@@ -265,7 +273,9 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
                 if checkpointing_every != "epoch" and completed_steps % int(checkpointing_every) == 0:
                     save(completed_steps, epoch)
                 if on_step is not None:
-                    on_step(completed_steps)
+                    on_step(
+                        completed_steps, SimpleNamespace(accelerator=accelerator, model=model, weighting=weighting)
+                    )
                 if completed_steps >= max_train_steps:
                     break
             weighting.end_epoch()
@@ -274,6 +284,9 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
             if args.eval_every_epoch:
                 result = run_evaluation(desc=f"evaluating epoch {epoch}")
                 accelerator.log(result.log_dict("val"), step=completed_steps)
+                history.append(
+                    {"epoch": epoch, "step": completed_steps, "losses": result.losses, "final": result.final}
+                )
                 losses = ", ".join(
                     f"{t} {result.losses['final'][t]:.4f}"
                     + (f" (initial {result.losses['initial'][t]:.4f})" if "initial" in result.losses else "")
@@ -293,7 +306,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         "lower_is_better": [task for task, spec in config.get_tasks().items() if spec.lower_is_better],
         "dataset": dataset_name, "num_validation_images": len(eval_dataset), "decoder": config.decoder,
         "tasks": tasks, "num_parameters": num_parameters, "completed_steps": completed_steps,
-        "loss_weights_final": weighting.current_weights(), "settings": settings,
+        "loss_weights_final": weighting.current_weights(), "history": history, "settings": settings,
     }  # fmt: skip
     if args.report_to != "none":
         accelerator.log(result.log_dict("eval"), step=completed_steps)
