@@ -208,8 +208,6 @@ class CTALBackbone(nn.Module):
         features = self.model(pixel_values)
         if not isinstance(features, (list, tuple)):  # a transformers `BackboneOutput`
             features = features.feature_maps
-        if self.channels_last_output:
-            features = [feature.permute(0, 3, 1, 2) for feature in features]
         return list(features)
 
     def _map_shapes(self, height: int, width: int) -> list[tuple[int, ...]]:
@@ -291,7 +289,13 @@ class CTALBackbone(nn.Module):
             features = torch.utils.checkpoint.checkpoint(self._raw_maps, pixel_values, use_reentrant=False)
         else:
             features = self._raw_maps(pixel_values)
-        features = [feature.contiguous() if self.channels_last_output else feature for feature in features]
+        if self.channels_last_output:
+            # NHWC is already the channels-last layout of the NCHW view: copy only for NCHW input.
+            channels_last = (
+                pixel_values.is_contiguous(memory_format=torch.channels_last) and not pixel_values.is_contiguous()
+            )
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            features = [feature.permute(0, 3, 1, 2).contiguous(memory_format=layout) for feature in features]
         if self.upsample_factor > 1:
             features[-1] = F.interpolate(
                 features[-1], scale_factor=self.upsample_factor, mode="bilinear", align_corners=False
