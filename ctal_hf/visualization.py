@@ -72,6 +72,19 @@ def colorize_segmentation(
     return image
 
 
+def _single_channel(array: np.ndarray, what: str) -> np.ndarray:
+    """`(H, W)`, `(1, H, W)` or `(H, W, 1)` -> `(H, W)` float64. Only a channel axis is dropped: `np.squeeze` would
+    also drop the height or width of an image one pixel high or wide."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    elif array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise ValueError(f"A {what} map must be (height, width), got shape {np.shape(array)}.")
+    return array
+
+
 def _depth_range(depth: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
     values = depth[valid]
     if values.size == 0:
@@ -93,9 +106,7 @@ def colorize_depth(
     the 2nd-98th percentile of the valid pixels, pixels equal to `invalid_value` (0 in ground truth) are black."""
     from matplotlib import colormaps
 
-    depth = np.asarray(depth, dtype=np.float64).squeeze()
-    if depth.ndim != 2:
-        raise ValueError(f"A depth map must be (height, width), got shape {np.shape(depth)}.")
+    depth = _single_channel(depth, "depth")
     valid = np.isfinite(depth)
     if invalid_value is not None:
         valid &= depth != invalid_value
@@ -124,9 +135,7 @@ def colorize_normals(normals: np.ndarray) -> np.ndarray:
 
 def colorize_probability(probability: np.ndarray) -> np.ndarray:
     """Probability (or {0, 1} label) map `(H, W)` -> grayscale `(H, W)` uint8, white = 1."""
-    probability = np.asarray(probability, dtype=np.float64).squeeze()
-    if probability.ndim != 2:
-        raise ValueError(f"A probability map must be (height, width), got shape {np.shape(probability)}.")
+    probability = _single_channel(probability, "probability")
     return (np.clip(probability, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
@@ -232,9 +241,10 @@ def make_figure(
         if "depth" in tasks:
             reference = _to_numpy(truth["depth"]) if truth is not None and "depth" in truth else None
             if reference is not None:
-                depth_range = _depth_range(reference.astype(np.float64).squeeze(), reference.squeeze() > 0)
+                reference = _single_channel(reference, "depth")
+                depth_range = _depth_range(reference, reference > 0)
             else:
-                value = _to_numpy(prediction["depth"]).astype(np.float64).squeeze()
+                value = _single_channel(_to_numpy(prediction["depth"]), "depth")
                 depth_range = _depth_range(value, np.isfinite(value))
         rows.append(("prediction", array, prediction, depth_range))
         if truth is not None:
