@@ -35,14 +35,14 @@ def _final_head(config: CTALConfig, in_channels: int, task: str) -> nn.Module:
     because `decoders.py` imports this module for its registry)."""
     if config.is_cnn:
         return CTALResidualHead(in_channels, config.task_channels(task))
-    return CTALDeepLabHead(in_channels, config.task_channels(task))
+    return CTALDeepLabHead(in_channels, config.task_channels(task), dropout=config.aspp_dropout)
 
 
 def _task_head(config: CTALConfig, backbone_channels: list[int], task: str) -> nn.Module:
     """The head of STL / MTL: MTI-Net's high-resolution head on the four HRNet maps, DeepLab on the SwinV2 map."""
     if config.is_cnn:
         return CTALHighResolutionHead(backbone_channels, config.task_channels(task))
-    return CTALDeepLabHead(backbone_channels[-1], config.task_channels(task))
+    return CTALDeepLabHead(backbone_channels[-1], config.task_channels(task), dropout=config.aspp_dropout)
 
 
 class CTALSingleTaskDecoder(nn.Module):
@@ -167,33 +167,55 @@ class CTALPADNetDecoder(CTALDistillationDecoderBase):
 class CTALPatternAffinityDiffusion(nn.Module):
     """PAP-Net's cross-task and task-specific propagation (Zhang et al., CVPR 2019) on `{task: (B, C, h, w)}`.
 
-    Per task an affinity `A_t[i, j] = max(0, <xn_t,i , xn_t,j>)` of the unit-length (over channels) pixel vectors,
-    normalised so that every row sums to one; per target task a learned softmax-weighted sum of the T affinities;
-    then `diffusion_steps` steps of `X <- beta * X A^T + (1 - beta) X_0` (one step, beta = 0.05, in the authors'
-    configs).
+    Per task a similarity `S_t[i, j] = <x_t,i , x_t,j>` of normalised features, turned into an affinity `A_t`; per
+    target task a learned softmax-weighted sum of the T affinities; then `diffusion_steps` steps of
+    `X <- beta * X A^T + (1 - beta) X_0`, i.e. pixel i receives `sum_j A[i, j] x_j` (one step, beta = 0.05, in the
+    authors' configs). Two choices (config fields `papnet_feature_normalization` and
+    `papnet_affinity_normalization`):
 
-    The negative cosine similarities are clipped before the row normalisation so that every row is a weighted
-    average (its diagonal is 1, so its sum is at least 1) rather than a division by a sum that can approach zero.
-    Note: the authors' re-implementation (`compute_affinity_matrix` in their papnet.py) normalises the (B, N, C)
-    features over the pixel axis instead of the channels, which looks like a bug: the dot products are then not
-    cosine similarities of pixel pairs. We normalise per pixel over channels."""
+    - `feature_normalization="channels"`: every pixel vector has unit length, so `S` holds cosine similarities;
+      `"pixels"`: every channel has unit length over the pixels (the authors' release normalises its (B, N, C)
+      features over N), so `S` is not a cosine similarity of pixel pairs.
+    - `affinity_normalization="rows"`: negative similarities are clipped and every row sums to one, so each pixel
+      receives a weighted average (the diagonal is 1, the row sum at least 1); `"columns"`: `A[i, j] = S[i, j] /
+      sum_k S[k, j]` without clipping, what the release computes (its comment says rows)."""
 
-    def __init__(self, tasks: list[str], beta: float = 0.05, diffusion_steps: int = 1):
+    def __init__(
+        self,
+        tasks: list[str],
+        beta: float = 0.05,
+        diffusion_steps: int = 1,
+        affinity_normalization: str = "rows",
+        feature_normalization: str = "channels",
+    ):
         super().__init__()
+        if affinity_normalization not in ("rows", "columns"):
+            raise ValueError(
+                f"Unknown `papnet_affinity_normalization` {affinity_normalization!r}; choose from ['rows', 'columns']."
+            )
+        if feature_normalization not in ("channels", "pixels"):
+            raise ValueError(
+                f"Unknown `papnet_feature_normalization` {feature_normalization!r}; choose from ['channels', 'pixels']."
+            )
         self.tasks = list(tasks)
         self.beta = beta
         self.diffusion_steps = diffusion_steps
+        self.affinity_normalization = affinity_normalization
+        self.feature_normalization = feature_normalization
         num_tasks = len(self.tasks)
         self.task_weights = nn.ParameterDict(
             {task: nn.Parameter(torch.full((num_tasks,), 1.0 / num_tasks)) for task in self.tasks}
         )
 
-    @staticmethod
-    def affinity(features: torch.Tensor) -> torch.Tensor:
-        """Row-stochastic affinity (B, N, N) of features (B, C, h, w)."""
-        normalized = F.normalize(features.flatten(2), dim=1)  # unit vector per pixel
-        affinity = torch.bmm(normalized.transpose(1, 2), normalized).clamp_min_(0.0)
-        return affinity / affinity.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+    def affinity(self, features: torch.Tensor) -> torch.Tensor:
+        """The affinity (B, N, N) of features (B, C, h, w): `A[b, i, j]` is what pixel i takes from pixel j."""
+        flat = features.flatten(2)  # (B, C, N)
+        normalized = F.normalize(flat, dim=1 if self.feature_normalization == "channels" else 2)
+        similarity = torch.bmm(normalized.transpose(1, 2), normalized)
+        if self.affinity_normalization == "rows":
+            similarity = similarity.clamp_min(0.0)
+            return similarity / similarity.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+        return similarity / similarity.sum(dim=1, keepdim=True)
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         affinities = [self.affinity(features[task]) for task in self.tasks]
@@ -224,7 +246,11 @@ class CTALPAPNetDecoder(CTALDistillationDecoderBase):
             }
         )
         self.diffusion = CTALPatternAffinityDiffusion(
-            self.tasks, beta=0.05, diffusion_steps=config.papnet_diffusion_steps
+            self.tasks,
+            beta=0.05,
+            diffusion_steps=config.papnet_diffusion_steps,
+            affinity_normalization=config.papnet_affinity_normalization,
+            feature_normalization=config.papnet_feature_normalization,
         )
         self.final_heads = nn.ModuleDict(
             {task: _final_head(config, config.ctal_channels, task) for task in self.tasks}
@@ -248,7 +274,9 @@ class CTALMTINetDecoder(nn.Module):
             raise ValueError(f"decoder 'mtinet' needs a multi-scale backbone; {config.backbone} has one scale.")
         self.tasks = list(config.tasks)
         out_channels = {task: config.task_channels(task) for task in self.tasks}
-        self.initial_heads = CTALMultiScaleInitialHeads(self.tasks, backbone_channels, out_channels)
+        self.initial_heads = CTALMultiScaleInitialHeads(
+            self.tasks, backbone_channels, out_channels, config.fpm_grouping
+        )
         self.distillations = nn.ModuleList(
             [CTALMultiTaskDistillation(self.tasks, width) for width in backbone_channels]
         )

@@ -104,9 +104,12 @@ class CTALHighResolutionHead(nn.Module):
 
 
 class CTALASPP(nn.Module):
-    """DeepLab-v3 atrous spatial pyramid pooling: a 1x1 branch, three dilated 3x3 branches and image pooling."""
+    """DeepLab-v3 atrous spatial pyramid pooling: a 1x1 branch, three dilated 3x3 branches and image pooling,
+    projected by a 1x1 conv and followed by dropout (`dropout`, 0.5 in DeepLab-v3 and the authors' release)."""
 
-    def __init__(self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (12, 24, 36)):
+    def __init__(
+        self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (12, 24, 36), dropout: float = 0.0
+    ):
         super().__init__()
         self.branches = nn.ModuleList(
             [CTALConvBnAct(in_channels, channels, 1)]
@@ -114,19 +117,20 @@ class CTALASPP(nn.Module):
         )
         self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), CTALConvBnAct(in_channels, channels, 1))
         self.project = CTALConvBnAct(channels * (len(rates) + 2), channels, 1)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         outputs = [branch(hidden) for branch in self.branches]
         outputs.append(self.pooling(hidden).expand(-1, -1, *hidden.shape[-2:]))
-        return self.project(torch.cat(outputs, dim=1))
+        return self.dropout(self.project(torch.cat(outputs, dim=1)))
 
 
 class CTALDeepLabHead(nn.Module):
     """DeepLab-v3 head (ASPP 12/24/36 -> 3x3 conv -> 1x1), the task head of the SwinV2 models."""
 
-    def __init__(self, in_channels: int, out_channels: int, channels: int = 256):
+    def __init__(self, in_channels: int, out_channels: int, channels: int = 256, dropout: float = 0.0):
         super().__init__()
-        self.aspp = CTALASPP(in_channels, channels)
+        self.aspp = CTALASPP(in_channels, channels, dropout=dropout)
         self.conv = CTALConvBnAct(channels, channels, 3)
         self.classifier = CTALClassifier(channels, out_channels)
 

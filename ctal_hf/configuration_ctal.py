@@ -39,6 +39,22 @@ ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "dense", "factorized")
 
 NORMALS_LOSSES: tuple[str, ...] = ("cosine", "l1")
 
+# Behaviours where the authors' release (which produced the paper's numbers) differs from the plain defaults; the
+# allowed values of each field, the plain default first. README "Parity with the authors' release" explains each.
+FPM_GROUPINGS: tuple[str, ...] = ("tasks", "consecutive")
+PAPNET_AFFINITY_NORMALIZATIONS: tuple[str, ...] = ("rows", "columns")
+PAPNET_FEATURE_NORMALIZATIONS: tuple[str, ...] = ("channels", "pixels")
+DECODER_INITS: tuple[str, ...] = ("he", "pytorch")
+
+# What `from_preset` sets for every dataset: the release's behaviour.
+RELEASE_BEHAVIOUR: dict[str, Any] = {
+    "fpm_grouping": "consecutive",
+    "papnet_affinity_normalization": "columns",
+    "papnet_feature_normalization": "pixels",
+    "aspp_dropout": 0.5,
+    "decoder_init": "pytorch",
+}
+
 # The pipeline a saved folder declares in config.json (`custom_pipelines`) and carries the code of, for
 # `transformers.pipeline(model=folder, trust_remote_code=True)` in a process without this package.
 PIPELINE_TASK = "dense-multitask"
@@ -143,7 +159,29 @@ class CTALConfig(PreTrainedConfig):
     edge_pos_weight (`float`, *optional*, defaults to 0.95):
         Weight of edge pixels in the balanced binary cross-entropy of the edge task.
     initializer_range (`float`, *optional*, defaults to 0.02):
-        Standard deviation of the normal initialiser of linear layers.
+        Standard deviation of the normal initialiser of linear layers and (with `decoder_init="he"`) of the 1x1
+        prediction convs.
+    fpm_grouping (`str`, *optional*, defaults to `"tasks"`):
+        CTAL-MS / MTI-Net feature propagation: which channels of the T concatenated task features (T x C) one
+        softmax runs over. `"tasks"`: the T tasks' copies of each channel (per-task masks, as MTI-Net's paper
+        describes); `"consecutive"`: T consecutive channels of the concatenation, as the authors' release does
+        (`view(B, C, T, h, w)`, softmax over T). `from_preset` sets `"consecutive"`.
+    papnet_affinity_normalization (`str`, *optional*, defaults to `"rows"`):
+        PAP-Net: `"rows"` clips negative similarities and makes every row of the affinity sum to one (each pixel
+        receives a weighted average); `"columns"` divides by column sums without clipping
+        (`A[i, j] = S[i, j] / sum_k S[k, j]`), as the authors' release does. `from_preset` sets `"columns"`.
+    papnet_feature_normalization (`str`, *optional*, defaults to `"channels"`):
+        PAP-Net: the similarity `S[i, j]` is between pixel vectors normalised to unit length over the channels
+        (`"channels"`, cosine similarities) or between features normalised over the pixels of each channel
+        (`"pixels"`, what the authors' release computes). `from_preset` sets `"pixels"`.
+    aspp_dropout (`float`, *optional*, defaults to 0.0):
+        Dropout after the ASPP projection of the DeepLab heads (SwinV2 models); the release uses 0.5, which
+        `from_preset` sets.
+    decoder_init (`str`, *optional*, defaults to `"he"`):
+        Initialisation of the decoder (everything but the backbone): `"he"` (He-normal convs, N(0,
+        `initializer_range`) prediction convs, zero biases) or `"pytorch"` (PyTorch's default initialisation of
+        every layer, as the release). The backbone is He-initialised in both (ImageNet weights replace it in the
+        paper recipes). `from_preset` sets `"pytorch"`.
 
     Examples:
 
@@ -176,6 +214,11 @@ class CTALConfig(PreTrainedConfig):
     normals_loss: str = "cosine"
     edge_pos_weight: float = 0.95
     initializer_range: float = 0.02
+    fpm_grouping: str = "tasks"
+    papnet_affinity_normalization: str = "rows"
+    papnet_feature_normalization: str = "channels"
+    aspp_dropout: float = 0.0
+    decoder_init: str = "he"
 
     def __post_init__(self, **kwargs):
         self.tasks = list(self.tasks)
@@ -228,6 +271,16 @@ class CTALConfig(PreTrainedConfig):
             )
         if self.normals_loss not in NORMALS_LOSSES:
             raise ValueError(f"Unknown `normals_loss` {self.normals_loss!r}; choose from {list(NORMALS_LOSSES)}.")
+        for name, allowed in (
+            ("fpm_grouping", FPM_GROUPINGS),
+            ("papnet_affinity_normalization", PAPNET_AFFINITY_NORMALIZATIONS),
+            ("papnet_feature_normalization", PAPNET_FEATURE_NORMALIZATIONS),
+            ("decoder_init", DECODER_INITS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Unknown `{name}` {getattr(self, name)!r}; choose from {list(allowed)}.")
+        if not 0.0 <= self.aspp_dropout < 1.0:
+            raise ValueError(f"`aspp_dropout` is a dropout probability in [0, 1), got {self.aspp_dropout}.")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"`kernel_size` must be a positive odd number, got {self.kernel_size}.")
         if len(self.image_size) != 2 or min(self.image_size) <= 0:
@@ -340,15 +393,16 @@ class CTALConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "CTALConfig":
-        """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`); keyword
-        arguments override any field, e.g. `decoder="ctal_ms"` or `backbone="swinv2_small"`."""
+        """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`) with the authors'
+        release's behaviours (`RELEASE_BEHAVIOUR`); keyword arguments override any field, e.g. `decoder="ctal_ms"`,
+        `backbone="swinv2_small"` or `decoder_init="he"`."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
-        fields = {**PRESETS[name], **kwargs}
+        fields = {**RELEASE_BEHAVIOUR, **PRESETS[name], **kwargs}
         backbone = fields["backbone"]
         if backbone in BACKBONES and not BACKBONES[backbone][2]:
             fields.setdefault("normals_loss", "l1")
         return cls(**fields)
 
 
-__all__ = ["CTALConfig", "PRESETS", "BACKBONES", "DECODERS", "DECODER_NAMES", "PIPELINE_TASK"]
+__all__ = ["CTALConfig", "PRESETS", "RELEASE_BEHAVIOUR", "BACKBONES", "DECODERS", "DECODER_NAMES", "PIPELINE_TASK"]

@@ -134,6 +134,131 @@ def random_scale_crop(
     return out
 
 
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def random_rescale(
+    sample: dict[str, torch.Tensor], generator: torch.Generator, scale_range: Sequence[float] = (0.5, 2.0)
+) -> dict[str, torch.Tensor]:
+    """Resizes the whole sample by a factor drawn uniformly from `scale_range` (continuous): the image bilinearly,
+    every label by nearest neighbours (class ids, binary maps and unit normals stay valid); depth is divided by the
+    factor. The new size is `int(side * factor)`, at least 1."""
+    low, high = float(scale_range[0]), float(scale_range[1])
+    scale = _uniform(generator, low, high)
+    height, width = sample["image"].shape[-2:]
+    size = (max(1, int(height * scale)), max(1, int(width * scale)))
+    out = _resize(sample, size)
+    if "depth" in out:
+        out["depth"] = out["depth"] / scale
+    return out
+
+
+def _class_balance_ok(semseg: torch.Tensor, cat_max_ratio: float) -> bool:
+    """Whether a crop's labelled pixels hold at least two classes and none has `cat_max_ratio` or more of them."""
+    labels = semseg[semseg != IGNORE_INDEX]
+    if labels.numel() == 0:
+        return False
+    counts = torch.bincount(labels.flatten())
+    counts = counts[counts > 0]
+    return counts.numel() > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio
+
+
+def random_crop(
+    sample: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    size: Sequence[int],
+    cat_max_ratio: float = 1.0,
+    max_attempts: int = 10,
+) -> dict[str, torch.Tensor]:
+    """Crops a random window of at most `size` (a side shorter than `size` is kept whole; pad afterwards), the
+    offsets uniform over the valid range. With `cat_max_ratio < 1` and a `semseg` label, up to `max_attempts`
+    windows are tried in turn until one has two or more classes and no class covering `cat_max_ratio` or more of
+    its labelled pixels; after that many refusals a last window is drawn and kept (mmsegmentation's rule, used by
+    the authors' release)."""
+    crop_h, crop_w = int(size[0]), int(size[1])
+    height, width = sample["image"].shape[-2:]
+    if (height, width) == (crop_h, crop_w):
+        return sample
+
+    def draw() -> tuple[int, int]:
+        top = int(torch.randint(max(height - crop_h, 0) + 1, (1,), generator=generator))
+        left = int(torch.randint(max(width - crop_w, 0) + 1, (1,), generator=generator))
+        return top, left
+
+    top, left = draw()
+    if cat_max_ratio < 1.0 and "semseg" in sample:
+        for _ in range(max_attempts):
+            window = sample["semseg"][top : top + crop_h, left : left + crop_w]
+            if _class_balance_ok(window, cat_max_ratio):
+                break
+            top, left = draw()
+    return {key: value[..., top : top + crop_h, left : left + crop_w] for key, value in sample.items()}
+
+
+def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) RGB in [0, 1] -> HSV with hue in [0, 1) (a fraction of the colour circle), S and V in [0, 1]."""
+    red, green, blue = image.unbind(0)
+    value, argmax = image.max(dim=0)
+    chroma = value - image.min(dim=0).values
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue = torch.where(
+        argmax == 0,
+        ((green - blue) / safe) % 6.0,
+        torch.where(argmax == 1, (blue - red) / safe + 2.0, (red - green) / safe + 4.0),
+    )
+    hue = torch.where(chroma > 0, hue / 6.0, torch.zeros_like(hue))
+    saturation = torch.where(value > 0, chroma / torch.where(value > 0, value, torch.ones_like(value)), 0.0)
+    return torch.stack([hue, saturation, value])
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    hue, saturation, value = hsv.unbind(0)
+    k = torch.stack([(n + hue * 6.0) % 6.0 for n in (5.0, 3.0, 1.0)])
+    return value - value * saturation * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def photometric_distortion(
+    image: torch.Tensor,
+    generator: torch.Generator,
+    brightness_delta: float = 32 / 255,
+    contrast_range: Sequence[float] = (0.5, 1.5),
+    saturation_range: Sequence[float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> torch.Tensor:
+    """mmsegmentation's PhotoMetricDistortion (the authors' PASCAL-Context recipe) on a (3, H, W) image in [0, 1]:
+    each step with probability 0.5, in this order: brightness (+ U(-delta, delta)), contrast (x U(range)) either
+    here or last (probability 0.5 each), saturation (HSV S x U(range)), hue (+ an integer in [-hue_delta,
+    hue_delta) of 2 degrees, OpenCV's 180-step hue), then contrast if not done first; clipped to [0, 1] after each
+    step. The arithmetic is in float (OpenCV's version rounds to uint8 between steps)."""
+
+    def coin() -> bool:
+        return float(torch.rand((), generator=generator)) < 0.5
+
+    def contrast(img: torch.Tensor) -> torch.Tensor:
+        if coin():
+            return (img * _uniform(generator, *contrast_range)).clamp(0.0, 1.0)
+        return img
+
+    if coin():
+        image = (image + _uniform(generator, -brightness_delta, brightness_delta)).clamp(0.0, 1.0)
+    contrast_first = coin()
+    if contrast_first:
+        image = contrast(image)
+    if coin():
+        hsv = _rgb_to_hsv(image)
+        hsv[1] = (hsv[1] * _uniform(generator, *saturation_range)).clamp(0.0, 1.0)
+        image = _hsv_to_rgb(hsv)
+    if coin():
+        hsv = _rgb_to_hsv(image)
+        shift = int(torch.randint(-hue_delta, hue_delta, (1,), generator=generator))
+        hsv[0] = (hsv[0] + shift / 180.0) % 1.0
+        image = _hsv_to_rgb(hsv)
+    if not contrast_first:
+        image = contrast(image)
+    return image
+
+
 def fit_to_size(sample: dict[str, torch.Tensor], size: Sequence[int], mode: str = "resize") -> dict[str, torch.Tensor]:
     """Bring a sample to the model size. `"resize"` stretches; `"pad"` keeps the aspect ratio (downscaling only if
     the sample is larger) and pads centred with ignore values (the PASCAL evaluation protocol): labels 255, depth
@@ -168,11 +293,20 @@ def _fit(sample, size, mode):
 class CTALTransform:
     """Joint transforms for a per-sample dict (see the module docstring).
 
+    Training order: random rescale, random crop, horizontal flip, MTAN scale-crop, photometric distortion; then (in
+    training and evaluation) fit to `image_size`, normalise. The authors' PASCAL-Context recipe is
+    `rescale_range=(0.5, 2.0), crop=True, cat_max_ratio=0.75, flip=True, photometric=True, fit="pad"`.
+
     Args:
         image_size: model input (H, W); `None` keeps the sample size.
-        train: apply the random augmentations (flip, optional scale-crop); evaluation is deterministic.
+        train: apply the random augmentations; evaluation is deterministic.
         flip: random horizontal flip with probability 0.5 (training).
         scale_crop: MTAN RandomScaleCrop with `scales` (training).
+        rescale_range: resize the sample by a factor uniform in this range (continuous; training); `None` skips it.
+        crop: random crop of `image_size` (training; a smaller side is kept whole and padded by `fit="pad"`).
+        cat_max_ratio: with `crop`, retry windows (up to 10) in which one `semseg` class covers this fraction or
+            more of the labelled pixels; 1 disables it.
+        photometric: random brightness, contrast, saturation and hue (training; `photometric_distortion`).
         fit: `"resize"` or `"pad"` (centred, ignore-filled) to reach `image_size`.
         normalize: subtract `mean` and divide by `std` (ImageNet by default); `False` keeps [0, 1] images, as the
             authors' CNN recipe does.
@@ -189,25 +323,51 @@ class CTALTransform:
         normalize: bool = True,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        rescale_range: Sequence[float] | None = None,
+        crop: bool = False,
+        cat_max_ratio: float = 1.0,
+        photometric: bool = False,
     ):
         if fit not in ("resize", "pad"):
             raise ValueError(f"fit must be 'resize' or 'pad', got {fit!r}.")
+        if rescale_range is not None:
+            if len(rescale_range) != 2 or not 0 < float(rescale_range[0]) <= float(rescale_range[1]):
+                raise ValueError(f"rescale_range must be (low, high) with 0 < low <= high, got {rescale_range!r}.")
+            rescale_range = (float(rescale_range[0]), float(rescale_range[1]))
+        if crop and image_size is None:
+            raise ValueError("crop=True crops windows of image_size: pass image_size.")
+        if not 0.0 < cat_max_ratio <= 1.0:
+            raise ValueError(f"cat_max_ratio must lie in (0, 1], got {cat_max_ratio}.")
         self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.train, self.flip, self.scale_crop, self.scales = train, flip, scale_crop, tuple(scales)
+        self.rescale_range, self.crop, self.cat_max_ratio = rescale_range, crop, float(cat_max_ratio)
+        self.photometric = photometric
         self.fit, self.normalize = fit, normalize
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
+    @property
+    def is_random(self) -> bool:
+        """Whether this transform draws random numbers (training with at least one augmentation)."""
+        augmentations = (self.flip, self.scale_crop, self.rescale_range is not None, self.crop, self.photometric)
+        return self.train and any(augmentations)
+
     def __call__(
         self, sample: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        if self.train and (self.flip or self.scale_crop):
+        if self.is_random:
             if generator is None:
                 raise ValueError("Training transforms need an explicit torch.Generator (reproducible runs).")
+            if self.rescale_range is not None:
+                sample = random_rescale(sample, generator, self.rescale_range)
+            if self.crop:
+                sample = random_crop(sample, generator, self.image_size, self.cat_max_ratio)
             if self.flip and float(torch.rand((), generator=generator)) < 0.5:
                 sample = hflip(sample)
             if self.scale_crop:
                 sample = random_scale_crop(sample, generator, self.scales)
+            if self.photometric:
+                sample = {**sample, "image": photometric_distortion(sample["image"], generator)}
         valid = None
         if self.image_size is not None:
             sample, valid = _fit(sample, self.image_size, self.fit)
@@ -222,7 +382,9 @@ class CTALTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(image_size={self.image_size}, train={self.train}, flip={self.flip}, "
-            f"scale_crop={self.scale_crop}, scales={self.scales}, fit={self.fit!r}, normalize={self.normalize})"
+            f"scale_crop={self.scale_crop}, scales={self.scales}, rescale_range={self.rescale_range}, "
+            f"crop={self.crop}, cat_max_ratio={self.cat_max_ratio}, photometric={self.photometric}, "
+            f"fit={self.fit!r}, normalize={self.normalize})"
         )
 
 
@@ -319,6 +481,9 @@ __all__ = [
     "collate_samples",
     "fit_to_size",
     "hflip",
+    "photometric_distortion",
+    "random_crop",
+    "random_rescale",
     "random_scale_crop",
     "row_to_sample",
     "sample_generator",

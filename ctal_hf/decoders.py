@@ -18,7 +18,7 @@ def build_final_head(config: CTALConfig, in_channels: int, task: str) -> nn.Modu
     """CNN models end in two bottlenecks + 1x1; SwinV2 models in a DeepLab head."""
     if config.is_cnn:
         return CTALResidualHead(in_channels, config.task_channels(task))
-    return CTALDeepLabHead(in_channels, config.task_channels(task))
+    return CTALDeepLabHead(in_channels, config.task_channels(task), dropout=config.aspp_dropout)
 
 
 class CTALSingleScaleDecoder(nn.Module):
@@ -63,7 +63,9 @@ class CTALMultiScaleDecoder(nn.Module):
         self.tasks = list(config.tasks)
         self.size = config.affinity_map_size
         out_channels = {task: config.task_channels(task) for task in self.tasks}
-        self.initial_heads = CTALMultiScaleInitialHeads(self.tasks, backbone_channels, out_channels)
+        self.initial_heads = CTALMultiScaleInitialHeads(
+            self.tasks, backbone_channels, out_channels, config.fpm_grouping
+        )
         self.fusions = nn.ModuleDict({task: CTALCrossScaleFusion(backbone_channels) for task in self.tasks})
         self.ctal = CTALAffinityModule(config, sum(backbone_channels), self.size)
         self.final_heads = nn.ModuleDict(

@@ -57,11 +57,19 @@ class CTALFeaturePropagation(nn.Module):
     T*C -> T*C/4, a basic block, a 1x1 conv back to T*C) gives attention logits that a softmax across the tasks
     turns into per-task masks over the concatenation; a basic block reduces the masked features to one shared C
     channel representation; each task selects from it with its own squeeze-and-excitation gate and adds the result
-    to its own features. The output is upsampled to the finer scale, where it joins the backbone map."""
+    to its own features. The output is upsampled to the finer scale, where it joins the backbone map.
 
-    def __init__(self, tasks: list[str], channels: int):
+    `grouping` says which logits one softmax normalises (`config.fpm_grouping`): `"tasks"`, the T tasks' copies of
+    each channel (masks per task, as the MTI-Net paper describes); `"consecutive"`, T consecutive channels of the
+    concatenation (the authors' releases view the T*C logits as (C, T) and take the softmax over T, so one group
+    mixes neighbouring channels of one task, or of two at a task boundary)."""
+
+    def __init__(self, tasks: list[str], channels: int, grouping: str = "tasks"):
         super().__init__()
+        if grouping not in ("tasks", "consecutive"):
+            raise ValueError(f"Unknown `fpm_grouping` {grouping!r}; choose from ['tasks', 'consecutive'].")
         self.tasks = list(tasks)
+        self.grouping = grouping
         shared = len(self.tasks) * channels
         hidden = max(shared // 4, 1)
         self.attention = nn.Sequential(
@@ -74,10 +82,12 @@ class CTALFeaturePropagation(nn.Module):
         stacked = torch.stack([features[task] for task in self.tasks], dim=1)  # (B, T, C, h, w)
         batch, num_tasks, channels, height, width = stacked.shape
         concat = stacked.reshape(batch, num_tasks * channels, height, width)
-        # Softmax across the tasks, per channel and pixel. (The public re-implementation groups the channels as
-        # (C, T) instead of (T, C), so its "task" axis mixes channels of one task; the paper's masks are per task.)
-        logits = self.attention(concat).reshape(batch, num_tasks, channels, height, width)
-        masked = (torch.softmax(logits, dim=1) * stacked).reshape(batch, num_tasks * channels, height, width)
+        logits = self.attention(concat)
+        if self.grouping == "tasks":  # softmax across the tasks, per channel and pixel
+            mask = torch.softmax(logits.reshape(batch, num_tasks, channels, height, width), dim=1)
+        else:  # softmax over each run of T consecutive channels of the concatenation
+            mask = torch.softmax(logits.reshape(batch, channels, num_tasks, height, width), dim=2)
+        masked = mask.reshape(batch, num_tasks * channels, height, width) * concat
         shared = self.reduction(masked)
         return {task: upsample_to(features[task] + self.selection[task](shared), size) for task in self.tasks}
 
@@ -88,7 +98,9 @@ class CTALMultiScaleInitialHeads(nn.Module):
 
     Returns per task the list of features and the list of predictions, finest scale first."""
 
-    def __init__(self, tasks: list[str], channels: list[int], out_channels: dict[str, int]):
+    def __init__(
+        self, tasks: list[str], channels: list[int], out_channels: dict[str, int], fpm_grouping: str = "tasks"
+    ):
         super().__init__()
         self.tasks = list(tasks)
         self.num_scales = len(channels)
@@ -99,7 +111,9 @@ class CTALMultiScaleInitialHeads(nn.Module):
             heads.append(
                 nn.ModuleDict({task: CTALScaleHead(width + coarser, width, out_channels[task]) for task in self.tasks})
             )
-            propagations.append(CTALFeaturePropagation(self.tasks, coarser) if coarser else nn.Identity())
+            propagations.append(
+                CTALFeaturePropagation(self.tasks, coarser, fpm_grouping) if coarser else nn.Identity()
+            )
         self.heads = nn.ModuleList(heads)
         self.propagations = nn.ModuleList(propagations)
 

@@ -271,11 +271,27 @@ class CTALSegmentationMetric(CTALMetric):
 class CTALDepthMetric(CTALMetric):
     """Depth (or disparity): errors over the valid pixels of the whole set (label 0 = no measurement).
 
-    `abs_err` = mean |p - g|, `rel_err` = mean |p - g| / g, `rmse` = sqrt(mean (p - g)^2), each a mean over all valid
-    pixels of the set (not a mean of per-image means)."""
+    `abs_err` = mean |p - g|, `rel_err` = mean |p - g| / g, `sq_rel` = mean (p - g)^2 / g, `rmse` =
+    sqrt(mean (p - g)^2), `log_rmse` = sqrt(mean (log p - log g)^2), each a mean over all valid pixels of the set
+    (not a mean of per-image means).
+
+    Args:
+        min_prediction: predictions `<= 0` are replaced by this value before every error is computed (the authors'
+            evaluation does so with 1e-9, which keeps `log_rmse` finite); `None` keeps the raw predictions (then a
+            non-positive prediction makes `log_rmse` infinite or NaN).
+    """
 
     task = "depth"
     headline_metric = "rel_err"
+
+    def __init__(self, min_prediction: float | None = 1e-9):
+        if min_prediction is not None and not (math.isfinite(min_prediction) and min_prediction > 0):
+            raise ValueError(f"depth: min_prediction must be a positive number or None, got {min_prediction!r}.")
+        self.min_prediction = None if min_prediction is None else float(min_prediction)
+        super().__init__()
+
+    def _signature(self) -> tuple:
+        return (self.min_prediction,)
 
     def _initial_state(self) -> dict[str, torch.Tensor]:
         zero = torch.zeros((), dtype=torch.float64)
@@ -283,6 +299,8 @@ class CTALDepthMetric(CTALMetric):
             "abs_sum": zero.clone(),
             "rel_sum": zero.clone(),
             "sq_sum": zero.clone(),
+            "sq_rel_sum": zero.clone(),
+            "log_sq_sum": zero.clone(),
             "count": torch.zeros((), dtype=torch.int64),
         }
 
@@ -295,22 +313,30 @@ class CTALDepthMetric(CTALMetric):
         self._follow(pred.device)
         target = target.to(pred.device, torch.float64)
         valid = (target != 0) & torch.isfinite(target)
-        g = target[valid]
-        diff = (pred.to(torch.float64)[valid] - g).abs()
+        g = target[valid].abs()
+        p = pred.to(torch.float64)[valid]
+        if self.min_prediction is not None:
+            p = torch.where(p <= 0, torch.full_like(p, self.min_prediction), p)
+        diff = (p - g).abs()
         self._state["abs_sum"] += diff.sum()
-        self._state["rel_sum"] += (diff / g.abs()).sum()
+        self._state["rel_sum"] += (diff / g).sum()
         self._state["sq_sum"] += (diff * diff).sum()
+        self._state["sq_rel_sum"] += (diff * diff / g).sum()
+        self._state["log_sq_sum"] += (torch.log(p) - torch.log(g)).square().sum()
         self._state["count"] += valid.sum()
 
     def compute(self) -> dict[str, float]:
         count = int(self._state["count"])
+        names = ("abs_err", "rel_err", "sq_rel", "rmse", "log_rmse")
         if count == 0:
             _warn_empty(self.task)
-            return {"abs_err": math.nan, "rel_err": math.nan, "rmse": math.nan}
+            return dict.fromkeys(names, math.nan)
         return {
             "abs_err": self._state["abs_sum"].item() / count,
             "rel_err": self._state["rel_sum"].item() / count,
+            "sq_rel": self._state["sq_rel_sum"].item() / count,
             "rmse": math.sqrt(self._state["sq_sum"].item() / count),
+            "log_rmse": math.sqrt(self._state["log_sq_sum"].item() / count),
         }
 
 

@@ -83,15 +83,33 @@ class CTALPreTrainedModel(PreTrainedModel):
                 check_checkpoint_matches(model.config, info, pretrained_model_name_or_path)
         return (model, info) if output_loading_info else model
 
+    def _backbone_module_ids(self) -> frozenset[int]:
+        """Ids of the modules inside the backbone(s), which `decoder_init` does not apply to (computed once)."""
+        ids = self.__dict__.get("_ctal_backbone_module_ids")
+        if ids is None:
+            ids = frozenset(
+                id(inner) for outer in self.modules() if isinstance(outer, CTALBackbone) for inner in outer.modules()
+            )
+            self.__dict__["_ctal_backbone_module_ids"] = ids
+        return ids
+
     def _init_weights(self, module):
-        """He initialisation for convolutions (the backbones and heads are ReLU CNNs); the grouped fusion conv of
-        CTAL keeps PyTorch's default initialisation, as the authors' release does. timm modules with non-persistent
-        buffers (SwinV2's relative position tables and attention masks) recompute them: `from_pretrained` leaves
-        such buffers empty, since they are not in the checkpoint."""
+        """He initialisation for convolutions (the backbones and heads are ReLU CNNs) and N(0, `initializer_range`)
+        for the prediction convs; with `config.decoder_init="pytorch"` every decoder layer keeps PyTorch's default
+        initialisation instead, as the authors' release does (the backbone is He-initialised either way). The grouped
+        fusion conv of CTAL keeps PyTorch's default in both. timm modules with non-persistent buffers (SwinV2's
+        relative position tables and attention masks) recompute them: `from_pretrained` leaves such buffers empty,
+        since they are not in the checkpoint."""
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
         if isinstance(module, CTALAffinityModule):
             module.fusion.reset_parameters()
+        elif (
+            self.config.decoder_init == "pytorch"
+            and isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+            and id(module) not in self._backbone_module_ids()
+        ):
+            module.reset_parameters()
         elif isinstance(module, CTALClassifier):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.bias)

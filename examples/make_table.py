@@ -19,12 +19,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-from model_card import PERCENT_METRICS  # noqa: E402
-
 from ctal_hf import CTALConfig, CTALForDenseMultitask  # noqa: E402
 from ctal_hf.configuration_ctal import DECODER_NAMES  # noqa: E402
 from ctal_hf.metrics import delta_m  # noqa: E402
 from ctal_hf.tasks import TASKS  # noqa: E402
+from ctal_hf.training.model_card import PERCENT_METRICS  # noqa: E402
 
 METHOD_ORDER = ["stl", "mtl", "padnet", "papnet", "mtinet", "concat", "ctal_ss", "ctal_ms"]
 # Columns per task (the paper's Table 1 for NYUv2-like tasks); the headline metric of each task drives Delta_m.
@@ -37,7 +36,7 @@ TABLE_METRICS = {
     "edge": ("loss",),
 }
 SHORT = {"within_11.25": "<11.25°", "mean_angle": "mean°", "median_angle": "median°", "pixel_acc": "pix acc"}
-LOWER = {"abs_err", "rel_err", "rmse", "mean_angle", "median_angle", "rmse_angle", "loss"}
+LOWER = {"abs_err", "rel_err", "rmse", "sq_rel", "log_rmse", "mean_angle", "median_angle", "rmse_angle", "loss"}
 
 
 def parse_args(argv=None):

@@ -2,6 +2,8 @@
 round-trip through save_pretrained, move information between tasks only where their design says so, and have the
 paper's parameter counts and FLOP ratios (Tables 2 and 5)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,7 +235,7 @@ def test_pad_net_distillation_adds_gated_messages_from_the_other_tasks():
 def test_pap_net_affinity_is_a_row_stochastic_cosine_affinity_over_channels():
     torch.manual_seed(0)
     features = torch.randn(2, 16, 4, 5)
-    affinity = CTALPatternAffinityDiffusion.affinity(features)
+    affinity = CTALPatternAffinityDiffusion(["semseg"]).affinity(features)
     assert affinity.shape == (2, 20, 20)
     assert (affinity >= 0).all()
     torch.testing.assert_close(affinity.sum(-1), torch.ones(2, 20))
@@ -241,10 +243,36 @@ def test_pap_net_affinity_is_a_row_stochastic_cosine_affinity_over_channels():
     # were normalised over pixels, as in the authors' re-implementation).
     scaled = features.clone()
     scaled[:, :, 1, 2] *= 7.0
-    torch.testing.assert_close(CTALPatternAffinityDiffusion.affinity(scaled), affinity)
+    torch.testing.assert_close(CTALPatternAffinityDiffusion(["semseg"]).affinity(scaled), affinity)
     cosine = F.cosine_similarity(features.flatten(2)[:, :, :, None], features.flatten(2)[:, :, None, :], dim=1)
     expected = cosine.clamp_min(0)
     torch.testing.assert_close(affinity, expected / expected.sum(-1, keepdim=True))
+
+
+def test_pap_net_release_affinity_normalises_features_over_pixels_and_columns_hand_computed():
+    # Three pixels with vectors (1, 0), (0, 1), (1, 1), as (B, C, h, w) = (1, 2, 1, 3).
+    features = torch.tensor([[[[1.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]]]], dtype=torch.float64)
+    release = CTALPatternAffinityDiffusion(
+        ["semseg"], affinity_normalization="columns", feature_normalization="pixels"
+    )
+    # Each channel / sqrt(2) over the pixels: S = [[1/2, 0, 1/2], [0, 1/2, 1/2], [1/2, 1/2, 1]], column sums 1, 1, 2.
+    expected = torch.tensor([[0.5, 0.0, 0.25], [0.0, 0.5, 0.25], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(release.affinity(features)[0], expected)
+    # One step, beta 0.05: pixel 0 gets 0.05 * (1/2 (1, 0) + 1/4 (1, 1)) + 0.95 (1, 0).
+    out = release({"semseg": features})["semseg"]
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.9875, 0.0125], dtype=torch.float64))
+    # The default: cosine similarities, rows sum to one.
+    r = 1 / math.sqrt(2)
+    cosine = torch.tensor([[1, 0, r], [0, 1, r], [r, r, 1]], dtype=torch.float64)
+    plain = CTALPatternAffinityDiffusion(["semseg"])
+    torch.testing.assert_close(plain.affinity(features)[0], cosine / cosine.sum(1, keepdim=True))
+    # Columns do not clip: opposite pixels keep a negative affinity (rows clip it to 0).
+    opposite = torch.tensor([[[[1.0, -1.0, 1.0]], [[0.5, 0.0, 2.0]]]], dtype=torch.float64)
+    columns = CTALPatternAffinityDiffusion(["semseg"], affinity_normalization="columns")
+    assert (columns.affinity(opposite) < 0).any() and (plain.affinity(opposite) >= 0).all()
+    torch.testing.assert_close(columns.affinity(opposite).sum(1), torch.ones(1, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="papnet_affinity_normalization"):
+        CTALPatternAffinityDiffusion(["semseg"], affinity_normalization="diagonal")
 
 
 def test_pap_net_diffusion_is_one_beta_step_with_softmax_weighted_task_affinities():

@@ -75,6 +75,37 @@ def test_depth_is_a_mean_over_pixels_of_the_set_not_over_images():
     assert metric.compute()["rel_err"] == pytest.approx(0.25)  # a mean of image means would give 0.5
 
 
+def test_depth_sq_rel_and_log_rmse_hand_computed():
+    metric = CTALDepthMetric()
+    metric.update(torch.tensor([[[[2.0, 3.0, 1.0, 6.0]]]]), torch.tensor([[[[1.0, 0.0, 2.0, 4.0]]]]))
+    result = metric.compute()
+    # valid pixels (p, g): (2, 1), (1, 2), (6, 4)
+    assert result["sq_rel"] == pytest.approx((1 / 1 + 1 / 2 + 4 / 4) / 3)
+    logs = [math.log(2 / 1), math.log(1 / 2), math.log(6 / 4)]
+    assert result["log_rmse"] == pytest.approx(math.sqrt(sum(v * v for v in logs) / 3))
+
+
+def test_depth_clamps_non_positive_predictions_before_every_error():
+    pred = torch.tensor([[[[-3.0, 0.0, 2.0]]]])
+    target = torch.tensor([[[[2.0, 1.0, 2.0]]]])
+    clamped = CTALDepthMetric()  # the default: predictions <= 0 count as 1e-9, as the authors' evaluation
+    clamped.update(pred, target)
+    result = clamped.compute()
+    eps = 1e-9
+    assert result["abs_err"] == pytest.approx(((2 - eps) + (1 - eps) + 0) / 3)
+    assert result["rel_err"] == pytest.approx(((2 - eps) / 2 + (1 - eps) / 1) / 3)
+    assert result["log_rmse"] == pytest.approx(math.sqrt((math.log(eps / 2) ** 2 + math.log(eps) ** 2) / 3))
+    raw = CTALDepthMetric(min_prediction=None)
+    raw.update(pred, target)
+    raw_result = raw.compute()
+    assert raw_result["abs_err"] == pytest.approx((5 + 1 + 0) / 3)
+    assert math.isnan(raw_result["log_rmse"])  # log of a negative prediction
+    with pytest.raises(ValueError, match="min_prediction"):
+        CTALDepthMetric(min_prediction=0.0)
+    with pytest.raises(ValueError, match="Cannot merge"):
+        clamped.merge(raw)
+
+
 # --- normals --------------------------------------------------------------------------------------------------
 
 

@@ -22,8 +22,10 @@ EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import make_table  # noqa: E402
-import recipes  # noqa: E402
 import train  # noqa: E402
+
+from ctal_hf.training import building, checkpointing, evaluation, recipes  # noqa: E402
+from ctal_hf.training.arguments import parse_args  # noqa: E402
 
 TINY = [
     "--image_size", "64", "64",
@@ -47,6 +49,26 @@ def _run(args: list[str], launcher: list[str] | None = None, env: dict | None = 
     return subprocess.run(command, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
 
 
+# Runs examples/train.py's main in a fresh process and SIGKILLs it right after optimizer step N (a hard kill).
+KILL_DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {examples!r})
+import train
+
+def on_step(step):
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train.main(sys.argv[1:], on_step=on_step)
+"""
+
+
+def _run_killed(args: list[str], step: int) -> subprocess.CompletedProcess:
+    driver = KILL_DRIVER.format(examples=str(EXAMPLES), step=step)
+    command = [sys.executable, "-c", driver, *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+
+
 def _check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
 
@@ -67,9 +89,9 @@ def reset_accelerate():
 
 # ------------------------------------------------------------------------------------------------------ recipes
 def test_default_run_is_the_cpu_synthetic_recipe():
-    args = train.parse_args([])
-    recipe = train.resolve_recipe(args)
-    config = train.build_config(args, recipe)
+    args = parse_args([])
+    recipe = building.resolve_recipe(args)
+    config = building.build_config(args, recipe)
     assert recipe.name == "synthetic" and recipe.dataset == "synthetic"
     assert config.decoder == "ctal_ss" and config.tasks == ["semseg", "depth", "normals"]
     assert config.image_size == [64, 96] and config.num_semseg_classes == 7
@@ -86,32 +108,40 @@ def test_paper_recipes_and_warm_restarts():
     assert all(r.per_device_train_batch_size == 8 and r.lr_scheduler == "cosine" for r in (nyu, city, pascal))
     assert city.scheduler_for("ctal_ms") == "cosine_warm_restarts" and city.scheduler_for("ctal_ss") == "cosine"
     assert nyu.scheduler_for("ctal_ms") == "cosine"
+    # Warm restarts: T_0 = epochs // 3 epochs (in optimizer steps), then twice as long; the closed form the
+    # script steps equals torch's CosineAnnealingWarmRestarts step by step.
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
-    scheduler = train.make_scheduler(optimizer, "cosine_warm_restarts", city, 75 * 10, 10, 75)
-    assert (scheduler.T_0, scheduler.T_mult) == (25 * 10, 2)  # T_0 = epochs // 3 epochs, in optimizer steps
+    scheduler = building.make_scheduler(optimizer, "cosine_warm_restarts", city, 75 * 10, 10, 75)
+    reference_optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    reference = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(reference_optimizer, T_0=25 * 10, T_mult=2)
+    for step in range(750):
+        assert scheduler.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0], rel=1e-9, abs=1e-15), step
+        optimizer.step(), reference_optimizer.step()
+        scheduler.step(), reference.step()
+    assert building.warm_restarts_factor(250, 250, 2) == 1.0 and building.warm_restarts_factor(750, 250, 2) == 1.0
     # The preset's loss weights reach the config (Cityscapes: depth 10).
-    args = train.parse_args(["--recipe", "cityscapes", "--decoder", "ctal_ms"])
-    config = train.build_config(args, train.resolve_recipe(args))
+    args = parse_args(["--recipe", "cityscapes", "--decoder", "ctal_ms"])
+    config = building.build_config(args, building.resolve_recipe(args))
     assert config.loss_weights == {"semseg": 1.0, "depth": 10.0} and config.decoder == "ctal_ms"
 
 
 @pytest.mark.parametrize("num_samples, batch_size, processes", [(5, 2, 2), (7, 3, 2), (1, 4, 3), (12, 4, 3)])
 def test_eval_shards_cover_every_sample_once(num_samples, batch_size, processes):
-    shards = [train.eval_shard(num_samples, batch_size, processes, rank)[0] for rank in range(processes)]
+    shards = [evaluation.eval_shard(num_samples, batch_size, processes, rank)[0] for rank in range(processes)]
     assert len({len(shard) for shard in shards}) == 1  # same number of forward passes everywhere
     seen = [i for shard in shards for batch in shard if batch is not None for i in batch]
     assert sorted(seen) == list(range(num_samples))
-    one_process = train.eval_shard(num_samples, batch_size, 1, 0)[0]
+    one_process = evaluation.eval_shard(num_samples, batch_size, 1, 0)[0]
     assert sorted(map(tuple, (b for shard in shards for b in shard if b is not None))) == sorted(
         map(tuple, one_process)
     )
 
 
 def test_config_overrides_reach_the_model_config():
-    args = train.parse_args(
+    args = parse_args(
         ["--decoder", "papnet", "--config_overrides", "affinity_scale=6, papnet_diffusion_steps=2,gamma=0.1"]
     )
-    config = train.build_config(args, train.resolve_recipe(args))
+    config = building.build_config(args, building.resolve_recipe(args))
     assert (config.decoder, config.affinity_scale, config.papnet_diffusion_steps) == ("papnet", 6, 2)
     assert config.gamma == 0.1 and isinstance(config.gamma, float)
     for text, message in [
@@ -121,15 +151,15 @@ def test_config_overrides_reach_the_model_config():
         ("tasks=semseg", "own flag"),
         ("affinity_scale=5", "affinity_scale"),  # the config's own validation
     ]:
-        args = train.parse_args(["--config_overrides", text])
+        args = parse_args(["--config_overrides", text])
         with pytest.raises(ValueError, match=message):
-            train.build_config(args, train.resolve_recipe(args))
+            building.build_config(args, building.resolve_recipe(args))
 
 
 # ------------------------------------------------------------------------------------------------------ errors
 def test_clear_errors(tmp_path, capsys, reset_accelerate):
     with pytest.raises(SystemExit):
-        train.parse_args(["--decoder", "ctal_xl"])
+        parse_args(["--decoder", "ctal_xl"])
     assert "invalid choice: 'ctal_xl'" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="--data_dir .*nowhere.* does not exist"):
         train.main(
@@ -206,7 +236,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     _check(_run([*common, "--output_dir", str(reference), "--report_to", "tensorboard"]))
     assert list((reference / "runs").rglob("events.out.tfevents*")), "no tensorboard event file"
 
-    killed = _run([*common, "--output_dir", str(resumed), "--kill_after_step", "5"])
+    killed = _run_killed([*common, "--output_dir", str(resumed)], step=5)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoints = resumed / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [
@@ -222,7 +252,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
     _check(_run([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]))
     assert not (checkpoints / ".tmp-step_6").exists()
-    assert [path.name for _, path in train.list_checkpoints(checkpoints)] == ["step_6"]  # total limit 1
+    assert [path.name for _, path in checkpointing.list_checkpoints(checkpoints)] == ["step_6"]  # total limit 1
     expected, actual = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == actual.keys()
     different = [name for name in expected if not torch.equal(expected[name], actual[name])]

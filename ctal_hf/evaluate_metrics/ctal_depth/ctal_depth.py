@@ -1,5 +1,5 @@
-"""Depth (or disparity) metric of ctal_hf as an `evaluate` module: absolute error, relative error and RMSE over
-the valid pixels of all the examples (label 0 = no measurement). Wraps `ctal_hf.metrics.CTALDepthMetric`."""
+"""Depth (or disparity) metric of ctal_hf as an `evaluate` module: absolute error, relative error, squared relative
+error, RMSE and log-RMSE over the valid pixels of all the examples (label 0 = no measurement). Wraps `ctal_hf.metrics.CTALDepthMetric`."""
 
 import datasets
 import evaluate
@@ -8,7 +8,9 @@ from ctal_hf.metrics import CTALDepthMetric
 
 _DESCRIPTION = """
 Depth metric of the CTAL paper: over every pixel with a label (label != 0) of all examples, `abs_err` = mean
-|p - g|, `rel_err` = mean |p - g| / g (the paper's headline depth metric) and `rmse` = sqrt(mean (p - g)^2).
+|p - g|, `rel_err` = mean |p - g| / g (the paper's headline depth metric), `sq_rel` = mean (p - g)^2 / g,
+`rmse` = sqrt(mean (p - g)^2) and `log_rmse` = sqrt(mean (log p - log g)^2). Predictions <= 0 count as 1e-9, as
+in the authors' evaluation.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -16,7 +18,7 @@ Args:
     predictions (`list` of (H, W) float arrays): predicted depth (or disparity), one map per example.
     references (`list` of (H, W) float arrays): labels, 0 where there is no measurement.
 Returns:
-    `abs_err`, `rel_err`, `rmse` (`float`).
+    `abs_err`, `rel_err`, `sq_rel`, `rmse`, `log_rmse` (`float`).
 Examples:
     >>> metric = evaluate.load("path/to/ctal_depth")
     >>> metric.compute(predictions=[[[1.1, 5.0]]], references=[[[1.0, 0.0]]])["rel_err"]

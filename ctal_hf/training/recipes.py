@@ -1,5 +1,5 @@
-"""Training recipes for `examples/train.py`: the paper's hyper-parameters per dataset (Appendix F and the authors'
-release; DESIGN.md section 5) and a small CPU recipe for the offline synthetic dataset.
+"""Training recipes for `examples/train.py`: the paper's hyper-parameters per dataset (its Appendix F and the
+authors' release) and a small CPU recipe for the offline synthetic dataset.
 
 A recipe fixes what the paper fixes (optimizer, learning rate, weight decay, epochs, scheduler, batch size,
 augmentation, the model preset with its loss weights); every field can be overridden on the command line."""

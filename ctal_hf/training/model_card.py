@@ -8,8 +8,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ctal_hf.configuration_ctal import DECODER_NAMES
-from ctal_hf.tasks import TASKS
+from ..configuration_ctal import DECODER_NAMES
+from ..tasks import TASKS
 
 # Metrics that are fractions in [0, 1]; cards and tables print them in percent, as the paper does.
 PERCENT_METRICS = frozenset({"mIoU", "pixel_acc", "maxF", "odsF", "oisF", "within_11.25", "within_22.5", "within_30"})
@@ -46,7 +46,10 @@ def display_value(metric: str, value: float) -> str:
 
 def metric_label(metric: str) -> str:
     arrow = (
-        "↓" if metric in ("rel_err", "abs_err", "rmse", "mean_angle", "median_angle", "rmse_angle", "loss") else "↑"
+        "↓"
+        if metric
+        in ("rel_err", "abs_err", "rmse", "sq_rel", "log_rmse", "mean_angle", "median_angle", "rmse_angle", "loss")
+        else "↑"
     )
     unit = " (%)" if metric in PERCENT_METRICS else (" (deg)" if "angle" in metric else "")
     return f"{metric}{unit} {arrow}"

@@ -1,0 +1,198 @@
+"""From parsed arguments to the things a training run composes: the recipe with its overrides, the model config and
+model, and the learning-rate schedule."""
+
+import argparse
+import math
+import os
+
+import torch
+
+from ..configuration_ctal import PRESETS, CTALConfig
+from ..modeling_ctal import CTALForDenseMultitask
+from .arguments import read_json_file
+from .recipes import RECIPES, CTALRecipe, get_recipe
+
+RECIPE_FLAGS: tuple[str, ...] = (
+    "learning_rate",
+    "weight_decay",
+    "num_train_epochs",
+    "max_train_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "scale_crop",
+    "flip",
+    "num_train_images",
+    "num_validation_images",
+)
+
+
+def resolve_recipe(args: argparse.Namespace) -> CTALRecipe:
+    """The recipe (by name, else the dataset's, else synthetic) with the command-line overrides applied."""
+    name = args.recipe
+    if name is None:
+        name = args.dataset if args.dataset in RECIPES else "synthetic"
+    recipe = get_recipe(name)
+    overrides = {key: getattr(args, key) for key in RECIPE_FLAGS if getattr(args, key, None) is not None}
+    if args.lr_scheduler is not None:
+        overrides.update(lr_scheduler=args.lr_scheduler, multi_scale_lr_scheduler=None)
+    return recipe.replace(**overrides)
+
+
+def backbone_weights_file(source: str) -> str | None:
+    """`--pretrained_backbone` -> what `from_config_with_backbone_weights` takes (None = timm's Hub weights)."""
+    if source == "timm":
+        return None
+    if os.path.isfile(source):
+        return source
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise FileNotFoundError(f"--pretrained_backbone {source!r}: no such file (and not a Hub id org/name).")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(source, "model.safetensors")
+    except EntryNotFoundError:
+        return hf_hub_download(source, "pytorch_model.bin")
+
+
+def load_backbone_config(value: str) -> dict:
+    """`--backbone_config`: a JSON file -> its dict; anything else (a Hub id or a folder) -> the dict of
+    `transformers.AutoConfig.from_pretrained(value)`."""
+    if value.endswith(".json") or os.path.isfile(value):
+        return read_json_file("backbone_config", value)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(value).to_dict()
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--backbone_config {value!r} is neither a JSON file nor a config AutoConfig can load: {error}"
+        ) from None
+
+
+def build_config(args: argparse.Namespace, recipe: CTALRecipe) -> CTALConfig:
+    """The model's config: the saved one of --model_name_or_path, else the recipe's preset with the overrides.
+    `--backbone_config` and `--task_specs` reach the config only when given."""
+    if args.model_name_or_path:
+        if args.config_overrides:
+            raise ValueError("--config_overrides builds a new model; it cannot change --model_name_or_path's config.")
+        config = CTALConfig.from_pretrained(args.model_name_or_path)
+        if args.image_size and list(args.image_size) != list(config.image_size):
+            raise ValueError(
+                f"--image_size {args.image_size} differs from the model's image_size {config.image_size}: a CTAL "
+                "model is tied to its input size."
+            )
+        return config
+    fields = dict(recipe.model_overrides)
+    fields["decoder"] = args.decoder
+    for key in ("backbone", "num_semseg_classes", "num_parts_classes"):
+        if getattr(args, key, None) is not None:
+            fields[key] = getattr(args, key)
+    if args.image_size is not None:
+        fields["image_size"] = list(args.image_size)
+    if (args.dataset or recipe.dataset) == "cityscapes" and args.dataset_config == "7class":
+        fields.setdefault("num_semseg_classes", 7)
+    if args.tasks is not None:
+        fields["tasks"] = list(dict.fromkeys(args.tasks))
+    if getattr(args, "backbone_config", None) is not None:
+        fields["backbone_config"] = load_backbone_config(args.backbone_config)
+    if getattr(args, "task_specs", None) is not None:
+        fields["task_specs"] = read_json_file("task_specs", args.task_specs)
+    weights = dict(PRESETS[recipe.preset].get("loss_weights", {}))
+    tasks = fields.get("tasks", PRESETS[recipe.preset]["tasks"])
+    fields["loss_weights"] = {task: weight for task, weight in weights.items() if task in tasks}
+    fields.update(parse_config_overrides(args.config_overrides))
+    return CTALConfig.from_preset(recipe.preset, **fields)
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`"key=value,key=value"` -> typed `CTALConfig` fields (int, float, bool or str); names a bad key or value."""
+    if not text:
+        return {}
+    defaults = CTALConfig()
+    fields = {}
+    for item in text.split(","):
+        key, separator, value = (part.strip() for part in item.partition("="))
+        if not separator or key not in CTALConfig.__annotations__:
+            raise ValueError(
+                f"--config_overrides: {item.strip()!r} is not key=value with a CTALConfig field as key; fields: "
+                f"{', '.join(sorted(CTALConfig.__annotations__))}."
+            )
+        default = getattr(defaults, key)
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(value)
+                fields[key] = value.lower() == "true"
+            elif isinstance(default, (int, float, str)):
+                fields[key] = type(default)(value)
+            else:
+                raise TypeError(key)
+        except ValueError:
+            raise ValueError(f"--config_overrides: {key}={value!r} is not a valid {type(default).__name__}.") from None
+        except TypeError:
+            raise ValueError(
+                f"--config_overrides: {key} is a {type(default).__name__} field; set it with its own flag."
+            ) from None
+    return fields
+
+
+def build_model(args: argparse.Namespace, config: CTALConfig) -> CTALForDenseMultitask:
+    if args.model_name_or_path:
+        return CTALForDenseMultitask.from_pretrained(args.model_name_or_path, config=config)
+    if args.pretrained_backbone:
+        return CTALForDenseMultitask.from_config_with_backbone_weights(
+            config, backbone_weights_file(args.pretrained_backbone)
+        )
+    return CTALForDenseMultitask(config)
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """Cosine annealing from 1 to 0 over `total` steps (torch's `CosineAnnealingLR` with `eta_min=0`)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def warm_restarts_factor(step: int, first: int, mult: int) -> float:
+    """Cosine annealing with warm restarts (torch's `CosineAnnealingWarmRestarts`): the first cycle lasts `first`
+    steps, each next one `mult` times longer."""
+    cycle = max(1, first)
+    while step >= cycle:
+        step -= cycle
+        cycle *= mult
+    return 0.5 * (1.0 + math.cos(math.pi * step / cycle))
+
+
+def make_scheduler(optimizer, name: str, recipe: CTALRecipe, max_train_steps: int, steps_per_epoch: int, epochs: int):
+    """Stepped once per optimizer step. Warm restarts: T_0 = epochs // divisor epochs, then T_mult times longer.
+
+    The schedules are closed-form functions of the step (a `LambdaLR` whose functions are not saved in its state),
+    so a run resumed with another `--max_train_steps` follows the new schedule from the step it resumes at."""
+    if name == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, max_train_steps))
+    if name == "cosine_warm_restarts":
+        first = max(1, epochs // recipe.restart_epochs_divisor) * steps_per_epoch
+        mult = recipe.restart_mult
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warm_restarts_factor(step, first, mult))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def schedule_length(num_batches: int, gradient_accumulation_steps: int, recipe: CTALRecipe) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, total optimizer steps, epochs) of a run with `num_batches` batches an epoch."""
+    steps_per_epoch = math.ceil(num_batches / gradient_accumulation_steps)
+    if recipe.max_train_steps is None:
+        return steps_per_epoch, recipe.num_train_epochs * steps_per_epoch, recipe.num_train_epochs
+    return steps_per_epoch, recipe.max_train_steps, math.ceil(recipe.max_train_steps / steps_per_epoch)
+
+
+__all__ = [
+    "resolve_recipe",
+    "backbone_weights_file",
+    "load_backbone_config",
+    "build_config",
+    "parse_config_overrides",
+    "build_model",
+    "cosine_factor",
+    "warm_restarts_factor",
+    "make_scheduler",
+    "schedule_length",
+]
