@@ -44,7 +44,13 @@ def load_image(source: "str | os.PathLike | PIL.Image.Image", timeout: float | N
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         from transformers.image_utils import load_image as load_remote_image
 
-        return load_remote_image(source, timeout=timeout)
+        try:
+            return load_remote_image(source, timeout=timeout)
+        except Exception as error:  # httpx, socket and Pillow errors alike: name the URL, not the library
+            raise ValueError(
+                f"Cannot fetch the image at {source!r} ({type(error).__name__}: {error}); check the address and the "
+                "network (or pass `timeout=`), or download the file and pass its path."
+            ) from error
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"Image file not found: {str(path)!r}.")
@@ -354,6 +360,12 @@ class CTALImageProcessor(TorchvisionBackend):
                     f"Got {len(target_sizes)} target sizes for a batch of {batch_size} predictions; pass one "
                     "(height, width) per image."
                 )
+            for index, size in enumerate(target_sizes):
+                if len(size) != 2 or not all(float(side).is_integer() and int(side) >= 1 for side in size):
+                    raise ValueError(
+                        f"target_sizes[{index}] is {tuple(size)}; each target size is the (height, width) of an "
+                        "image, two integers >= 1."
+                    )
         results = []
         for index in range(batch_size):
             result = {}
