@@ -38,7 +38,7 @@ def check_pixel_values(pixel_values, model_dtype: torch.dtype) -> None:
             f"`pixel_values` has dtype {pixel_values.dtype} but the model's weights are {model_dtype}; cast them with "
             f"`pixel_values.to(model.dtype)` ({PROCESSOR_HINT} gives float32)."
         )
-    if torch.compiler.is_compiling():
+    if not _has_values(pixel_values):
         return
     finite = torch.isfinite(pixel_values)
     if not bool(finite.all()):
@@ -47,6 +47,16 @@ def check_pixel_values(pixel_values, model_dtype: torch.dtype) -> None:
             f"`pixel_values` holds {int((~finite).sum())} NaN or infinite values (image(s) {bad_images} of the batch); "
             "the maps would be all NaN. Check how the images were loaded and normalised."
         )
+
+
+def _has_values(tensor: torch.Tensor) -> bool:
+    """False while tracing, compiling or exporting and for meta / fake tensors (FLOP counting), where reading a value
+    is impossible or would break the graph."""
+    if tensor.device.type == "meta" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not isinstance(tensor, FakeTensor)
 
 
 def safetensors_problem(path: str | os.PathLike) -> str | None:
