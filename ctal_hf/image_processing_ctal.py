@@ -33,6 +33,20 @@ EXPECTED_LAYOUTS = (
     "(height, width) or (channels, height, width), with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels"
 )
 _VALID_CHANNELS = (1, 3, 4)
+# Above this many output pixels, `post_process_multitask` resizes and decodes a band of rows at a time (about
+# `_BAND_PIXELS` pixels per band), so the memory it needs beyond the returned maps stays bounded.
+BANDED_DECODE_PIXELS = 2**22
+_BAND_PIXELS = 2**18
+
+
+def _bilinear_taps(out_size: int, in_size: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Source indices (lower, upper) and the weight of the upper one for each output index, as
+    `F.interpolate(mode="bilinear", align_corners=False)` computes them."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)  # torch computes the taps in float32
+    source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    lower = source.floor().long().clamp_(max=in_size - 1)
+    upper = (lower + 1).clamp_(max=in_size - 1)
+    return (lower, upper), (source - lower).clamp_(0, 1).float()
 
 
 def load_image(source: "str | os.PathLike | PIL.Image.Image", timeout: float | None = None) -> PIL.Image.Image:
@@ -376,13 +390,39 @@ class CTALImageProcessor(TorchvisionBackend):
                         f"Prediction for {task!r} must be (batch, channels, height, width), got "
                         f"{tuple(predictions[task].shape)}."
                     )
+                size = tuple(prediction.shape[-2:])
                 if target_sizes is not None:
                     size = tuple(int(side) for side in target_sizes[index])
-                    if size != tuple(prediction.shape[-2:]):
-                        prediction = F.interpolate(prediction, size=size, mode="bilinear", align_corners=False)
+                if size[0] * size[1] > BANDED_DECODE_PIXELS and size != tuple(prediction.shape[-2:]):
+                    result[task] = self._resize_and_decode_in_bands(task, prediction[0], size)
+                    continue
+                if size != tuple(prediction.shape[-2:]):
+                    prediction = F.interpolate(prediction, size=size, mode="bilinear", align_corners=False)
                 result[task] = self._decode(task, prediction[0])
             results.append(result)
         return results
+
+    @classmethod
+    def _resize_and_decode_in_bands(cls, task: str, prediction: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """`_decode(task, bilinear resize of prediction to size)` for large sizes, a band of rows at a time: the full
+        size multi-channel map (13 float32 logits per pixel for NYUv2 semseg: 3.3 GB at 8000 x 8000) is never built,
+        only the decoded map. The same bilinear taps as `F.interpolate(..., align_corners=False)`, applied along the
+        width once and along the height per band."""
+        height, width = size
+        rows, row_weights = _bilinear_taps(height, prediction.shape[-2])
+        columns, column_weights = _bilinear_taps(width, prediction.shape[-1])
+        # Along the width for every source row: (channels, source rows, width), small (the model's height).
+        wide = torch.lerp(prediction[..., columns[0]], prediction[..., columns[1]], column_weights)
+        band = max(1, _BAND_PIXELS // width)
+        decoded = None
+        for start in range(0, height, band):
+            stop = min(start + band, height)
+            top, bottom = wide[:, rows[0][start:stop]], wide[:, rows[1][start:stop]]
+            piece = cls._decode(task, torch.lerp(top, bottom, row_weights[start:stop, None]))
+            if decoded is None:
+                decoded = torch.empty((height, *piece.shape[1:]), dtype=piece.dtype)
+            decoded[start:stop] = piece
+        return decoded
 
     @staticmethod
     def _decode(task: str, prediction: torch.Tensor) -> torch.Tensor:

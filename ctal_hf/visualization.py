@@ -89,7 +89,7 @@ def _depth_range(depth: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
     values = depth[valid]
     if values.size == 0:
         return 0.0, 1.0
-    low, high = np.percentile(values, [2, 98])
+    low, high = np.percentile(values, [2, 98], overwrite_input=True)  # `values` is a copy: partition it in place
     if high <= low:
         low, high = float(values.min()), float(values.max())
     return float(low), float(high) if high > low else float(low) + 1.0
@@ -145,6 +145,8 @@ def colorize(task: str, value: np.ndarray, **kwargs: Any) -> np.ndarray:
         raise ValueError(f"Unknown task {task!r}; known tasks: {sorted(TASKS)}.")
     value = _to_numpy(value)
     kind = TASKS[task].kind
+    if value.ndim in (2, 3) and value.shape[0] * value.shape[1] > BANDED_PIXELS and value.shape[0] > 1:
+        return _colorize_in_bands(task, value, **kwargs)
     if kind == "classification":
         return colorize_segmentation(value, **kwargs)
     if kind == "binary":
@@ -152,6 +154,35 @@ def colorize(task: str, value: np.ndarray, **kwargs: Any) -> np.ndarray:
     if task == "normals":
         return colorize_normals(value)
     return colorize_depth(value, **kwargs)
+
+
+# Maps with more pixels than this are colour-coded a band of rows at a time (about `_BAND_PIXELS` pixels each), so
+# the float64 intermediates (an RGBA float64 colour-mapped depth image is 32 bytes a pixel) stay small.
+BANDED_PIXELS = 2**22
+_BAND_PIXELS = 2**18
+
+
+def _colorize_in_bands(task: str, value: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """`colorize(task, value)` of a large `(H, W)` or `(H, W, 3)` map, band by band: each pixel gets the colour it
+    gets from the whole map, the depth range being computed once for the whole map (from float32 values)."""
+    if task == "depth" and (kwargs.get("vmin") is None or kwargs.get("vmax") is None):
+        depth = value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value
+        depth = np.asarray(depth, dtype=np.float32)
+        valid = np.isfinite(depth)
+        if kwargs.get("invalid_value", 0.0) is not None:
+            valid &= depth != kwargs.get("invalid_value", 0.0)
+        low, high = _depth_range(depth, valid)
+        kwargs = {**kwargs, "vmin": low if kwargs.get("vmin") is None else kwargs["vmin"]}
+        kwargs["vmax"] = high if kwargs.get("vmax") is None else kwargs["vmax"]
+        del valid
+    rows = max(1, _BAND_PIXELS // value.shape[1])
+    out = None
+    for start in range(0, value.shape[0], rows):
+        piece = colorize(task, value[start : start + rows], **kwargs)
+        if out is None:
+            out = np.empty((value.shape[0], *piece.shape[1:]), dtype=piece.dtype)
+        out[start : start + rows] = piece
+    return out
 
 
 def visualize_predictions(predictions: Mapping[str, Any], depth_cmap: str = DEFAULT_DEPTH_CMAP) -> dict:
