@@ -13,7 +13,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .tasks import TASKS
+from .tasks import CTALTask, resolve_tasks
 
 # Backbone name -> (timm model name, output stride of the deepest map, whether the model is a CNN).
 BACKBONES: dict[str, tuple[str, int, bool]] = {
@@ -87,6 +87,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss_weights": {"semseg": 2.0, "parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0},
         "backbone": "swinv2_small",
     },
+    # Full resolution, CTAL at 1/4 (affinity maps 120 x 160 and 128 x 256, N = 19,200 and 32,768): only the
+    # factorised diffusion fits (the dense form would need tens of GB of N x N maps per step).
+    "nyuv2_full": {
+        "tasks": ["semseg", "depth", "normals"],
+        "num_semseg_classes": 13,
+        "image_size": [480, 640],
+        "loss_weights": {"semseg": 1.0, "depth": 1.0, "normals": 1.0},
+        "backbone": "hrnet_w18_small_v2",
+        "attention_impl": "factorized",
+    },
+    "cityscapes_full": {
+        "tasks": ["semseg", "depth"],
+        "num_semseg_classes": 19,
+        "image_size": [512, 1024],
+        "loss_weights": {"semseg": 1.0, "depth": 10.0},
+        "backbone": "hrnet_w18_small_v2",
+        "attention_impl": "factorized",
+    },
 }
 
 
@@ -112,8 +130,15 @@ class CTALConfig(PreTrainedConfig):
     uses, and the hyper-parameters of the cross-task affinity learning (CTAL) module.
 
     tasks (`list[str]`, *optional*, defaults to `["semseg", "depth", "normals"]`):
-        The tasks, in order, from `semseg`, `parts`, `depth`, `normals`, `saliency`, `edge`. The order is the order
-        of the interleaved affinity channels, so it is part of the architecture.
+        The tasks, in order: the paper's `semseg`, `parts`, `depth`, `normals`, `saliency`, `edge`, or any task
+        defined in `task_specs`. The order is the order of the interleaved affinity channels, so it is part of the
+        architecture.
+    task_specs (`dict[str, dict]`, *optional*):
+        Specs of the tasks that are not built in, by name, e.g. `{"albedo": {"kind": "regression",
+        "num_channels": 3}}`: `kind` (`"classification"`, `"regression"`, `"normals"` or `"binary"`) and
+        optional `num_channels`, `loss`, `ignore_value`, `pos_weight`, `flip_negate_channels`, `divide_by_zoom`, `positive`,
+        `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type` (see `ctal_hf.tasks`). Saved in
+        config.json, so a model folder carries its tasks.
     num_semseg_classes (`int`, *optional*, defaults to 13):
         Number of semantic classes (NYUv2 13, Cityscapes 19, PASCAL-Context 21).
     num_parts_classes (`int`, *optional*, defaults to 7):
@@ -195,6 +220,7 @@ class CTALConfig(PreTrainedConfig):
     model_type = "ctal"
 
     tasks: list[str] | tuple[str, ...] = ("semseg", "depth", "normals")
+    task_specs: dict[str, Any] | None = None
     num_semseg_classes: int = 13
     num_parts_classes: int = 7
     backbone: str = "hrnet_w18_small_v2"
@@ -222,6 +248,9 @@ class CTALConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.tasks = list(self.tasks)
+        self.task_specs = {
+            name: dict(spec) if isinstance(spec, dict) else spec for name, spec in (self.task_specs or {}).items()
+        }
         self.image_size = list(self.image_size)
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
         self._check_fields()
@@ -254,9 +283,6 @@ class CTALConfig(PreTrainedConfig):
     def _check_fields(self):
         """Checks that the fields describe a model that can be built, naming the field that is wrong. Runs in
         `__post_init__` (not as a `@strict` validator) so that users get a plain `ValueError`."""
-        unknown = [task for task in self.tasks if task not in TASKS]
-        if unknown:
-            raise ValueError(f"Unknown task(s) {unknown} in `tasks`; known tasks: {sorted(TASKS)}.")
         if not self.tasks:
             raise ValueError("`tasks` is empty: a CTAL model needs at least one task.")
         if len(set(self.tasks)) != len(self.tasks):
@@ -310,6 +336,7 @@ class CTALConfig(PreTrainedConfig):
         for name in ("num_semseg_classes", "num_parts_classes", "ctal_channels", "head_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        self.get_tasks()  # every task known and every spec valid, or a ValueError naming the task and field
         extra = set(self.loss_weights or {}) - set(self.tasks)
         if extra:
             raise ValueError(f"`loss_weights` names tasks the model does not predict: {sorted(extra)}.")
@@ -383,19 +410,29 @@ class CTALConfig(PreTrainedConfig):
     def timm_model_name(self) -> str:
         return BACKBONES[self.backbone][0]
 
+    def get_tasks(self) -> dict[str, CTALTask]:
+        """The task objects of `tasks`, in order (`ctal_hf.tasks`): built-in tasks set by this config's fields, the
+        others by `task_specs`. Each owns its channels, loss, metric, label checks and post-processing."""
+        return resolve_tasks(
+            self.tasks,
+            self.task_specs,
+            num_semseg_classes=self.num_semseg_classes,
+            num_parts_classes=self.num_parts_classes,
+            ignore_index=self.ignore_index,
+            normals_loss=self.normals_loss,
+            edge_pos_weight=self.edge_pos_weight,
+        )
+
     def task_channels(self, task: str) -> int:
         """Number of output channels of `task`'s prediction."""
-        if task == "semseg":
-            return self.num_semseg_classes
-        if task == "parts":
-            return self.num_parts_classes
-        return TASKS[task].channels
+        return self.get_tasks()[task].num_channels
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "CTALConfig":
-        """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`) with the authors'
-        release's behaviours (`RELEASE_BEHAVIOUR`); keyword arguments override any field, e.g. `decoder="ctal_ms"`,
-        `backbone="swinv2_small"` or `decoder_init="he"`."""
+        """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`), or NYUv2 / Cityscapes at
+        full resolution (`"nyuv2_full"` 480 x 640, `"cityscapes_full"` 512 x 1024, CTAL at 1/4, factorised), with the
+        authors' release's behaviours (`RELEASE_BEHAVIOUR`); keyword arguments override any field, e.g.
+        `decoder="ctal_ms"`, `backbone="swinv2_small"` or `decoder_init="he"`."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
         fields = {**RELEASE_BEHAVIOUR, **PRESETS[name], **kwargs}

@@ -24,7 +24,7 @@ from transformers.image_utils import (
 )
 from transformers.utils import logging
 
-from .tasks import TASKS
+from .tasks import BUILTIN_TASK_NAMES, as_tasks
 
 logger = logging.get_logger(__name__)
 
@@ -335,6 +335,7 @@ class CTALImageProcessor(TorchvisionBackend):
         outputs: Any,
         target_sizes: "Sequence[Sequence[int]] | torch.Tensor | None" = None,
         tasks: Sequence[str] | None = None,
+        task_specs: Any = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Raw predictions -> one dict per image, task -> map at that image's size.
 
@@ -343,11 +344,14 @@ class CTALImageProcessor(TorchvisionBackend):
                 `predictions`).
             target_sizes: `(height, width)` per image (the original sizes); `None` keeps the model's size.
             tasks: the tasks to return (default: all predicted tasks).
+            task_specs: what the tasks are: the model's config (or `config.get_tasks()`, or a dict name -> spec).
+                Needed for tasks that are not built in; by default the built-in tasks are known by name.
 
         Returns:
-            A list (one entry per image) of dicts: `semseg` / `parts` class ids `(H, W)` int64 (bilinear on the
-            logits, then argmax), `depth` `(H, W)` in the model's unit, `normals` `(H, W, 3)` unit vectors,
-            `saliency` / `edge` probabilities `(H, W)` in [0, 1]."""
+            A list (one entry per image) of dicts, each task's map decoded by its kind (bilinear resizing of the raw
+            prediction first): classification (`semseg` / `parts`) class ids `(H, W)` int64, regression `(H, W)`
+            for one channel (`depth`, in the model's unit) or `(H, W, C)`, normals `(H, W, 3)` unit vectors, binary
+            (`saliency` / `edge`) probabilities `(H, W)` in [0, 1]."""
         predictions = getattr(outputs, "predictions", None)
         if predictions is None:
             predictions = outputs.get("predictions", outputs) if isinstance(outputs, dict) else None
@@ -356,9 +360,16 @@ class CTALImageProcessor(TorchvisionBackend):
                 "`outputs` must be a CTALDenseMultitaskOutput or a dict task -> prediction tensor, got "
                 f"{type(outputs).__name__}."
             )
-        unknown = [task for task in predictions if task not in TASKS]
+        if task_specs is None:
+            known = as_tasks([task for task in predictions if task in BUILTIN_TASK_NAMES])
+        else:
+            known = as_tasks(task_specs)
+        unknown = [task for task in predictions if task not in known]
         if unknown:
-            raise ValueError(f"Unknown task(s) {unknown} in the predictions; known tasks: {sorted(TASKS)}.")
+            raise ValueError(
+                f"Unknown task(s) {unknown} in the predictions (known: {sorted(known)}); pass "
+                "`task_specs=model.config` to post-process tasks that are not built in."
+            )
         if tasks is None:
             tasks = list(predictions)
         else:
@@ -394,49 +405,35 @@ class CTALImageProcessor(TorchvisionBackend):
                 if target_sizes is not None:
                     size = tuple(int(side) for side in target_sizes[index])
                 if size[0] * size[1] > BANDED_DECODE_PIXELS and size != tuple(prediction.shape[-2:]):
-                    result[task] = self._resize_and_decode_in_bands(task, prediction[0], size)
+                    result[task] = _resize_and_decode_in_bands(known[task], prediction[0], size)
                     continue
                 if size != tuple(prediction.shape[-2:]):
                     prediction = F.interpolate(prediction, size=size, mode="bilinear", align_corners=False)
-                result[task] = self._decode(task, prediction[0])
+                result[task] = known[task].decode(prediction[0])
             results.append(result)
         return results
 
-    @classmethod
-    def _resize_and_decode_in_bands(cls, task: str, prediction: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """`_decode(task, bilinear resize of prediction to size)` for large sizes, a band of rows at a time: the full
-        size multi-channel map (13 float32 logits per pixel for NYUv2 semseg: 3.3 GB at 8000 x 8000) is never built,
-        only the decoded map. The same bilinear taps as `F.interpolate(..., align_corners=False)`, applied along the
-        width once and along the height per band."""
-        height, width = size
-        rows, row_weights = _bilinear_taps(height, prediction.shape[-2])
-        columns, column_weights = _bilinear_taps(width, prediction.shape[-1])
-        # Along the width for every source row: (channels, source rows, width), small (the model's height).
-        wide = torch.lerp(prediction[..., columns[0]], prediction[..., columns[1]], column_weights)
-        band = max(1, _BAND_PIXELS // width)
-        decoded = None
-        for start in range(0, height, band):
-            stop = min(start + band, height)
-            top, bottom = wide[:, rows[0][start:stop]], wide[:, rows[1][start:stop]]
-            piece = cls._decode(task, torch.lerp(top, bottom, row_weights[start:stop, None]))
-            if decoded is None:
-                decoded = torch.empty((height, *piece.shape[1:]), dtype=piece.dtype)
-            decoded[start:stop] = piece
-        return decoded
 
-    @staticmethod
-    def _decode(task: str, prediction: torch.Tensor) -> torch.Tensor:
-        """(channels, H, W) raw map of one image -> the user-facing map."""
-        kind = TASKS[task].kind
-        if kind == "classification":
-            return prediction.argmax(dim=0)
-        if kind == "binary":
-            if prediction.shape[0] == 2:  # two-logit variant: probability of the positive class
-                return prediction.softmax(dim=0)[1]
-            return prediction[0].sigmoid()
-        if task == "normals":
-            return F.normalize(prediction, dim=0).permute(1, 2, 0).contiguous()
-        return prediction[0] if prediction.shape[0] == 1 else prediction.permute(1, 2, 0).contiguous()
+def _resize_and_decode_in_bands(spec: Any, prediction: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`spec.decode(bilinear resize of prediction to size)` for large sizes, a band of rows at a time: the full size
+    multi-channel map (13 float32 logits per pixel for NYUv2 semseg: 3.3 GB at 8000 x 8000) is never built, only the
+    decoded map. The same bilinear taps as `F.interpolate(..., align_corners=False)`, applied along the width once
+    and along the height per band."""
+    height, width = size
+    rows, row_weights = _bilinear_taps(height, prediction.shape[-2])
+    columns, column_weights = _bilinear_taps(width, prediction.shape[-1])
+    # Along the width for every source row: (channels, source rows, width), small (the model's height).
+    wide = torch.lerp(prediction[..., columns[0]], prediction[..., columns[1]], column_weights)
+    band = max(1, _BAND_PIXELS // width)
+    decoded = None
+    for start in range(0, height, band):
+        stop = min(start + band, height)
+        top, bottom = wide[:, rows[0][start:stop]], wide[:, rows[1][start:stop]]
+        piece = spec.decode(torch.lerp(top, bottom, row_weights[start:stop, None]))
+        if decoded is None:
+            decoded = torch.empty((height, *piece.shape[1:]), dtype=piece.dtype)
+        decoded[start:stop] = piece
+    return decoded
 
 
 __all__ = ["CTALImageProcessor", "load_image", "EXPECTED_LAYOUTS"]

@@ -24,12 +24,15 @@ from ctal_hf.training.arguments import parse_args  # noqa: E402  (light: --help 
 
 def main(argv=None, hub_api=None, on_step=None) -> dict:
     """Trains (or evaluates) and returns the evaluation results. `hub_api` replaces `huggingface_hub.HfApi` and
-    `on_step(completed_steps)` is called after every optimizer step (both for tests)."""
+    `on_step(completed_steps, run)` is called after every optimizer step, `run` holding the accelerator, model,
+    optimizer and loss weighting (both for tests)."""
     args = argv if not isinstance(argv, (list, tuple, type(None))) else parse_args(argv)
 
+    import contextlib
     import json
     import logging
     import shlex
+    from types import SimpleNamespace
 
     import datasets
     import torch
@@ -43,7 +46,6 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     from ctal_hf import CTALImageProcessor
     from ctal_hf.configuration_ctal import DECODER_NAMES
     from ctal_hf.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CTALTorchDataset, CTALTransform
-    from ctal_hf.tasks import TASKS
     from ctal_hf.training import building, checkpointing, evaluation, hub
     from ctal_hf.training.aggregation import GradientAggregation, check_aggregation_setting
     from ctal_hf.training.data_loading import EpochShuffleSampler, load_splits
@@ -76,21 +78,23 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     tasks = list(config.tasks)
     with accelerator.main_process_first():  # the main process builds the dataset cache, the others read it
         train_rows, eval_rows, dataset_name, class_names = load_splits(args, recipe, tasks, config.image_size)
-    model = building.build_model(args, config)
+    model = building.build_model(args, config, recipe)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     check_aggregation_setting(args.gradient_aggregator, model, accelerator, args.mixed_precision)
     train_transform = CTALTransform(
         config.image_size, train=True, flip=recipe.flip, scale_crop=recipe.scale_crop, fit=recipe.fit,
-        normalize=recipe.normalize,
+        normalize=recipe.normalize, rescale_range=recipe.rescale_range, crop=recipe.crop,
+        cat_max_ratio=recipe.cat_max_ratio, photometric=recipe.photometric,
     )  # fmt: skip
     eval_transform = CTALTransform(config.image_size, train=False, fit=recipe.fit, normalize=recipe.normalize)
-    train_dataset = CTALTorchDataset(train_rows, tasks, train_transform, seed=args.seed)
-    eval_dataset = CTALTorchDataset(eval_rows, tasks, eval_transform, seed=args.seed)
+    # The config, not the task names: custom tasks (`--task_specs`) read their columns as their kinds say.
+    train_dataset = CTALTorchDataset(train_rows, config, train_transform, seed=args.seed)
+    eval_dataset = CTALTorchDataset(eval_rows, config, eval_transform, seed=args.seed)
     train_sampler = EpochShuffleSampler(train_dataset, seed=args.seed)
     train_dataloader = DataLoader(
         train_dataset, sampler=train_sampler, batch_size=recipe.per_device_train_batch_size,
-        collate_fn=train_dataset.collate, num_workers=args.dataloader_num_workers,
+        collate_fn=train_dataset.collate, num_workers=args.dataloader_num_workers, drop_last=recipe.drop_last,
     )  # fmt: skip
     num_parameters = sum(p.numel() for p in model.parameters())  # before FSDP shards them
     weighting = build_loss_weighting(args.loss_weighting, config).to(accelerator.device)
@@ -99,6 +103,12 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         param_groups.append({"params": weighting.trainable_parameters(), "weight_decay": 0.0})
     optimizer = torch.optim.Adam(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"{len(train_dataset)} training images make no complete batch of {recipe.per_device_train_batch_size} per "
+            f"process ({accelerator.num_processes} processes) with drop_last: lower --per_device_train_batch_size or "
+            "pass --no-drop_last."
+        )
     accelerator.register_for_checkpointing(weighting)
     aggregation = None
     if args.gradient_aggregator != "none":
@@ -128,16 +138,17 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
 
     settings = {
         "recipe": recipe.name, "dataset": dataset_name, "decoder": config.decoder, "backbone": config.backbone,
-        "pretrained_backbone": args.pretrained_backbone or "none (random init)", "tasks": ",".join(tasks),
+        "pretrained_backbone": building.pretrained_backbone_source(args, recipe) or "none (random init)",
+        "tasks": ",".join(tasks),
         "image_size": "x".join(map(str, config.image_size)),
         "loss_weights": ", ".join(f"{t}={w:g}" for t, w in config.loss_weights.items()),
         "loss_weighting": args.loss_weighting, "gradient_aggregator": args.gradient_aggregator,
         "optimizer": "Adam", "learning_rate": recipe.learning_rate, "weight_decay": recipe.weight_decay,
-        "lr_scheduler": scheduler_name, "epochs": num_epochs, "max_train_steps": max_train_steps,
+        "lr_scheduler": f"{scheduler_name} (per {recipe.lr_scheduler_interval})", "epochs": num_epochs,
+        "max_train_steps": max_train_steps, "drop_last": recipe.drop_last,
         "total_batch_size": recipe.per_device_train_batch_size * accelerator.num_processes
         * args.gradient_accumulation_steps,
-        "augmentation": "+".join(n for n, on in (("flip", recipe.flip), ("scale_crop", recipe.scale_crop)) if on)
-        or "none",
+        "augmentation": recipe.augmentation_name(),
         "normalize": "ImageNet mean/std" if recipe.normalize else "[0, 1]",
         "mixed_precision": accelerator.mixed_precision, "seed": args.seed,
     }  # fmt: skip
@@ -169,6 +180,11 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         return accelerator.reduce(tensor, "mean") if accelerator.num_processes > 1 else tensor
 
     def training_step(batch):
+        # TorchJD back-propagates with autograd.grad, which DDP's reducer does not see: no_sync, then averaged by hand.
+        with accelerator.no_sync(model) if aggregation is not None else contextlib.nullcontext():
+            return _training_step(batch)
+
+    def _training_step(batch):
         outputs = model(**batch)
         terms = weighting(outputs.task_losses, terms=2 if outputs.initial_predictions else 1)
         loss = torch.stack(list(terms.values())).sum()
@@ -194,7 +210,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         return outputs, loss
 
     # ------------------------------------------------------------------------------------------------ training
-    completed_steps = 0
+    completed_steps, history = 0, []  # history: the per-epoch evaluations (--eval_every_epoch) of this process run
     if not args.eval_only:
         starting_epoch, skip_batches = 0, 0
         if candidates:
@@ -257,7 +273,9 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
                 if checkpointing_every != "epoch" and completed_steps % int(checkpointing_every) == 0:
                     save(completed_steps, epoch)
                 if on_step is not None:
-                    on_step(completed_steps)
+                    on_step(
+                        completed_steps, SimpleNamespace(accelerator=accelerator, model=model, weighting=weighting)
+                    )
                 if completed_steps >= max_train_steps:
                     break
             weighting.end_epoch()
@@ -266,6 +284,9 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
             if args.eval_every_epoch:
                 result = run_evaluation(desc=f"evaluating epoch {epoch}")
                 accelerator.log(result.log_dict("val"), step=completed_steps)
+                history.append(
+                    {"epoch": epoch, "step": completed_steps, "losses": result.losses, "final": result.final}
+                )
                 losses = ", ".join(
                     f"{t} {result.losses['final'][t]:.4f}"
                     + (f" (initial {result.losses['initial'][t]:.4f})" if "initial" in result.losses else "")
@@ -276,14 +297,16 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
 
     # ---------------------------------------------------------------------------------------------- evaluation
     result = run_evaluation()
-    table = metrics_table(result.final, result.initial)
+    table = metrics_table(result.final, result.initial, config)
     accelerator.print(f"\nValidation metrics ({dataset_name}, {len(eval_dataset)} images):\n{table}\n")
     results = {
         "final": result.final, "initial": result.initial, "losses": result.losses,
-        "headline": {task: result.final[task][TASKS[task].headline_metric] for task in tasks},
+        "headline": {task: result.final[task][spec.metric] for task, spec in config.get_tasks().items()},
+        "headline_metrics": {task: spec.metric for task, spec in config.get_tasks().items()},
+        "lower_is_better": [task for task, spec in config.get_tasks().items() if spec.lower_is_better],
         "dataset": dataset_name, "num_validation_images": len(eval_dataset), "decoder": config.decoder,
         "tasks": tasks, "num_parameters": num_parameters, "completed_steps": completed_steps,
-        "loss_weights_final": weighting.current_weights(), "settings": settings,
+        "loss_weights_final": weighting.current_weights(), "history": history, "settings": settings,
     }  # fmt: skip
     if args.report_to != "none":
         accelerator.log(result.log_dict("eval"), step=completed_steps)

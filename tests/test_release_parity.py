@@ -116,11 +116,13 @@ def test_aspp_dropout_drops_in_training_only():
         aspp(hidden),
         aspp.project(torch.cat([b(hidden) for b in aspp.branches] + [aspp.pooling(hidden).expand(-1, -1, 6, 6)], 1)),
     )
-    swin = CTALForDenseMultitask(
-        CTALConfig.from_preset("pascal_context", **TINY, backbone="swinv2_small", loss_weights=None)
+    from ctal_hf.decoders import build_final_head
+
+    swin = CTALConfig.from_preset("pascal_context", loss_weights=None, tasks=["semseg"])
+    assert build_final_head(swin, 128, "semseg").aspp.dropout.p == 0.5
+    assert (
+        build_final_head(CTALConfig(backbone="swinv2_small", image_size=[64, 64]), 128, "semseg").aspp.dropout.p == 0
     )
-    rates = {m.dropout.p for m in swin.modules() if isinstance(m, CTALASPP)}
-    assert rates == {0.5}
 
 
 def _decoder_convs(model):
@@ -154,3 +156,128 @@ def test_decoder_init_pytorch_default_vs_he_statistics():
                 assert std == pytest.approx(math.sqrt(2 / fan_out), rel=0.1)
     # The backbone is initialised the same way in both.
     torch.testing.assert_close(he.backbone.state_dict(), release.backbone.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def _recipe_config(recipe: str, decoder: str, *extra: str):
+    from ctal_hf.training import building
+    from ctal_hf.training.arguments import parse_args
+
+    args = parse_args(["--recipe", recipe, "--decoder", decoder, *extra])
+    resolved = building.resolve_recipe(args)
+    return args, resolved, building.build_config(args, resolved)
+
+
+def test_paper_recipes_train_each_decoder_with_the_release_loss_weights():
+    pascal = {"semseg": 2.0, "parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0}
+    baseline = {**pascal, "semseg": 1.0}
+    expected = {
+        "ctal_ss": pascal,
+        "padnet": baseline,
+        "papnet": baseline,
+        "mtl": {task: 2 * weight for task, weight in baseline.items()},  # the release adds the same loss twice
+        "stl": dict.fromkeys(pascal, 1.0),  # unweighted
+    }
+    for decoder, weights in expected.items():
+        assert _recipe_config("pascal_context", decoder)[2].loss_weights == weights, decoder
+    assert _recipe_config("cityscapes", "mtl")[2].loss_weights == {"semseg": 2.0, "depth": 20.0}
+    assert _recipe_config("cityscapes", "ctal_ms")[2].loss_weights == {"semseg": 1.0, "depth": 10.0}
+    assert _recipe_config("cityscapes", "stl")[2].loss_weights == {"semseg": 1.0, "depth": 1.0}
+    assert _recipe_config("synthetic", "mtl")[2].loss_weights == {"semseg": 1.0, "depth": 1.0, "normals": 1.0}
+
+
+def test_hard_sharing_loss_is_twice_the_unweighted_loss_under_the_paper_recipe():
+    *_, config = _recipe_config("nyuv2", "mtl", "--image_size", "64", "64", "--num_semseg_classes", "5")
+    plain = CTALConfig(**{**config.to_dict(), "loss_weights": None})
+    torch.manual_seed(0)
+    model = CTALForDenseMultitask(config).eval()
+    reference = CTALForDenseMultitask(plain).eval()
+    reference.load_state_dict(model.state_dict())
+    pixel_values = torch.randn(2, 3, 64, 64)
+    labels = {
+        "semseg": torch.randint(0, 5, (2, 64, 64)),
+        "depth": torch.rand(2, 1, 64, 64) + 0.5,
+        "normals": torch.nn.functional.normalize(torch.randn(2, 3, 64, 64), dim=1),
+    }
+    with torch.no_grad():
+        weighted, unweighted = model(pixel_values, labels=labels), reference(pixel_values, labels=labels)
+    torch.testing.assert_close(weighted.loss, 2 * unweighted.loss)
+
+
+def _lr_curve(scheduler, optimizer, steps: int) -> list[float]:
+    values = []
+    for _ in range(steps):
+        values.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+@pytest.mark.parametrize("name", ["cosine", "cosine_warm_restarts", "poly", "step"])
+def test_per_epoch_schedules_equal_torch_schedulers_stepped_after_every_epoch(name):
+    from ctal_hf.training import building
+    from ctal_hf.training.recipes import get_recipe
+
+    recipe = get_recipe("cityscapes")
+    assert recipe.lr_scheduler_interval == "epoch"
+    epochs, per_epoch = 12, 5
+    ours_opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1.0)
+    ours = building.make_scheduler(ours_opt, name, recipe, epochs * per_epoch, per_epoch, epochs)
+    ref_opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = {
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=epochs),
+        "cosine_warm_restarts": lambda: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(ref_opt, epochs // 3, 2),
+        "poly": lambda: torch.optim.lr_scheduler.PolynomialLR(ref_opt, total_iters=epochs, power=2),
+        "step": lambda: torch.optim.lr_scheduler.StepLR(ref_opt, step_size=epochs // 2, gamma=0.5),
+    }[name]()
+    expected = []
+    for epoch in range(epochs):
+        expected += [reference.get_last_lr()[0]] * per_epoch
+        ref_opt.step()
+        if name == "cosine_warm_restarts":
+            reference.step(epoch + (per_epoch - 1) / per_epoch)  # the release's call after the last batch
+        else:
+            reference.step()
+    assert _lr_curve(ours, ours_opt, epochs * per_epoch) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    per_step = building.make_scheduler(
+        ours_opt, name, recipe.replace(lr_scheduler_interval="step"), epochs * per_epoch, per_epoch, epochs
+    )
+    assert len(set(_lr_curve(per_step, ours_opt, per_epoch))) > 1 or name == "step"  # changes within an epoch
+
+
+def test_paper_recipes_follow_the_release_training_settings():
+    from ctal_hf.training.recipes import get_recipe
+
+    for name in ("nyuv2", "cityscapes", "pascal_context"):
+        recipe = get_recipe(name)
+        assert recipe.drop_last and recipe.pretrained_backbone == "timm" and recipe.lr_scheduler_interval == "epoch"
+        assert recipe.per_device_train_batch_size == 8  # STL too: the paper's 8, not the release's PASCAL 2
+    assert not get_recipe("nyuv2").normalize and not get_recipe("cityscapes").normalize  # [0, 1] inputs
+    pascal = get_recipe("pascal_context")
+    assert pascal.normalize and pascal.rescale_range == (0.5, 2.0) and pascal.crop and pascal.photometric
+    assert pascal.cat_max_ratio == 0.75 and pascal.fit == "pad" and pascal.flip
+    synthetic = get_recipe("synthetic")
+    assert synthetic.pretrained_backbone is None and not synthetic.drop_last
+    with pytest.raises(ValueError, match="lr_scheduler_interval"):
+        synthetic.replace(lr_scheduler_interval="batch")
+
+
+def test_paper_recipe_offline_names_the_flags_that_give_weights_or_opt_out():
+    from ctal_hf.training import building
+
+    args, recipe, config = _recipe_config("nyuv2", "mtl", "--image_size", "64", "64")
+    with pytest.raises(RuntimeError, match=r"--pretrained_backbone /path/to/weights.safetensors.*none"):
+        building.build_model(args, config, recipe)
+    args, recipe, config = _recipe_config("nyuv2", "mtl", "--image_size", "64", "64", "--pretrained_backbone", "none")
+    assert isinstance(building.build_model(args, config, recipe), CTALForDenseMultitask)
+
+
+def test_building_a_model_never_downloads(monkeypatch):
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    for preset in sorted(PRESETS):
+        CTALForDenseMultitask(CTALConfig.from_preset(preset, **TINY, loss_weights=None))

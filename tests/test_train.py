@@ -4,6 +4,7 @@ one process, push to the Hub (fake upload, real download from the local mirror),
 Runs use tiny settings (64x64 images, 16 training images, batch 4) and one CPU thread per process so that results
 are bit-reproducible."""
 
+import importlib.util
 import json
 import math
 import os
@@ -55,7 +56,7 @@ import os, signal, sys
 sys.path.insert(0, {examples!r})
 import train
 
-def on_step(step):
+def on_step(step, run):
     if step == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -111,7 +112,8 @@ def test_paper_recipes_and_warm_restarts():
     # Warm restarts: T_0 = epochs // 3 epochs (in optimizer steps), then twice as long; the closed form the
     # script steps equals torch's CosineAnnealingWarmRestarts step by step.
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
-    scheduler = building.make_scheduler(optimizer, "cosine_warm_restarts", city, 75 * 10, 10, 75)
+    per_step = city.replace(lr_scheduler_interval="step")
+    scheduler = building.make_scheduler(optimizer, "cosine_warm_restarts", per_step, 75 * 10, 10, 75)
     reference_optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
     reference = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(reference_optimizer, T_0=25 * 10, T_mult=2)
     for step in range(750):
@@ -212,7 +214,7 @@ def test_real_nyuv2_sample_trains_and_evaluates(tmp_path, realdata, reset_accele
     output = tmp_path / "out"
     argv = ["--dataset", "nyuv2", "--data_dir", str(tmp_path / "nyuv2"), "--cache_dir", str(tmp_path / "cache")]
     argv += ["--image_size", "64", "96", "--max_train_steps", "2", "--per_device_train_batch_size", "2"]
-    argv += ["--num_prediction_images", "1", "--output_dir", str(output)]
+    argv += ["--num_prediction_images", "1", "--output_dir", str(output), "--pretrained_backbone", "none"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -408,3 +410,159 @@ def test_make_table_means_stds_and_delta_m(tmp_path):
     assert "11.67 ± 2.36" in rows["CTAL-SS"]
     assert "34.50 ± 2.12" in rows["CTAL-SS"] and "| 5.90 |" in rows["CTAL-SS"]
     assert "python examples/run_experiments.py" in text
+
+
+# ------------------------------------------------------------------------------------------------------ resume checks
+SMALL = [
+    "--image_size", "32", "64",
+    "--num_train_images", "8",
+    "--num_validation_images", "3",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "3",
+    "--num_prediction_images", "0",
+]  # fmt: skip
+
+
+def _main(argv: list[str], **kwargs) -> dict:
+    """One in-process run with one CPU thread (bit-reproducible) and a fresh accelerate state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train.main(argv, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_resume_checks_fallback_and_a_new_step_budget(tmp_path, caplog, reset_accelerate):
+    from ctal_hf.training.checkpointing import TRAINING_STATE_FILE, CheckpointError
+
+    output = tmp_path / "run"
+    checkpoints = output / "checkpoints"
+    base = [*SMALL, "--output_dir", str(output), "--checkpointing_steps", "2", "--checkpoints_total_limit", "3"]
+    _main([*base, "--max_train_steps", "4"])
+    assert [p.name for _, p in checkpointing.list_checkpoints(checkpoints)] == ["step_2", "step_4"]
+    resume = [*base, "--resume_from_checkpoint", "latest"]
+
+    # Another decoder or loss weighting: refused before anything is loaded, with the flag to use.
+    with pytest.raises(CheckpointError, match="--decoder ctal_ss, this run has --decoder mtl: resume with"):
+        _main([*resume, "--max_train_steps", "6", "--decoder", "mtl"])
+    with pytest.raises(CheckpointError, match="--loss_weighting fixed, this run has --loss_weighting dwa"):
+        _main([*resume, "--max_train_steps", "6", "--loss_weighting", "dwa"])
+    with pytest.raises(CheckpointError, match="at step 4, not before --max_train_steps 3: pass a larger"):
+        _main([*resume, "--max_train_steps", "3"])
+
+    # A corrupt file (random bytes, same size) in an explicit checkpoint: a short error naming it.
+    weights = checkpoints / "step_4" / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(os.urandom(len(original)))
+    explicit = [*base, "--max_train_steps", "6", "--resume_from_checkpoint", str(checkpoints / "step_4")]
+    with pytest.raises(CheckpointError, match=r"step_4 cannot be loaded .* corrupt") as error:
+        _main(explicit)
+    assert len(str(error.value)) < 600
+
+    # 'latest' with a truncated newest checkpoint falls back to the previous one; the run has a new step budget
+    # (6 instead of 4): the learning rate follows the 6-step cosine and ends at 0 (the old scheduler state would
+    # have restored the 4-step cosine and risen again to half the rate).
+    weights.write_bytes(original[: len(original) // 2])
+    results = _main([*resume, "--max_train_steps", "6"])
+    assert "Skipping" in caplog.text and "step_4 is incomplete: model.safetensors" in caplog.text
+    assert results["completed_steps"] == 6
+    scheduler = torch.load(checkpoints / "step_6" / "scheduler.bin", weights_only=False)
+    assert scheduler["last_epoch"] == 6 and scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-15)
+
+    # A checkpoint without the decoder in its state (as older runs wrote them) loaded into another decoder: the
+    # state-dict mismatch is summarised in a few lines, not a dump of every key.
+    for _, folder in checkpointing.list_checkpoints(checkpoints):
+        state = json.loads((folder / TRAINING_STATE_FILE).read_text())
+        del state["decoder"]
+        (folder / TRAINING_STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"holds the weights of another model \(\d+ missing") as error:
+        _main([*resume, "--max_train_steps", "8", "--decoder", "papnet"])
+    assert len(str(error.value)) < 600
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step: int):
+    def on_step(completed_steps, run):
+        if completed_steps == step:
+            raise _Crash(step)
+
+    return on_step
+
+
+@pytest.mark.parametrize(
+    "method",
+    [["--loss_weighting", "uncertainty", "--gradient_aggregator", "upgrad"], ["--loss_weighting", "dwa"]]
+    + [["--loss_weighting", "famo"]],
+    ids=["uncertainty+upgrad", "dwa", "famo"],
+)
+def test_loss_balancing_resumes_exactly(tmp_path, method, reset_accelerate):
+    if "--gradient_aggregator" in method:
+        pytest.importorskip("torchjd")
+    # 8 images in batches of 4: 2 steps an epoch, so DWA's weights move after epoch 2 (step 4); the crash (right
+    # after the checkpoint of step 3) is mid-epoch.
+    common = [*SMALL, "--max_train_steps", "6", "--checkpointing_steps", "3", "--seed", "1", *method]
+    reference = _main([*common, "--output_dir", str(tmp_path / "reference")])
+    with pytest.raises(_Crash):
+        _main([*common, "--output_dir", str(tmp_path / "resumed")], on_step=_crash_at(3))
+    resumed = _main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+    expected = load_file(tmp_path / "reference" / "model.safetensors")
+    actual = load_file(tmp_path / "resumed" / "model.safetensors")
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+    assert resumed["loss_weights_final"] == reference["loss_weights_final"]
+    assert resumed["final"] == reference["final"]
+    initial = {"uncertainty": 0.5 * math.exp(0.5), "dwa": 1.0, "famo": 1 / 3}[method[1]]
+    assert all(abs(w - initial) > 1e-6 for w in reference["loss_weights_final"].values()), "weights never moved"
+    assert reference["settings"]["loss_weighting"] == method[1]
+
+
+# Runs train.main under torchrun and writes, per rank, a checksum of the model and of the loss weighting after the
+# last step, so the test can check that every process holds the same weights.
+DDP_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {examples!r})
+import torch
+import train
+
+def on_step(step, run):
+    if step == {step}:
+        model = run.accelerator.unwrap_model(run.model)
+        sums = {{name: float(p.detach().double().sum()) for name, p in model.named_parameters()}}
+        sums.update({{"weighting/" + k: float(v.double().sum()) for k, v in run.weighting.state_dict().items()
+                      if torch.is_tensor(v)}})
+        path = os.path.join({output!r}, "rank_" + os.environ["RANK"] + ".json")
+        with open(path, "w") as handle:
+            json.dump(sums, handle)
+
+train.main(sys.argv[1:], on_step=on_step)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchjd") is None, reason="torchjd is not installed")
+def test_ddp_loss_balancing_and_aggregation_keep_processes_identical(tmp_path):
+    output = tmp_path / "ddp"
+    output.mkdir()
+    driver = DDP_DRIVER.format(examples=str(EXAMPLES), step=3, output=str(output))
+    args = [*SMALL, "--max_train_steps", "3", "--output_dir", str(output), "--loss_weighting", "uncertainty"]
+    args += ["--gradient_aggregator", "upgrad", "--checkpointing_steps", "100"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launcher, "--no-python", sys.executable, "-c", driver, *args]
+    result = subprocess.run(
+        command, cwd=REPO, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert (output / "README.md").is_file(), f"exit {result.returncode}\n{result.stderr[-5000:]}"
+    assert "MULTI_CPU" in result.stdout + result.stderr
+    rank0 = json.loads((output / "rank_0.json").read_text())
+    rank1 = json.loads((output / "rank_1.json").read_text())
+    assert rank0.keys() == rank1.keys() and any(k.startswith("weighting/") for k in rank0)
+    assert rank0 == rank1  # the same parameters and learned loss weights in both processes
+    weights = _results(output)["loss_weights_final"]
+    assert all(abs(w - 0.5 * math.exp(0.5)) > 1e-6 for w in weights.values())

@@ -110,7 +110,10 @@ class GradientAggregation:
         averages a tensor across processes (None: one process). `extra_params` (learned loss weights) are
         averaged too."""
         losses = list(task_terms.values())
-        self._mtl_backward(losses, features=self.features.tensors(), shared_params=self.shared_params)
+        # retain_graph: decoder parts used by several tasks (fusion, CTAL) are back-propagated once per task.
+        self._mtl_backward(
+            losses, features=self.features.tensors(), shared_params=self.shared_params, retain_graph=True
+        )
         if reduce_mean is not None:
             for param in self.shared_params:
                 if getattr(param, "jac", None) is not None:

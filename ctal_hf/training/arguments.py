@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .recipes import RECIPES, SCHEDULERS
+from .recipes import RECIPES, SCHEDULER_INTERVALS, SCHEDULERS
 
 # Loss weighting methods (`ctal_hf.training.loss_weighting`) and TorchJD aggregators
 # (`ctal_hf.training.aggregation`), by command-line name. The modules that implement them check these names too.
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained_backbone",
         default=None,
         help="ImageNet weights for the backbone: 'timm' (timm's own, from the Hub), a local .safetensors / torch "
-        "file, or a Hub model id holding model.safetensors (e.g. timm/hrnet_w18_small_v2.ms_in1k). Default: random.",
+        "file, a Hub model id holding model.safetensors (e.g. timm/hrnet_w18_small_v2.ms_in1k), or 'none' (random "
+        "weights). Default: the recipe's ('timm' for the paper recipes, as the authors' release; none for synthetic).",
     )
     model.add_argument("--tasks", nargs="+", default=None, help="Default: the preset's (e.g. semseg depth normals).")
     model.add_argument("--image_size", nargs=2, type=positive_int, default=None, metavar=("HEIGHT", "WIDTH"))
@@ -119,12 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="Optimizer steps; overrides epochs. May change on resume: the schedule follows the new total.",
     )
     train.add_argument("--lr_scheduler", default=None, choices=SCHEDULERS)
+    train.add_argument(
+        "--lr_scheduler_interval",
+        default=None,
+        choices=SCHEDULER_INTERVALS,
+        help="epoch: the learning rate changes once per epoch (the paper recipes, as the release); step: every "
+        "optimizer step.",
+    )
     train.add_argument("--per_device_train_batch_size", type=positive_int, default=None)
     train.add_argument("--per_device_eval_batch_size", type=positive_int, default=None)
     train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     train.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     train.add_argument("--scale_crop", action=argparse.BooleanOptionalAction, default=None, help="MTAN scale-crop.")
     train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="Random horizontal flip.")
+    train.add_argument(
+        "--photometric",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Random brightness / contrast / saturation / hue (the PASCAL-Context recipe's).",
+    )
+    train.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ImageNet mean/std input normalisation (off in the HRNet paper recipes: [0, 1] inputs, as the release).",
+    )
+    train.add_argument(
+        "--drop_last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Drop the last incomplete training batch of each epoch (on in the paper recipes).",
+    )
     train.add_argument(
         "--loss_weighting",
         default="fixed",

@@ -10,7 +10,7 @@ import torch
 from ..configuration_ctal import PRESETS, CTALConfig
 from ..modeling_ctal import CTALForDenseMultitask
 from .arguments import read_json_file
-from .recipes import RECIPES, CTALRecipe, get_recipe
+from .recipes import RECIPES, SCHEDULERS, CTALRecipe, get_recipe
 
 RECIPE_FLAGS: tuple[str, ...] = (
     "learning_rate",
@@ -21,6 +21,11 @@ RECIPE_FLAGS: tuple[str, ...] = (
     "per_device_eval_batch_size",
     "scale_crop",
     "flip",
+    "photometric",
+    "normalize",
+    "drop_last",
+    "lr_scheduler_interval",
+    "pretrained_backbone",
     "num_train_images",
     "num_validation_images",
 )
@@ -100,7 +105,8 @@ def build_config(args: argparse.Namespace, recipe: CTALRecipe) -> CTALConfig:
         fields["task_specs"] = read_json_file("task_specs", args.task_specs)
     weights = dict(PRESETS[recipe.preset].get("loss_weights", {}))
     tasks = fields.get("tasks", PRESETS[recipe.preset]["tasks"])
-    fields["loss_weights"] = {task: weight for task, weight in weights.items() if task in tasks}
+    weights = {task: weight for task, weight in weights.items() if task in tasks}
+    fields["loss_weights"] = recipe.loss_weights_for(args.decoder, weights)
     fields.update(parse_config_overrides(args.config_overrides))
     return CTALConfig.from_preset(recipe.preset, **fields)
 
@@ -137,14 +143,37 @@ def parse_config_overrides(text: str | None) -> dict:
     return fields
 
 
-def build_model(args: argparse.Namespace, config: CTALConfig) -> CTALForDenseMultitask:
+def build_model(args: argparse.Namespace, config: CTALConfig, recipe: CTALRecipe | None = None):
+    """The model: `--model_name_or_path`, else a new one whose backbone starts from the ImageNet weights of
+    `--pretrained_backbone` (default: the recipe's; the paper recipes use timm's) or from random weights (`none`).
+    Weights that cannot be obtained (offline, no such file) stop the run with a message naming both ways out."""
     if args.model_name_or_path:
         return CTALForDenseMultitask.from_pretrained(args.model_name_or_path, config=config)
-    if args.pretrained_backbone:
-        return CTALForDenseMultitask.from_config_with_backbone_weights(
-            config, backbone_weights_file(args.pretrained_backbone)
-        )
-    return CTALForDenseMultitask(config)
+    source = pretrained_backbone_source(args, recipe)
+    if source is None:
+        return CTALForDenseMultitask(config)
+    try:
+        weights = backbone_weights_file(source)
+        return CTALForDenseMultitask.from_config_with_backbone_weights(config, weights)
+    except (OSError, RuntimeError) as error:  # huggingface_hub's offline / not-found errors are OSErrors
+        origin = "the default of this recipe" if args.pretrained_backbone is None else "--pretrained_backbone"
+        reason = (str(error).splitlines() or [""])[0].rstrip(".")
+        raise RuntimeError(
+            f"Could not obtain ImageNet weights {source!r} for the {config.backbone} backbone ({origin}): "
+            f"{type(error).__name__}: {reason}. Offline, pass "
+            "--pretrained_backbone /path/to/weights.safetensors (a full timm state dict of the backbone), or "
+            "--pretrained_backbone none to train from random weights."
+        ) from error
+
+
+def pretrained_backbone_source(args: argparse.Namespace, recipe: CTALRecipe | None) -> str | None:
+    """`--pretrained_backbone` if given (`none` = random weights), else the recipe's default."""
+    source = args.pretrained_backbone
+    if source is None and recipe is not None:
+        source = recipe.pretrained_backbone
+    if source is None or source.lower() == "none":
+        return None
+    return source
 
 
 def cosine_factor(step: int, total: int) -> float:
@@ -162,18 +191,57 @@ def warm_restarts_factor(step: int, first: int, mult: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / cycle))
 
 
+def poly_factor(position: float, total: float, power: float = 2.0) -> float:
+    """Polynomial decay to 0 over `total` (torch's `PolynomialLR(total_iters=total, power=2)`)."""
+    return (1.0 - min(position, total) / max(1.0, total)) ** power
+
+
+def step_factor(position: float, total: float) -> float:
+    """Halved every `total // 2` (torch's `StepLR(step_size=total // 2, gamma=0.5)`)."""
+    return 0.5 ** (position // max(1, int(total) // 2))
+
+
 def make_scheduler(optimizer, name: str, recipe: CTALRecipe, max_train_steps: int, steps_per_epoch: int, epochs: int):
-    """Stepped once per optimizer step. Warm restarts: T_0 = epochs // divisor epochs, then T_mult times longer.
+    """The learning-rate schedule, stepped once per optimizer step by the training loop.
+
+    `recipe.lr_scheduler_interval == "step"`: the curve advances every optimizer step (cosine over `max_train_steps`;
+    warm restarts with T_0 = epochs // divisor epochs, then T_mult times longer). `"epoch"`: it advances once per
+    epoch, as the authors' release steps its torch schedulers after every epoch (CosineAnnealingLR(T_max=epochs),
+    CosineAnnealingWarmRestarts(T_0=epochs // 3, T_mult=2) stepped at `epoch + (n - 1) / n` after an epoch of n
+    batches, PolynomialLR(epochs, power=2), StepLR(epochs // 2, 0.5)).
 
     The schedules are closed-form functions of the step (a `LambdaLR` whose functions are not saved in its state),
     so a run resumed with another `--max_train_steps` follows the new schedule from the step it resumes at."""
-    if name == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, max_train_steps))
-    if name == "cosine_warm_restarts":
-        first = max(1, epochs // recipe.restart_epochs_divisor) * steps_per_epoch
-        mult = recipe.restart_mult
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warm_restarts_factor(step, first, mult))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown lr_scheduler {name!r}; choose from {list(SCHEDULERS)}.")
+    first_epochs = max(1, epochs // recipe.restart_epochs_divisor)
+    mult = recipe.restart_mult
+    if recipe.lr_scheduler_interval == "epoch":
+        per_epoch = max(1, steps_per_epoch)
+
+        def position(step: int) -> float:
+            return float(step // per_epoch)
+
+        def warm_position(step: int) -> float:
+            epoch = step // per_epoch
+            return 0.0 if epoch == 0 else epoch - 1 + (per_epoch - 1) / per_epoch
+
+        length, first = float(epochs), float(first_epochs)
+    else:
+
+        def position(step: int) -> float:
+            return float(step)
+
+        warm_position = position
+        length, first = float(max_train_steps), float(first_epochs * steps_per_epoch)
+    factors = {
+        "cosine": lambda step: cosine_factor(position(step), length),
+        "cosine_warm_restarts": lambda step: warm_restarts_factor(warm_position(step), first, mult),
+        "poly": lambda step: poly_factor(position(step), length),
+        "step": lambda step: step_factor(position(step), length),
+        "constant": lambda step: 1.0,
+    }
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors[name])
 
 
 def schedule_length(num_batches: int, gradient_accumulation_steps: int, recipe: CTALRecipe) -> tuple[int, int, int]:
@@ -191,6 +259,9 @@ __all__ = [
     "build_config",
     "parse_config_overrides",
     "build_model",
+    "pretrained_backbone_source",
+    "poly_factor",
+    "step_factor",
     "cosine_factor",
     "warm_restarts_factor",
     "make_scheduler",

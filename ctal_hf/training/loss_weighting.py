@@ -28,6 +28,8 @@ Methods:
   `J_softmax(xi)^T (log L_before - log L_after)`.
 """
 
+import copy
+
 import torch
 from torch import nn
 
@@ -184,7 +186,7 @@ class FAMOWeighting(CTALLossWeighting):
 
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
-        state["_optimizer"] = self._optimizer.state_dict()
+        state["_optimizer"] = copy.deepcopy(self._optimizer.state_dict())  # a snapshot, not the live tensors
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
