@@ -77,8 +77,8 @@ def test_config_json_with_a_typo_raises_on_load(tmp_path):
     [
         ("loss_weights", {"depth": -1.0}, r"loss_weights\['depth'\]"),
         ("loss_weights", {"depth": float("nan")}, r"loss_weights\['depth'\]"),
-        ("edge_pos_weight", 1.5, "edge_pos_weight"),
-        ("edge_pos_weight", 0.0, "edge_pos_weight"),
+        ("edge_pos_weight", 1.5, "pos_weight"),
+        ("edge_pos_weight", 0.0, "pos_weight"),
         ("initializer_range", -0.02, "initializer_range"),
         ("ignore_index", 2, "ignore_index"),
         ("gamma", 1.5, "gamma"),
@@ -236,3 +236,29 @@ def test_the_pipeline_refuses_nan_images(predictor):
     image[0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="NaN or infinite"):
         predictor(image)
+
+
+def test_large_maps_are_decoded_and_colour_coded_in_bands(model, monkeypatch):
+    """The banded path that keeps an 8000 x 8000 image's memory bounded gives the maps of the direct path (forced
+    here at a small size by lowering its thresholds)."""
+    import ctal_hf.image_processing_ctal as image_processing
+    import ctal_hf.visualization as visualization
+
+    processor = CTALImageProcessor.from_model_config(model.config)
+    with torch.no_grad():
+        outputs = model(pixel_values=torch.randn(1, 3, 64, 64))
+    size = (203, 311)
+    direct = processor.post_process_multitask(outputs, target_sizes=[size])[0]
+    direct_pictures = visualization.visualize_predictions({task: value.numpy() for task, value in direct.items()})
+    monkeypatch.setattr(image_processing, "BANDED_DECODE_PIXELS", 1000)
+    monkeypatch.setattr(image_processing, "_BAND_PIXELS", 3000)
+    monkeypatch.setattr(visualization, "BANDED_PIXELS", 1000)
+    monkeypatch.setattr(visualization, "_BAND_PIXELS", 3000)
+    banded = processor.post_process_multitask(outputs, target_sizes=[size])[0]
+    assert (banded["semseg"] == direct["semseg"]).float().mean() > 0.999
+    torch.testing.assert_close(banded["depth"], direct["depth"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(banded["normals"], direct["normals"], atol=1e-3, rtol=1e-3)
+    banded_pictures = visualization.visualize_predictions({task: value.numpy() for task, value in direct.items()})
+    for task, picture in direct_pictures.items():
+        difference = np.abs(np.asarray(picture, np.int16) - np.asarray(banded_pictures[task], np.int16))
+        assert picture.size == (size[1], size[0]) and difference.max() <= 1, task
