@@ -99,3 +99,13 @@ def test_ctal_attention_benchmark_writes_its_table(tmp_path):
     )
     text = output.read_text()
     assert "pascal_swin" in text and "dense" in text
+
+
+def test_startup_benchmark_writes_its_table(tmp_path):
+    output = tmp_path / "startup.md"
+    _run(
+        "startup.py", "--repeats", "1", "--commands", "import ctal_hf", "ctal-predict --help", "--output", str(output)
+    )
+    rows = {name: cells for name, cells in _table_rows(output.read_text()).items() if name.startswith("`")}
+    assert set(rows) == {"`import ctal_hf`", "`ctal-predict --help`"}
+    assert all(float(cells[1]) > 0 for cells in rows.values())
