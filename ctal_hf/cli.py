@@ -67,17 +67,11 @@ def _local_config(parser: argparse.ArgumentParser, model: str) -> dict[str, Any]
 
 
 def _check_tasks(parser: argparse.ArgumentParser, tasks: Sequence[str] | None, predicted: Sequence[str] | None):
-    if not tasks:
+    if not tasks or predicted is None:  # a Hub model: checked against its config once that is read
         return
-    if predicted is None:
-        from .tasks import TASKS
-
-        predicted, what = list(TASKS), "known tasks are"
-    else:
-        what = "this model predicts"
     unknown = [task for task in tasks if task not in predicted]
     if unknown:
-        parser.error(f"--tasks {' '.join(unknown)}: not predicted; {what} {' '.join(predicted)}.")
+        parser.error(f"--tasks {' '.join(unknown)}: not predicted; this model predicts {' '.join(predicted)}.")
 
 
 def _check_images(parser: argparse.ArgumentParser, images: Sequence[str]) -> None:
@@ -223,7 +217,7 @@ def _predict(predictor, args: argparse.Namespace, staging: Path) -> int:
             visualizations[task].save(staging / f"{stem}_{task}.png")
         if not args.no_panel:
             image = predictor.image_processor.process_image(image_path).permute(1, 2, 0).numpy()  # what the model saw
-            figure = make_figure(image, result, tasks=list(result), dpi=args.dpi)
+            figure = make_figure(image, result, tasks=list(result), dpi=args.dpi, task_specs=predictor.model.config)
             figure.savefig(staging / f"{stem}_panel.png", dpi=args.dpi, format="png")
         logger.info(f"{image_path}: wrote {len(result)} maps for {stem}")
     return len(results)
