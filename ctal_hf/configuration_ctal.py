@@ -1,6 +1,9 @@
 """CTAL model configuration."""
 
 import copy
+import dataclasses
+import difflib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -87,6 +90,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_impl": "factorized",
     },
 }
+
+
+# Keyword arguments `PreTrainedConfig` (and `from_pretrained` / `from_dict`) accept besides its dataclass fields: what
+# a config.json from transformers carries, and the legacy names it still reads. Anything else is a typo.
+PRETRAINED_CONFIG_KWARGS: frozenset[str] = frozenset(
+    {
+        "auto_map", "custom_pipelines", "model_type", "name_or_path", "_name_or_path", "_commit_hash", "torch_dtype",
+        "num_labels", "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
+        "_attn_implementation_internal", "_experts_implementation_internal", "rope_scaling", "rope_theta",
+        "rope_parameters", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id", "eos_token_id",
+        "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task", "tie_word_embeddings",
+        "torchscript", "pruned_heads", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+        "tie_encoder_decoder", "base_model_tp_plan", "base_model_pp_plan", "base_model_ep_plan", "use_cache",
+    }
+)  # fmt: skip
 
 
 @strict
@@ -249,7 +267,29 @@ class CTALConfig(PreTrainedConfig):
         self._check_fields()
         weights = self.loss_weights or {}
         self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}
+        self._check_unknown_kwargs(kwargs)
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def _check_unknown_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        """Refuses a keyword that is neither a field nor one `PreTrainedConfig` knows (a typo such as
+        `num_semseg_class=20` would otherwise become an unused attribute and leave the field at its default)."""
+        from transformers.generation import GenerationConfig
+
+        fields = [field.name for field in dataclasses.fields(cls)]
+        known = set(fields) | PRETRAINED_CONFIG_KWARGS | set(cls.attribute_map)
+        unknown = [name for name in kwargs if name not in known]
+        if unknown:
+            unknown = [name for name in unknown if name not in GenerationConfig._get_default_generation_params()]
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+                hints.append(f"`{name}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+            raise TypeError(
+                f"{cls.__name__} got unknown keyword argument(s) {', '.join(hints)}; its fields are documented in "
+                f"`help({cls.__name__})`."
+            )
 
     def _check_fields(self):
         """Checks that the fields describe a model that can be built, naming the field that is wrong. Runs in
@@ -307,6 +347,27 @@ class CTALConfig(PreTrainedConfig):
         extra = set(self.loss_weights or {}) - set(self.tasks)
         if extra:
             raise ValueError(f"`loss_weights` names tasks the model does not predict: {sorted(extra)}.")
+        for task, weight in (self.loss_weights or {}).items():
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                raise ValueError(
+                    f"`loss_weights[{task!r}]` must be a finite number >= 0 (0 switches the task's loss off), got "
+                    f"{weight!r}."
+                )
+        if not 0.0 < self.edge_pos_weight < 1.0:
+            raise ValueError(
+                f"`edge_pos_weight` is the weight of edge pixels in a balanced BCE (the rest get 1 - it) and must lie "
+                f"in (0, 1), got {self.edge_pos_weight}."
+            )
+        if not (math.isfinite(self.initializer_range) and self.initializer_range > 0):
+            raise ValueError(
+                f"`initializer_range` must be a positive standard deviation, got {self.initializer_range}."
+            )
+        classes = max(self.num_semseg_classes, self.num_parts_classes, 2)
+        if 0 <= self.ignore_index < classes:
+            raise ValueError(
+                f"`ignore_index` {self.ignore_index} is a valid class id (classes are 0..{classes - 1}, binary labels 0 "
+                "and 1), so those pixels would be ignored; use 255 or a negative value."
+            )
 
     def _resolve_backbone(self) -> None:
         """Turns `backbone_config` into a backbone config instance (as `SubConfigSpec` does, with errors that name the

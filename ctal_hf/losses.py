@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Losses a regression task may use (`TaskSpec.loss`).
-REGRESSION_LOSSES: tuple[str, ...] = ("l1", "mse", "smooth_l1")
+from .tasks import REGRESSION_LOSSES
 
 
 def _valid_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

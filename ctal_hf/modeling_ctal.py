@@ -15,6 +15,13 @@ from .blocks import CTALClassifier, upsample_to
 from .configuration_ctal import CTALConfig
 from .ctal_module import CTALAffinityModule
 from .decoders import DECODERS
+from .input_checks import (
+    check_checkpoint_matches,
+    check_pixel_values,
+    held_load_report,
+    saved_config_matches,
+    weights_file_error,
+)
 from .losses import CTALCriterion
 
 logger = logging.get_logger(__name__)
@@ -59,6 +66,30 @@ class CTALPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["CTALAffinityModule"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with two checks: a weights file safetensors cannot read (empty,
+        truncated, random bytes) raises an `OSError` naming the file, and a checkpoint whose tensors do not fit the
+        architecture of the config saved with it (say, an edited `decoder`) raises a short `ValueError` instead of
+        leaving the missing parts randomly initialised. A `config=` that differs from the saved one (fine-tuning into
+        another architecture on purpose) keeps transformers' behaviour: a load report, as a warning."""
+        from safetensors import SafetensorError
+
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        given = kwargs.get("config")
+        check = given is None or saved_config_matches(cls.config_class, given, pretrained_model_name_or_path, kwargs)
+        with held_load_report(hold=check) as report:
+            try:
+                model, info = super().from_pretrained(
+                    pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                )
+            except SafetensorError as error:
+                report.drop()
+                raise OSError(weights_file_error(pretrained_model_name_or_path, error)) from None
+            if check:
+                check_checkpoint_matches(model.config, info, pretrained_model_name_or_path)
+        return (model, info) if output_loading_info else model
 
     def _backbone_module_ids(self) -> frozenset[int]:
         """Ids of the modules inside the backbone(s), which `decoder_init` does not apply to (computed once)."""
@@ -164,8 +195,7 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
 
     def _check_inputs(self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None) -> None:
         expected = tuple(self.config.image_size)
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"`pixel_values` must be (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+        check_pixel_values(pixel_values, self.dtype)
         if tuple(pixel_values.shape[-2:]) != expected:
             raise ValueError(
                 f"`pixel_values` are {tuple(pixel_values.shape[-2:])} but this model is tied to image_size "

@@ -107,6 +107,11 @@ class DenseMultitaskPipeline(Pipeline):
             inputs = list(inputs)
         if isinstance(inputs, list) and not inputs:
             return []
+        for name in ("batch_size", "num_workers"):
+            value = kwargs.get(name, getattr(self, f"_{name}", None))  # a call's value, or the one given at creation
+            minimum = 1 if name == "batch_size" else 0
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(

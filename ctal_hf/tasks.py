@@ -35,24 +35,24 @@ whose settings come from the config's fields (`num_semseg_classes`, `num_parts_c
 ```
 """
 
+from __future__ import annotations
+
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from .losses import (
-    REGRESSION_LOSSES,
-    balanced_bce_sum,
-    bce_sum,
-    cross_entropy_sum,
-    normals_loss_sum,
-    regression_loss_sum,
-)
+if TYPE_CHECKING:
+    import torch
+
+# torch (and the losses, metrics and colour maps) are imported by the methods that use them, so that reading a config
+# (`from ctal_hf import CTALConfig`) does not import torch.
+
+# Losses a regression task may use (`CTALRegressionTask.loss`).
+REGRESSION_LOSSES: tuple[str, ...] = ("l1", "mse", "smooth_l1")
 
 BUILTIN_TASK_NAMES: tuple[str, ...] = ("semseg", "parts", "depth", "normals", "saliency", "edge")
 
@@ -126,7 +126,7 @@ class CTALTask(ABC):
 
     # ------------------------------------------------------------------------------------------------- building
     @classmethod
-    def from_spec(cls, name: str, spec: Mapping[str, Any], ignore_index: int = 255) -> "CTALTask":
+    def from_spec(cls, name: str, spec: Mapping[str, Any], ignore_index: int = 255) -> CTALTask:
         """Checks a spec dict and builds the task of its kind; raises `ValueError` naming the task and field."""
         if not isinstance(name, str) or not name or not name.isidentifier():
             raise ValueError(
@@ -146,7 +146,7 @@ class CTALTask(ABC):
         return TASK_KINDS[kind]._build(name, spec, ignore_index)
 
     @classmethod
-    def _build(cls, name: str, spec: Mapping[str, Any], ignore_index: int) -> "CTALTask":
+    def _build(cls, name: str, spec: Mapping[str, Any], ignore_index: int) -> CTALTask:
         unknown = sorted(set(spec) - set(SPEC_FIELDS))
         if unknown:
             raise _spec_error(name, unknown[0], f"is not a spec field; the fields are {list(SPEC_FIELDS)}.")
@@ -267,6 +267,8 @@ class CTALTask(ABC):
     def check_label(self, label: Any, batch: int, size: Sequence[int], where: str = "labels") -> None:
         """Raises `ValueError` naming the task when `label` is not a tensor of the task's layout (or, for class ids,
         holds values outside the classes)."""
+        import torch
+
         if not isinstance(label, torch.Tensor):
             hint = " (convert with `torch.from_numpy(array)`)" if isinstance(label, np.ndarray) else ""
             raise ValueError(
@@ -279,7 +281,8 @@ class CTALTask(ABC):
                 f"{where}[{self.name!r}] has shape {tuple(label.shape)}, expected {want}: a {self.kind} task with "
                 f"{self.num_channels} channel(s) takes labels {self.label_layout}."
             )
-        self._check_label_values(label, where)
+        if not torch.compiler.is_compiling():  # value checks read the data: skipped inside a compiled graph
+            self._check_label_values(label, where)
 
     def _check_label_values(self, label: torch.Tensor, where: str) -> None:
         """Kind-specific checks of label values."""
@@ -287,6 +290,8 @@ class CTALTask(ABC):
 
     def random_label(self, batch: int, height: int, width: int, generator: torch.Generator | None = None):
         """A valid random batch of labels (tests, benchmarks): values uniform in [0, 1) (positive tasks: [0.1, 1.1))."""
+        import torch
+
         label = torch.rand(self.label_shape(batch, height, width), generator=generator)
         return label + 0.1 if self.positive else label
 
@@ -398,6 +403,8 @@ class CTALClassificationTask(CTALTask):
         return (batch, height, width)
 
     def _check_label_values(self, label: torch.Tensor, where: str) -> None:
+        import torch
+
         if label.dtype == torch.bool or label.is_complex():
             raise ValueError(f"{where}[{self.name!r}] has dtype {label.dtype}; class ids must be integers.")
         values = label[torch.isfinite(label)] if label.is_floating_point() else label
@@ -414,9 +421,13 @@ class CTALClassificationTask(CTALTask):
             )
 
     def random_label(self, batch, height, width, generator=None):
+        import torch
+
         return torch.randint(self.num_channels, self.label_shape(batch, height, width), generator=generator)
 
     def loss_sum(self, pred, target):
+        from .losses import cross_entropy_sum
+
         return cross_entropy_sum(pred, target, int(self.ignore_value))
 
     def display_metrics(self) -> tuple[str, ...]:
@@ -498,6 +509,8 @@ class CTALRegressionTask(CTALTask):
             raise _spec_error(self.name, "metric", f"{self.metric!r} needs positive values: set `positive` to true.")
 
     def loss_sum(self, pred, target):
+        from .losses import regression_loss_sum
+
         return regression_loss_sum(pred, target, self.loss, self.ignore_value)
 
     def display_metrics(self) -> tuple[str, ...]:
@@ -567,10 +580,14 @@ class CTALNormalsTask(CTALTask):
     default_flip_negate_channels: ClassVar[tuple[int, ...]] = (0,)
 
     def random_label(self, batch, height, width, generator=None):
+        import torch
+
         vectors = torch.randn(self.label_shape(batch, height, width), generator=generator)
-        return F.normalize(vectors, dim=1)
+        return torch.nn.functional.normalize(vectors, dim=1)
 
     def loss_sum(self, pred, target):
+        from .losses import normals_loss_sum
+
         return normals_loss_sum(pred, target, self.loss)
 
     def display_metrics(self) -> tuple[str, ...]:
@@ -583,7 +600,9 @@ class CTALNormalsTask(CTALTask):
         return CTALNormalsMetric(**{"task": self.name, **kwargs})
 
     def decode(self, prediction):
-        return F.normalize(prediction, dim=0).permute(1, 2, 0).contiguous()
+        import torch
+
+        return torch.nn.functional.normalize(prediction, dim=0).permute(1, 2, 0).contiguous()
 
     def colorize(self, value, label=False, **kwargs):
         from .visualization import colorize_normals
@@ -631,9 +650,13 @@ class CTALBinaryTask(CTALTask):
         return self.metric != "maxF"
 
     def random_label(self, batch, height, width, generator=None):
+        import torch
+
         return torch.randint(2, self.label_shape(batch, height, width), generator=generator).float()
 
     def loss_sum(self, pred, target):
+        from .losses import balanced_bce_sum, bce_sum
+
         if self.loss == "bce":
             return bce_sum(pred, target, self.ignore_value)
         return balanced_bce_sum(pred, target, self.pos_weight, self.ignore_value)
@@ -804,6 +827,7 @@ __all__ = [
     "CTALBinaryTask",
     "TASK_KINDS",
     "SPEC_FIELDS",
+    "REGRESSION_LOSSES",
     "BUILTIN_TASK_NAMES",
     "builtin_task_specs",
     "resolve_tasks",

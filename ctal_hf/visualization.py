@@ -73,12 +73,25 @@ def colorize_segmentation(
     return image
 
 
+def _single_channel(array: np.ndarray, what: str) -> np.ndarray:
+    """`(H, W)`, `(1, H, W)` or `(H, W, 1)` -> `(H, W)` float64. Only a channel axis is dropped: `np.squeeze` would
+    also drop the height or width of an image one pixel high or wide."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    elif array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise ValueError(f"A {what} map must be (height, width), got shape {np.shape(array)}.")
+    return array
+
+
 def depth_range(depth: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
     """The default colour range of a one-channel map: the 2nd-98th percentile of its valid pixels."""
     values = depth[valid]
     if values.size == 0:
         return 0.0, 1.0
-    low, high = np.percentile(values, [2, 98])
+    low, high = np.percentile(values, [2, 98], overwrite_input=True)  # `values` is a copy: partition it in place
     if high <= low:
         low, high = float(values.min()), float(values.max())
     return float(low), float(high) if high > low else float(low) + 1.0
@@ -95,9 +108,7 @@ def colorize_depth(
     the 2nd-98th percentile of the valid pixels, pixels equal to `invalid_value` (0 in ground truth) are black."""
     from matplotlib import colormaps
 
-    depth = np.asarray(depth, dtype=np.float64).squeeze()
-    if depth.ndim != 2:
-        raise ValueError(f"A depth map must be (height, width), got shape {np.shape(depth)}.")
+    depth = _single_channel(depth, "depth")
     valid = np.isfinite(depth)
     if invalid_value is not None:
         valid &= depth != invalid_value
@@ -145,9 +156,7 @@ def colorize_rgb(
 
 def colorize_probability(probability: np.ndarray) -> np.ndarray:
     """Probability (or {0, 1} label) map `(H, W)` -> grayscale `(H, W)` uint8, white = 1."""
-    probability = np.asarray(probability, dtype=np.float64).squeeze()
-    if probability.ndim != 2:
-        raise ValueError(f"A probability map must be (height, width), got shape {np.shape(probability)}.")
+    probability = _single_channel(probability, "probability")
     return (np.clip(probability, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
@@ -160,7 +169,35 @@ def colorize(task: str, value: np.ndarray, task_specs: Any = None, label: bool =
         raise ValueError(
             f"Unknown task {task!r}; known tasks: {sorted(known)} (pass `task_specs=config` for custom tasks)."
         )
-    return known[task].colorize(_to_numpy(value), label=label, **kwargs)
+    return _colorize(known[task], _to_numpy(value), label=label, **kwargs)
+
+
+# Maps with more pixels than this are colour-coded a band of rows at a time (about `_BAND_PIXELS` pixels each), so
+# the float64 intermediates (a colour-mapped depth image is 32 bytes a pixel in float64 RGBA) stay small.
+BANDED_PIXELS = 2**22
+_BAND_PIXELS = 2**18
+
+
+def _colorize(spec: Any, value: np.ndarray, label: bool = False, **kwargs: Any) -> np.ndarray:
+    """`spec.colorize(value)`; a large `(H, W[, C])` map is colour-coded band by band, each pixel getting the colour
+    it gets from the whole map (a colour range the task shares, as for depth, is computed once for the whole map).
+    Multi-channel maps whose range is not shared are colour-coded whole."""
+    large = value.ndim in (2, 3) and value.shape[0] > 1 and value.shape[0] * value.shape[1] > BANDED_PIXELS
+    if not large:
+        return spec.colorize(value, label=label, **kwargs)
+    if spec.kind == "regression":
+        shared = spec.display_range(value, label=label)
+        if shared is None:
+            return spec.colorize(value, label=label, **kwargs)
+        kwargs = {"vmin": shared[0], "vmax": shared[1], **{k: v for k, v in kwargs.items() if v is not None}}
+    rows = max(1, _BAND_PIXELS // value.shape[1])
+    out = None
+    for start in range(0, value.shape[0], rows):
+        piece = spec.colorize(value[start : start + rows], label=label, **kwargs)
+        if out is None:
+            out = np.empty((value.shape[0], *piece.shape[1:]), dtype=piece.dtype)
+        out[start : start + rows] = piece
+    return out
 
 
 def _known_tasks(names, task_specs: Any) -> dict:
@@ -176,7 +213,7 @@ def visualize_predictions(
     are not tasks (e.g. `"visualizations"`) are skipped."""
     known = _known_tasks(list(predictions), task_specs)
     return {
-        task: PIL.Image.fromarray(known[task].colorize(_to_numpy(value), cmap=depth_cmap))
+        task: PIL.Image.fromarray(_colorize(known[task], _to_numpy(value), cmap=depth_cmap))
         for task, value in predictions.items()
         if task in known
     }

@@ -130,13 +130,37 @@ def to_depth(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+# Normals files hold unit vectors; resizing (bilinear) shortens some at depth edges, so a few may deviate. When more
+# than this share of the non-zero vectors is off unit length by more than NORMALS_UNIT_TOLERANCE, the file does not
+# hold unit normals (for example normals stored in [0, 1] as (n + 1) / 2), and re-normalising would turn them into
+# wrong directions.
+NORMALS_UNIT_TOLERANCE = 0.05
+NORMALS_MAX_OFF_UNIT_SHARE = 0.25
+
+
 def to_normals(array: np.ndarray, path: Path) -> np.ndarray:
-    """Unit normals with (0, 0, 0) kept as invalid; non-zero vectors are re-normalised."""
+    """Unit normals with (0, 0, 0) kept as invalid; non-zero vectors are re-normalised (resizing shortens a few).
+    Refuses a file whose vectors are not unit vectors, such as normals stored in [0, 1]."""
     array = array.astype(np.float32, copy=True)
     if not np.isfinite(array).all():
         raise ValueError(f"{path}: normals have NaN or infinite values (use (0, 0, 0) for invalid pixels).")
     norm = np.linalg.norm(array, axis=-1, keepdims=True)
     valid = norm > 1e-6
+    lengths = norm[valid]
+    if lengths.size:
+        off_unit = float(np.mean(np.abs(lengths - 1.0) > NORMALS_UNIT_TOLERANCE))
+        if off_unit > NORMALS_MAX_OFF_UNIT_SHARE:
+            hint = (
+                " Every component is >= 0: these look like normals stored in [0, 1] as (n + 1) / 2; convert them with "
+                "`2 * x - 1` first."
+                if array.min() >= 0
+                else " Store unit vectors (x, y, z) in [-1, 1], or (0, 0, 0) for invalid pixels."
+            )
+            raise ValueError(
+                f"{path}: {off_unit:.0%} of the non-zero normals are not unit vectors (lengths "
+                f"{float(lengths.min()):.2f} to {float(lengths.max()):.2f}); re-normalising them would give wrong "
+                f"directions.{hint}"
+            )
     np.divide(array, norm, out=array, where=valid)
     array[~valid[..., 0]] = 0.0
     return array

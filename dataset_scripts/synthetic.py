@@ -544,28 +544,23 @@ class SyntheticScenes(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
 
 
 def save_sample_grid(path, rows: int = 4, config: str = "pascal", seed: int = 0, height: int = 96, width: int = 128):
-    """Save a picture of `rows` scenes: image, semseg, depth, normals, parts and edges side by side."""
+    """Save a picture of `rows` scenes: image, semseg, depth, normals, parts, edges and albedo side by side, each
+    label coloured as its task kind colours ground truth (`ctal_hf.tasks`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = ["image", "semseg", "depth", "normals", "parts", "edge"]
+    from ctal_hf.tasks import resolve_tasks
+
+    tasks = resolve_tasks(["semseg", "depth", "normals", "parts", "edge", "albedo"], TASK_SPECS, num_semseg_classes=7)
+    columns = ["image", *tasks]
     fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 1.75 * rows), squeeze=False)
     for r in range(rows):
         scene = render_scene(r, seed=seed, split="validation", height=height, width=width, config=config)
         for c, name in enumerate(columns):
-            value, kwargs = scene[name], {}
-            if name in ("semseg", "parts"):
-                value = np.ma.masked_equal(value, IGNORE_INDEX)
-                kwargs = {"cmap": "tab10", "vmin": 0, "vmax": 9, "interpolation": "nearest"}
-            elif name == "depth":
-                kwargs = {"cmap": "magma_r"}
-            elif name == "normals":
-                value = (value + 1.0) / 2.0
-            elif name == "edge":
-                kwargs = {"cmap": "gray", "interpolation": "nearest"}
-            axes[r, c].imshow(value, **kwargs)
+            value = scene[name] if name == "image" else tasks[name].colorize(scene[name], label=True)
+            axes[r, c].imshow(value, cmap="gray" if value.ndim == 2 else None, interpolation="nearest")
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:

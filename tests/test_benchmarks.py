@@ -124,3 +124,13 @@ def test_backbones_benchmark_writes_its_table(tmp_path):
     assert float(hrnet[4]) == 3.86  # HRNet-W18-small-v2's feature layers (M parameters)
     assert hrnet[-1] == "1.00" and float(mobile[-1]) > 0
     assert "avx512_bf16" in text and "threads" in text
+
+
+def test_startup_benchmark_writes_its_table(tmp_path):
+    output = tmp_path / "startup.md"
+    _run(
+        "startup.py", "--repeats", "1", "--commands", "import ctal_hf", "ctal-predict --help", "--output", str(output)
+    )
+    rows = {name: cells for name, cells in _table_rows(output.read_text()).items() if name.startswith("`")}
+    assert set(rows) == {"`import ctal_hf`", "`ctal-predict --help`"}
+    assert all(float(cells[1]) > 0 for cells in rows.values())

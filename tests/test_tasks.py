@@ -425,6 +425,19 @@ def test_pipeline_returns_every_custom_task_at_the_input_size_after_save_and_rel
     only = predictor(image, tasks=["albedo"], visualize=False)
     assert set(only) == {"albedo"}
 
+    # ctal-predict writes every custom task's map, picture and panel.
+    import PIL.Image
+
+    from ctal_hf.cli import main as cli_main
+
+    PIL.Image.fromarray(image).save(tmp_path / "scene.png")
+    assert (
+        cli_main([str(tmp_path / "scene.png"), "--model", str(tmp_path), "--output_dir", str(tmp_path / "out")]) == 0
+    )
+    assert np.load(tmp_path / "out" / "scene_albedo.npy").shape == (40, 70, 3)
+    assert PIL.Image.open(tmp_path / "out" / "scene_flow.png").size == (70, 40)
+    assert (tmp_path / "out" / "scene_panel.png").stat().st_size > 0
+
 
 def test_model_card_lists_custom_tasks_and_their_metrics():
     from ctal_hf.training.model_card import make_model_card

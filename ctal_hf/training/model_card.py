@@ -107,7 +107,7 @@ def make_model_card(
         model_name=model_name,
         library_name="transformers",
         license="apache-2.0",
-        pipeline_tag="image-segmentation" if "semseg" in tasks else None,
+        pipeline_tag="image-segmentation" if "semseg" in tasks else None,  # the paper's segmentation task
         tags=["ctal", "multitask", "dense-prediction", "vision", *config.tasks],
         datasets=[dataset_name] if "/" in dataset_name else None,
         metrics=sorted({m for values in final.values() for m in values if m in shown}),
