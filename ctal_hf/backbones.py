@@ -83,7 +83,12 @@ class CTALBackbone(nn.Module):
         else:
             features = self.model(pixel_values)
         if not self.is_cnn:
-            features = [feature.permute(0, 3, 1, 2).contiguous() for feature in features]  # timm Swin is NHWC
+            # timm Swin is NHWC, which is already the channels-last layout of the NCHW view: copy only for NCHW input
+            channels_last = (
+                pixel_values.is_contiguous(memory_format=torch.channels_last) and not pixel_values.is_contiguous()
+            )
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            features = [feature.permute(0, 3, 1, 2).contiguous(memory_format=layout) for feature in features]
         if self.upsample_factor > 1:
             features[-1] = F.interpolate(
                 features[-1], scale_factor=self.upsample_factor, mode="bilinear", align_corners=False

@@ -1,6 +1,9 @@
 """CTAL model configuration."""
 
 import copy
+import dataclasses
+import difflib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -10,7 +13,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .tasks import TASKS
+from .tasks import CTALTask, resolve_tasks
 
 # Backbone name -> (timm model name, output stride of the deepest map, whether the model is a CNN).
 BACKBONES: dict[str, tuple[str, int, bool]] = {
@@ -84,7 +87,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss_weights": {"semseg": 2.0, "parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0},
         "backbone": "swinv2_small",
     },
+    # Full resolution, CTAL at 1/4 (affinity maps 120 x 160 and 128 x 256, N = 19,200 and 32,768): only the
+    # factorised diffusion fits (the dense form would need tens of GB of N x N maps per step).
+    "nyuv2_full": {
+        "tasks": ["semseg", "depth", "normals"],
+        "num_semseg_classes": 13,
+        "image_size": [480, 640],
+        "loss_weights": {"semseg": 1.0, "depth": 1.0, "normals": 1.0},
+        "backbone": "hrnet_w18_small_v2",
+        "attention_impl": "factorized",
+    },
+    "cityscapes_full": {
+        "tasks": ["semseg", "depth"],
+        "num_semseg_classes": 19,
+        "image_size": [512, 1024],
+        "loss_weights": {"semseg": 1.0, "depth": 10.0},
+        "backbone": "hrnet_w18_small_v2",
+        "attention_impl": "factorized",
+    },
 }
+
+
+# Keyword arguments `PreTrainedConfig` (and `from_pretrained` / `from_dict`) accept besides its dataclass fields: what
+# a config.json from transformers carries, and the legacy names it still reads. Anything else is a typo.
+PRETRAINED_CONFIG_KWARGS: frozenset[str] = frozenset(
+    {
+        "auto_map", "custom_pipelines", "model_type", "name_or_path", "_name_or_path", "_commit_hash", "torch_dtype",
+        "num_labels", "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
+        "_attn_implementation_internal", "_experts_implementation_internal", "rope_scaling", "rope_theta",
+        "rope_parameters", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id", "eos_token_id",
+        "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task", "tie_word_embeddings",
+        "torchscript", "pruned_heads", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+        "tie_encoder_decoder", "base_model_tp_plan", "base_model_pp_plan", "base_model_ep_plan", "use_cache",
+    }
+)  # fmt: skip
 
 
 @strict
@@ -94,8 +130,15 @@ class CTALConfig(PreTrainedConfig):
     uses, and the hyper-parameters of the cross-task affinity learning (CTAL) module.
 
     tasks (`list[str]`, *optional*, defaults to `["semseg", "depth", "normals"]`):
-        The tasks, in order, from `semseg`, `parts`, `depth`, `normals`, `saliency`, `edge`. The order is the order
-        of the interleaved affinity channels, so it is part of the architecture.
+        The tasks, in order: the paper's `semseg`, `parts`, `depth`, `normals`, `saliency`, `edge`, or any task
+        defined in `task_specs`. The order is the order of the interleaved affinity channels, so it is part of the
+        architecture.
+    task_specs (`dict[str, dict]`, *optional*):
+        Specs of the tasks that are not built in, by name, e.g. `{"albedo": {"kind": "regression",
+        "num_channels": 3}}`: `kind` (`"classification"`, `"regression"`, `"normals"` or `"binary"`) and
+        optional `num_channels`, `loss`, `ignore_value`, `pos_weight`, `flip_negate_channels`, `divide_by_zoom`, `positive`,
+        `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type` (see `ctal_hf.tasks`). Saved in
+        config.json, so a model folder carries its tasks.
     num_semseg_classes (`int`, *optional*, defaults to 13):
         Number of semantic classes (NYUv2 13, Cityscapes 19, PASCAL-Context 21).
     num_parts_classes (`int`, *optional*, defaults to 7):
@@ -177,6 +220,7 @@ class CTALConfig(PreTrainedConfig):
     model_type = "ctal"
 
     tasks: list[str] | tuple[str, ...] = ("semseg", "depth", "normals")
+    task_specs: dict[str, Any] | None = None
     num_semseg_classes: int = 13
     num_parts_classes: int = 7
     backbone: str = "hrnet_w18_small_v2"
@@ -204,19 +248,41 @@ class CTALConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.tasks = list(self.tasks)
+        self.task_specs = {
+            name: dict(spec) if isinstance(spec, dict) else spec for name, spec in (self.task_specs or {}).items()
+        }
         self.image_size = list(self.image_size)
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
         self._check_fields()
         weights = self.loss_weights or {}
         self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}
+        self._check_unknown_kwargs(kwargs)
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def _check_unknown_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        """Refuses a keyword that is neither a field nor one `PreTrainedConfig` knows (a typo such as
+        `num_semseg_class=20` would otherwise become an unused attribute and leave the field at its default)."""
+        from transformers.generation import GenerationConfig
+
+        fields = [field.name for field in dataclasses.fields(cls)]
+        known = set(fields) | PRETRAINED_CONFIG_KWARGS | set(cls.attribute_map)
+        unknown = [name for name in kwargs if name not in known]
+        if unknown:
+            unknown = [name for name in unknown if name not in GenerationConfig._get_default_generation_params()]
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+                hints.append(f"`{name}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+            raise TypeError(
+                f"{cls.__name__} got unknown keyword argument(s) {', '.join(hints)}; its fields are documented in "
+                f"`help({cls.__name__})`."
+            )
 
     def _check_fields(self):
         """Checks that the fields describe a model that can be built, naming the field that is wrong. Runs in
         `__post_init__` (not as a `@strict` validator) so that users get a plain `ValueError`."""
-        unknown = [task for task in self.tasks if task not in TASKS]
-        if unknown:
-            raise ValueError(f"Unknown task(s) {unknown} in `tasks`; known tasks: {sorted(TASKS)}.")
         if not self.tasks:
             raise ValueError("`tasks` is empty: a CTAL model needs at least one task.")
         if len(set(self.tasks)) != len(self.tasks):
@@ -270,9 +336,31 @@ class CTALConfig(PreTrainedConfig):
         for name in ("num_semseg_classes", "num_parts_classes", "ctal_channels", "head_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        self.get_tasks()  # every task known and every spec valid, or a ValueError naming the task and field
         extra = set(self.loss_weights or {}) - set(self.tasks)
         if extra:
             raise ValueError(f"`loss_weights` names tasks the model does not predict: {sorted(extra)}.")
+        for task, weight in (self.loss_weights or {}).items():
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                raise ValueError(
+                    f"`loss_weights[{task!r}]` must be a finite number >= 0 (0 switches the task's loss off), got "
+                    f"{weight!r}."
+                )
+        if not 0.0 < self.edge_pos_weight < 1.0:
+            raise ValueError(
+                f"`edge_pos_weight` is the weight of edge pixels in a balanced BCE (the rest get 1 - it) and must lie "
+                f"in (0, 1), got {self.edge_pos_weight}."
+            )
+        if not (math.isfinite(self.initializer_range) and self.initializer_range > 0):
+            raise ValueError(
+                f"`initializer_range` must be a positive standard deviation, got {self.initializer_range}."
+            )
+        classes = max(self.num_semseg_classes, self.num_parts_classes, 2)
+        if 0 <= self.ignore_index < classes:
+            raise ValueError(
+                f"`ignore_index` {self.ignore_index} is a valid class id (classes are 0..{classes - 1}, binary labels 0 "
+                "and 1), so those pixels would be ignored; use 255 or a negative value."
+            )
 
     @property
     def custom_pipelines(self) -> dict[str, dict[str, Any]]:
@@ -322,19 +410,29 @@ class CTALConfig(PreTrainedConfig):
     def timm_model_name(self) -> str:
         return BACKBONES[self.backbone][0]
 
+    def get_tasks(self) -> dict[str, CTALTask]:
+        """The task objects of `tasks`, in order (`ctal_hf.tasks`): built-in tasks set by this config's fields, the
+        others by `task_specs`. Each owns its channels, loss, metric, label checks and post-processing."""
+        return resolve_tasks(
+            self.tasks,
+            self.task_specs,
+            num_semseg_classes=self.num_semseg_classes,
+            num_parts_classes=self.num_parts_classes,
+            ignore_index=self.ignore_index,
+            normals_loss=self.normals_loss,
+            edge_pos_weight=self.edge_pos_weight,
+        )
+
     def task_channels(self, task: str) -> int:
         """Number of output channels of `task`'s prediction."""
-        if task == "semseg":
-            return self.num_semseg_classes
-        if task == "parts":
-            return self.num_parts_classes
-        return TASKS[task].channels
+        return self.get_tasks()[task].num_channels
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "CTALConfig":
-        """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`) with the authors'
-        release's behaviours (`RELEASE_BEHAVIOUR`); keyword arguments override any field, e.g. `decoder="ctal_ms"`,
-        `backbone="swinv2_small"` or `decoder_init="he"`."""
+        """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`), or NYUv2 / Cityscapes at
+        full resolution (`"nyuv2_full"` 480 x 640, `"cityscapes_full"` 512 x 1024, CTAL at 1/4, factorised), with the
+        authors' release's behaviours (`RELEASE_BEHAVIOUR`); keyword arguments override any field, e.g.
+        `decoder="ctal_ms"`, `backbone="swinv2_small"` or `decoder_init="he"`."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
         fields = {**RELEASE_BEHAVIOUR, **PRESETS[name], **kwargs}

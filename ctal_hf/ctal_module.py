@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_ctal import CTALConfig
-from .ctal_attention import cross_task_diffusion
+from .ctal_attention import check_dense_fits, cross_task_diffusion
+
+
+def stack_task_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+    """(B, T, C, h, w) from T maps (B, C, h, w), in their memory layout: NCHW maps give a contiguous stack,
+    channels-last maps the channels-last layout of the (B, T*C, h, w) view (what `cross_task_diffusion` reads
+    without copying)."""
+    return torch.cat(maps, dim=1).unflatten(1, (len(maps), -1))
 
 
 class CTALTaskProjection(nn.Module):
@@ -69,6 +76,19 @@ class CTALAffinityModule(nn.Module):
         self.upsample = nn.ModuleDict({task: CTALUpsampleBlock(channels) for task in self.tasks})
         self.gradient_checkpointing = False
 
+    def check_memory(self, batch_size: int) -> None:
+        """Refuses, before the step starts, a dense diffusion whose N x N maps cannot fit in the available memory
+        (a `ValueError` with the estimate; see `check_dense_fits`)."""
+        if self.attention_impl != "dense" or torch.compiler.is_compiling():
+            return
+        weight = self.fusion.weight
+        device_type = weight.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+        backward = self.training and torch.is_grad_enabled()
+        num_pixels = self.size[0] * self.size[1]
+        check_dense_fits(num_pixels, len(self.tasks), batch_size, dtype, weight.device, backward)
+
     def _diffuse(self, stacked: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         normalized = F.normalize(stacked, dim=2)
         return cross_task_diffusion(values, normalized, self.fusion.weight, self.fusion.bias, impl=self.attention_impl)
@@ -80,8 +100,8 @@ class CTALAffinityModule(nn.Module):
                 f"CTAL was built for {self.size[0]}x{self.size[1]} affinity maps, got features of size "
                 f"{tuple(next(iter(projected.values())).shape[-2:])}."
             )
-        stacked = torch.stack([projected[task] for task in self.tasks], dim=1)  # (B, T, C, h, w)
-        values = torch.stack([self.values[task](projected[task]) for task in self.tasks], dim=1)
+        stacked = stack_task_maps([projected[task] for task in self.tasks])  # (B, T, C, h, w)
+        values = stack_task_maps([self.values[task](projected[task]) for task in self.tasks])
         if self.gradient_checkpointing and self.training:
             diffused = torch.utils.checkpoint.checkpoint(self._diffuse, stacked, values, use_reentrant=False)
         else:
@@ -93,4 +113,4 @@ class CTALAffinityModule(nn.Module):
         return outputs
 
 
-__all__ = ["CTALAffinityModule", "CTALTaskProjection", "CTALUpsampleBlock"]
+__all__ = ["CTALAffinityModule", "CTALTaskProjection", "CTALUpsampleBlock", "stack_task_maps"]

@@ -15,8 +15,14 @@ from .blocks import CTALClassifier, upsample_to
 from .configuration_ctal import CTALConfig
 from .ctal_module import CTALAffinityModule
 from .decoders import DECODER_CLASSES
+from .input_checks import (
+    check_checkpoint_matches,
+    check_pixel_values,
+    held_load_report,
+    saved_config_matches,
+    weights_file_error,
+)
 from .losses import CTALCriterion
-from .tasks import TASKS
 
 logger = logging.get_logger(__name__)
 
@@ -29,9 +35,9 @@ class CTALDenseMultitaskOutput(ModelOutput):
     task_losses (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are given):
         The weighted loss of each labelled task.
     predictions (`dict[str, torch.FloatTensor]`):
-        Final predictions at the input size, per task: `semseg` / `parts` logits `(batch, classes, H, W)`, `depth`
-        `(batch, 1, H, W)`, `normals` `(batch, 3, H, W)` (not normalised), `saliency` / `edge` logits
-        `(batch, 1, H, W)`.
+        Final predictions at the input size, per task, `(batch, channels, H, W)`: class logits (`semseg` /
+        `parts`), regression values (`depth`: one channel), normals (3 channels, not normalised), binary logits
+        (`saliency` / `edge`: one channel).
     initial_predictions (`dict[str, torch.FloatTensor | list[torch.FloatTensor]]`, *optional*):
         The deeply supervised initial predictions at the input size, same layouts; for multi-scale decoders a list
         with one map per backbone scale, finest first. Empty for decoders without initial heads (STL, MTL).
@@ -43,6 +49,15 @@ class CTALDenseMultitaskOutput(ModelOutput):
     initial_predictions: dict[str, torch.FloatTensor | list[torch.FloatTensor]] | None = None
 
 
+def _to_float32(maps: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Reduced-precision (autocast) maps as float32, for the losses; float32 and float64 maps as they are."""
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+    return {task: [cast(m) for m in value] if isinstance(value, list) else cast(value) for task, value in maps.items()}
+
+
 class CTALPreTrainedModel(PreTrainedModel):
     config: CTALConfig
     config_class = CTALConfig
@@ -51,6 +66,30 @@ class CTALPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["CTALAffinityModule"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with two checks: a weights file safetensors cannot read (empty,
+        truncated, random bytes) raises an `OSError` naming the file, and a checkpoint whose tensors do not fit the
+        architecture of the config saved with it (say, an edited `decoder`) raises a short `ValueError` instead of
+        leaving the missing parts randomly initialised. A `config=` that differs from the saved one (fine-tuning into
+        another architecture on purpose) keeps transformers' behaviour: a load report, as a warning."""
+        from safetensors import SafetensorError
+
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        given = kwargs.get("config")
+        check = given is None or saved_config_matches(cls.config_class, given, pretrained_model_name_or_path, kwargs)
+        with held_load_report(hold=check) as report:
+            try:
+                model, info = super().from_pretrained(
+                    pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                )
+            except SafetensorError as error:
+                report.drop()
+                raise OSError(weights_file_error(pretrained_model_name_or_path, error)) from None
+            if check:
+                check_checkpoint_matches(model.config, info, pretrained_model_name_or_path)
+        return (model, info) if output_loading_info else model
 
     def _backbone_module_ids(self) -> frozenset[int]:
         """Ids of the modules inside the backbone(s), which `decoder_init` does not apply to (computed once)."""
@@ -105,6 +144,22 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
             self.decoder = decoder_class(config, self.backbone.channels)
         self.criterion = CTALCriterion(config)
         self.post_init()
+        # Plain attributes (not submodules): the CTAL modules, checked up front for memory, and the name of the
+        # first spatial conv weight, whose layout says whether the model runs channels-last.
+        self._affinity_modules = [module for module in self.modules() if isinstance(module, CTALAffinityModule)]
+        self._layout_probe = next(
+            (name for name, param in self.named_parameters() if param.dim() == 4 and param.shape[-1] > 1), None
+        )
+
+    @property
+    def is_channels_last(self) -> bool:
+        """Whether the weights are channels-last (`model.to(memory_format=torch.channels_last)`); the model then
+        converts `pixel_values` to channels-last too, so activations stay channels-last end to end. Outputs match
+        the NCHW model's within float tolerance; `save_pretrained` writes the same (contiguous) weights."""
+        if self._layout_probe is None:
+            return False
+        weight = self.get_parameter(self._layout_probe)
+        return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
     @classmethod
     def from_config_with_backbone_weights(
@@ -124,26 +179,32 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
 
     def _check_inputs(self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None) -> None:
         expected = tuple(self.config.image_size)
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"`pixel_values` must be (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+        check_pixel_values(pixel_values, self.dtype)
         if tuple(pixel_values.shape[-2:]) != expected:
             raise ValueError(
                 f"`pixel_values` are {tuple(pixel_values.shape[-2:])} but this model is tied to image_size "
                 f"{expected} (CTAL's grouped conv has one group per pixel); resize with CTALImageProcessor."
             )
+        for module in self._affinity_modules:
+            module.check_memory(pixel_values.shape[0])
         if labels is None:
             return
+        if not isinstance(labels, dict):
+            raise ValueError(
+                f"`labels` must be a dict task -> label tensor, got {type(labels).__name__}; pass `labels=None` for "
+                "inference."
+            )
+        if not labels:
+            raise ValueError(
+                f"`labels` is an empty dict: pass a label for at least one of the tasks {list(self.config.tasks)}, or "
+                "`labels=None` for inference."
+            )
         unknown = set(labels) - set(self.config.tasks)
         if unknown:
             raise ValueError(f"`labels` has tasks the model does not predict: {sorted(unknown)}.")
         batch = pixel_values.shape[0]
         for task, target in labels.items():
-            kind = TASKS[task].kind
-            channels = {"normals": 3}.get(task, 1)
-            want = (batch, *expected) if kind == "classification" else (batch, channels, *expected)
-            if tuple(target.shape) != want:
-                layout = "(B, H, W) class ids" if kind == "classification" else f"(B, {channels}, H, W)"
-                raise ValueError(f"labels[{task!r}] has shape {tuple(target.shape)}, expected {want} {layout}.")
+            self.criterion.task_objects[task].check_label(target, batch, expected)
 
     def forward(
         self,
@@ -156,12 +217,16 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
             Normalised images at `config.image_size` (see [`CTALImageProcessor`]).
         labels (`dict[str, torch.Tensor]`, *optional*):
-            Targets per task, in the layouts of [`CTALDenseMultitaskOutput`]: `semseg` / `parts` `(batch, H, W)`
-            int64 with `config.ignore_index`, `depth` `(batch, 1, H, W)` (0 = missing), `normals` `(batch, 3, H, W)`
-            (zero = missing), `saliency` / `edge` `(batch, 1, H, W)` in {0, 1}. Tasks left out are not trained.
+            Targets per task (torch tensors), in the layouts of [`CTALDenseMultitaskOutput`]: classification tasks
+            (`semseg` / `parts`) `(batch, H, W)` int64 class ids with the ignore index, regression tasks `(batch, C,
+            H, W)` (`depth`: 0 = missing), normals `(batch, 3, H, W)` (zero = missing), binary tasks (`saliency` /
+            `edge`) `(batch, 1, H, W)` in {0, 1}. Non-finite values count as missing. Tasks left out are not
+            trained. Labels of the wrong layout, or class ids outside the classes, raise a `ValueError`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self._check_inputs(pixel_values, labels)
+        if self.is_channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         size = pixel_values.shape[-2:]
         features = pixel_values if self.backbone is None else self.backbone(pixel_values)
         predictions, initial = self.decoder(features)
@@ -172,7 +237,8 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         }
         loss, task_losses = None, None
         if labels is not None:
-            losses = self.criterion(predictions, initial, labels)
+            # In float32 even under autocast: the losses normalise, take logs and reduce over every pixel.
+            losses = self.criterion(_to_float32(predictions), _to_float32(initial), labels)
             loss = losses.pop("loss")
             task_losses = losses
         if not return_dict:

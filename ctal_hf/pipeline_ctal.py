@@ -13,8 +13,8 @@ from transformers import Pipeline
 from transformers.utils import logging
 
 from .configuration_ctal import PIPELINE_TASK
+from .ctal_attention import resolve_autocast_dtype
 from .image_processing_ctal import CTALImageProcessor, load_image
-from .tasks import TASKS
 from .visualization import visualize_predictions
 
 logger = logging.get_logger(__name__)
@@ -27,14 +27,21 @@ class DenseMultitaskPipeline(Pipeline):
     of them; any size, RGB, grayscale or RGBA. Each image is resized to the model's `image_size` and its maps are
     resized back. One image gives a dict, a list gives a list of dicts, each with:
 
-    - one entry per task, a numpy array at the input size: `semseg` / `parts` class ids `(H, W)` int64, `depth`
-      `(H, W)` float32 (the model's unit), `normals` `(H, W, 3)` unit vectors, `saliency` / `edge` probabilities
-      `(H, W)` in [0, 1];
-    - `"visualizations"`: task -> PIL image (palette-coded labels, a depth colour map, normals as RGB, grayscale
-      probabilities).
+    - one entry per task (under the task's name, custom tasks of `config.task_specs` included), a numpy array at
+      the input size, decoded by the task's kind: classification (`semseg` / `parts`) class ids `(H, W)` int64,
+      regression `(H, W)` float32 for one channel (`depth`, the model's unit) or `(H, W, C)`, normals `(H, W, 3)`
+      unit vectors, binary (`saliency` / `edge`) probabilities `(H, W)` in [0, 1];
+    - `"visualizations"`: task -> PIL image (palette-coded classes, a colour map for one-channel regression, RGB
+      for three channels, normals as RGB, grayscale probabilities).
 
     Call options: `tasks=[...]` (return only these tasks), `visualize=False` (skip the PIL images), `batch_size`,
     `timeout` (for URLs).
+
+    Speed options (construction only): `autocast_dtype="bf16"` (or `"fp16"`) runs the model under `torch.autocast`
+    (convolutions and the CTAL diffusion's matmuls in that dtype, float32 accumulation; refused on hardware without
+    native support); `channels_last=True` converts the model to channels-last (faster convolutions on most CPUs
+    and GPUs); `compile=True` wraps it in `torch.compile` (the first call compiles: minutes on a CPU). Maps come
+    back in float32 whatever the options. transformers' own `dtype=` still sets the dtype the weights load in.
 
     Example:
 
@@ -56,7 +63,14 @@ class DenseMultitaskPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(
+        self,
+        *args,
+        autocast_dtype: str | torch.dtype | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         config = self.model.config
         if getattr(config, "model_type", None) != "ctal":
@@ -76,7 +90,12 @@ class DenseMultitaskPipeline(Pipeline):
                 f"The image processor resizes to {[size.height, size.width]} but the model takes image_size "
                 f"{list(config.image_size)}; save the processor with `CTALImageProcessor.from_model_config(config)`."
             )
+        self.task_objects = config.get_tasks()
         self.model.eval()  # batch norm in training mode would make a result depend on the rest of its batch
+        self.autocast_dtype = resolve_autocast_dtype(autocast_dtype, self.device.type)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._run_model = torch.compile(self.model) if compile else self.model
 
     def __call__(self, inputs: Any = None, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
         """Predicts every task for one image (returns a dict) or a list of images (returns a list)."""
@@ -88,6 +107,11 @@ class DenseMultitaskPipeline(Pipeline):
             inputs = list(inputs)
         if isinstance(inputs, list) and not inputs:
             return []
+        for name in ("batch_size", "num_workers"):
+            value = kwargs.get(name, getattr(self, f"_{name}", None))  # a call's value, or the one given at creation
+            minimum = 1 if name == "batch_size" else 0
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(
@@ -128,20 +152,23 @@ class DenseMultitaskPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
         target_size = model_inputs.pop("target_size")
-        outputs = self.model(pixel_values=model_inputs["pixel_values"])
+        autocast = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=autocast):
+            outputs = self._run_model(pixel_values=model_inputs["pixel_values"])
+        predictions = {task: value.float() for task, value in outputs.predictions.items()}
         # A flat dict (task -> batched tensor) so the pipeline's batching can split it per image.
-        return {**outputs.predictions, "target_size": target_size}
+        return {**predictions, "target_size": target_size}
 
     def postprocess(
         self, model_outputs: dict[str, Any], tasks: Sequence[str] | None = None, visualize: bool = True
     ) -> dict[str, Any]:
-        predictions = {task: value for task, value in model_outputs.items() if task in TASKS}
+        predictions = {task: value for task, value in model_outputs.items() if task in self.task_objects}
         maps = self.image_processor.post_process_multitask(
-            predictions, target_sizes=[model_outputs["target_size"]], tasks=tasks
+            predictions, target_sizes=[model_outputs["target_size"]], tasks=tasks, task_specs=self.task_objects
         )[0]
         result: dict[str, Any] = {task: value.cpu().numpy() for task, value in maps.items()}
         if visualize:
-            result["visualizations"] = visualize_predictions(result)
+            result["visualizations"] = visualize_predictions(result, task_specs=self.task_objects)
         return result
 
 

@@ -128,3 +128,13 @@ def test_choose_protocol_picks_an_epoch_from_the_mtl_curve(tmp_path):
     rows = _table_rows(table.read_text())
     assert [rows[str(e)][0] for e in (1, 2, 3)] == ["1", "2", "3"] and rows["1"][2] == "1.0000"
     assert f"Chosen: **{epochs} epochs**" in table.read_text()
+
+
+def test_startup_benchmark_writes_its_table(tmp_path):
+    output = tmp_path / "startup.md"
+    _run(
+        "startup.py", "--repeats", "1", "--commands", "import ctal_hf", "ctal-predict --help", "--output", str(output)
+    )
+    rows = {name: cells for name, cells in _table_rows(output.read_text()).items() if name.startswith("`")}
+    assert set(rows) == {"`import ctal_hf`", "`ctal-predict --help`"}
+    assert all(float(cells[1]) > 0 for cells in rows.values())
