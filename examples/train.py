@@ -81,6 +81,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     model = building.build_model(args, config, recipe)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    building.check_distributed_setting(accelerator)
     check_aggregation_setting(args.gradient_aggregator, model, accelerator, args.mixed_precision)
     train_transform = CTALTransform(
         config.image_size, train=True, flip=recipe.flip, scale_crop=recipe.scale_crop, fit=recipe.fit,
