@@ -34,7 +34,14 @@ def _cases() -> dict:
         ),
         "convnext_tiny": (
             "ConvNeXt-T (transformers ConvNextConfig, 4 maps)",
-            {"backbone_config": ConvNextConfig(out_features=["stage1", "stage2", "stage3", "stage4"])},
+            {
+                # Sizes spelled out: ConvNextBackbone cannot take the config's default (tuple) hidden_sizes.
+                "backbone_config": ConvNextConfig(
+                    hidden_sizes=[96, 192, 384, 768],
+                    depths=[3, 3, 9, 3],
+                    out_features=["stage1", "stage2", "stage3", "stage4"],
+                )
+            },
         ),
     }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.dynamic_module_utils import get_relative_import_files
 
@@ -223,8 +223,11 @@ class CTALConfig(PreTrainedConfig):
     ```"""
 
     model_type = "ctal"
+    # Resolved by model type in `_resolve_backbone` (transformers never reads the class of a `backbone_config` spec;
+    # `AutoConfig` here would import the Auto mappings while this module loads, which `ctal_hf`'s lazy registration
+    # of the Auto classes hooks).
     sub_configs_defaults = {
-        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="timm_backbone", optional=True)
+        "backbone_config": SubConfigSpec(config_class=PreTrainedConfig, model_type="timm_backbone", optional=True)
     }
 
     tasks: list[str] | tuple[str, ...] = ("semseg", "depth", "normals")
