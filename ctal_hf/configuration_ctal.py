@@ -160,7 +160,8 @@ class CTALConfig(PreTrainedConfig):
         Kernel of the grouped convolution that fuses the task affinities; odd.
     affinity_scale (`int`, *optional*, defaults to 4):
         CTAL (and PAP-Net) run at 1/max(`affinity_scale`, stride of the finest backbone map) of the input: HRNet's
-        1/4 map at 4, 6 or 8 (paper Table 5); a single 1/32 map at 1/32. The input must divide into it.
+        1/4 map at 4, 6 or 8 (paper Table 5; the map is resized to floor(input / 6) for 6); a single 1/32 map at
+        1/32.
     decoder_stride (`int`, *optional*):
         Single-map backbones only: stride of the map the decoder reads. Unset (or the map's stride) reads the map as
         is; half of it upsamples the map x2 (bilinear) first, so every decoder stage runs on a 4x larger map (at
@@ -325,9 +326,10 @@ class CTALConfig(PreTrainedConfig):
             raise ValueError(f"`kernel_size` must be a positive odd number, got {self.kernel_size}.")
         if len(self.image_size) != 2 or min(self.image_size) <= 0:
             raise ValueError(f"`image_size` must be [height, width] with positive values, got {self.image_size}.")
-        if self.affinity_scale < 1:
+        if self.affinity_scale not in (4, 6, 8):
             raise ValueError(
-                f"`affinity_scale` must be a positive stride (paper Table 5: 4, 6 or 8), got {self.affinity_scale}."
+                f"`affinity_scale` must be 4, 6 or 8 (paper Table 5), got {self.affinity_scale}; CTAL runs at "
+                "1/max(affinity_scale, finest map stride)."
             )
         if self.decoder_stride is not None and self.decoder_stride < 1:
             raise ValueError(f"`decoder_stride` must be a positive stride, got {self.decoder_stride}.")
@@ -451,10 +453,10 @@ class CTALConfig(PreTrainedConfig):
                 "runs on the finest map or coarser. Leave it at 4."
             )
         stride = max(self.affinity_scale, finest)
-        if any(side % stride for side in self.image_size):
+        if min(self.image_size) < stride:
             raise ValueError(
-                f"The affinity map does not fit: `image_size` {self.image_size} is not divisible by its stride "
-                f"{stride} (`affinity_scale` {self.affinity_scale}, finest map stride {finest})."
+                f"The affinity map does not fit: `image_size` {self.image_size} is smaller than its stride {stride} "
+                f"(`affinity_scale` {self.affinity_scale}, finest map stride {finest})."
             )
 
     @property

@@ -147,9 +147,9 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
                     f"decoder {config.decoder!r} needs a multi-scale backbone; {self.backbone.name} gives one map."
                 )
             affinity_stride = feature_info.affinity_stride(config.affinity_scale)
-            if any(side % affinity_stride for side in config.image_size):
+            if min(config.image_size) < affinity_stride:
                 raise ValueError(
-                    f"The affinity map does not fit: `image_size` {list(config.image_size)} is not divisible by its "
+                    f"The affinity map does not fit: `image_size` {list(config.image_size)} is smaller than its "
                     f"stride {affinity_stride} (max of `affinity_scale` {config.affinity_scale} and the finest "
                     f"backbone map's stride {feature_info.finest_stride})."
                 )

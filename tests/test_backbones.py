@@ -223,13 +223,14 @@ def test_backbone_maps_that_do_not_fit_the_input_are_refused_when_the_model_is_b
         CTALForDenseMultitask(make_config(mobilenet(), image_size=[40, 40]))  # 40 is not a multiple of 32
     with pytest.raises(ValueError, match=r"image_size \[36, 36\] does not fit the backbone dinov2: its map 0 is 4x4"):
         CTALForDenseMultitask(make_config(dinov2(), image_size=[36, 36]))  # not a multiple of the patch size 8
-    # The maps fit (stride 8 divides 40) but the 1/16 affinity map does not.
+    # The map fits (1x1 at stride 4) but a 1/8 affinity map of a 4x4 input is empty.
+    patch4 = Dinov2Config(**{**dinov2().to_dict(), "patch_size": 4, "image_size": 4})
     with pytest.raises(ValueError, match="affinity map does not fit"):
-        CTALForDenseMultitask(make_config(resnet18(), image_size=[40, 40], affinity_scale=16))
+        CTALForDenseMultitask(make_config(patch4, image_size=[4, 4], affinity_scale=8))
     with pytest.raises(ValueError, match="applies to single-map backbones"):
         CTALForDenseMultitask(make_config(resnet18(), decoder_stride=4))
-    with pytest.raises(ValueError, match="affinity map does not fit"):
-        CTALConfig(tasks=TASKS, image_size=[64, 96], affinity_scale=6)  # named HRNet: checked in the config
+    with pytest.raises(ValueError, match="affinity_scale"):
+        CTALConfig(tasks=TASKS, image_size=[64, 96], affinity_scale=5)  # named HRNet: checked in the config
 
 
 def test_single_map_backbones_can_be_read_at_half_their_stride():
