@@ -275,3 +275,29 @@ def test_pipeline_speed_options_give_the_default_maps():
     assert (result["semseg"] == reference["semseg"]).mean() > 0.9
     with pytest.raises(ValueError, match="Unknown autocast dtype"):
         pipeline("dense-multitask", model=model, device="cpu", autocast_dtype="half-ish")
+
+
+def test_training_example_runs_channels_last_under_bf16(tmp_path):
+    """examples/train.py --channels_last --mixed_precision bf16: trains, checkpoints and saves NCHW-identical weights."""
+    import sys
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import train
+
+    output = tmp_path / "run"
+    argv = ["--image_size", "32", "32", "--num_train_images", "4", "--num_validation_images", "2"]
+    argv += ["--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--num_prediction_images", "0"]
+    argv += ["--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", str(output)]
+    argv += ["--channels_last", "--mixed_precision", "bf16"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        train.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    saved = safetensors.torch.load_file(output / "model.safetensors")
+    assert all(tensor.is_contiguous() and torch.isfinite(tensor).all() for tensor in saved.values())
+    reloaded = CTALForDenseMultitask.from_pretrained(output)
+    assert not reloaded.is_channels_last
