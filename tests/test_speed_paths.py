@@ -301,3 +301,17 @@ def test_training_example_runs_channels_last_under_bf16(tmp_path):
     assert all(tensor.is_contiguous() and torch.isfinite(tensor).all() for tensor in saved.values())
     reloaded = CTALForDenseMultitask.from_pretrained(output)
     assert not reloaded.is_channels_last
+
+
+def test_auto_choice_depends_on_dtype_and_device():
+    # Cityscapes-sized training map (32 x 32, 2 tasks): a tie in float32 (dense kept), but under bf16 the dense
+    # form's grouped-conv backward is slow, so the crossover moves down and the factorised form is chosen
+    assert ctal_attention.choose_attention_impl(32 * 32, 128, 2, 3) == "dense"
+    assert ctal_attention.choose_attention_impl(32 * 32, 128, 2, 3, dtype=torch.bfloat16) == "factorized"
+    assert ctal_attention.dense_flop_penalty(True, torch.float16, "cuda") == ctal_attention.dense_flop_penalty(
+        True, torch.bfloat16, "cpu"
+    )
+    inputs = task_maps(batch=1, num_tasks=2, channels=128, height=32, width=32)
+    with OpLog() as log:
+        diffuse(*inputs, impl="auto", autocast=torch.bfloat16)
+    assert not any("convolution" in name for name, _, _ in log.calls)  # the factorised form ran
