@@ -115,7 +115,7 @@ def test_profile_step_writes_its_table_against_the_baseline(tmp_path):
 
 def test_full_resolution_benchmark_writes_its_table(tmp_path):
     output = tmp_path / "full.md"
-    args = ["--maps", "8x8", "8x16", "--batch", "1", "--channels", "8", "--repeats", "1", "--threads", "1"]
+    args = ["--maps", "8x8", "8x16", "--batch", "2", "--channels", "8", "--repeats", "1", "--threads", "1"]
     _run("full_resolution.py", *args, "--dtypes", "fp32", "--step_variants", "fp32", "--out", str(output))
     text = output.read_text()
     assert "Fitted exponent" in text and "| 32x64 | 8x16 | 128 | fp32 |" in text
