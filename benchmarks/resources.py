@@ -120,6 +120,7 @@ SETTINGS = {
 COMPONENTS = {
     "backbone": "backbone",
     "backbones": "backbone",
+    "neck": "initial heads",
     "fusion": "initial heads",
     "fusions": "initial heads",
     "initial_heads": "initial heads",

@@ -42,16 +42,7 @@ def run_case(preset: str, decoder: str, attention_impl: str, batch: int, threads
     model = CTALForDenseMultitask(config).train()
     height, width = config.image_size
     pixel_values = torch.randn(batch, 3, height, width)
-    labels = {}
-    for task in config.tasks:
-        if task in ("semseg", "parts"):
-            labels[task] = torch.randint(0, config.task_channels(task), (batch, height, width))
-        elif task == "normals":
-            labels[task] = torch.nn.functional.normalize(torch.randn(batch, 3, height, width), dim=1)
-        elif task == "depth":
-            labels[task] = torch.rand(batch, 1, height, width) + 0.1
-        else:
-            labels[task] = (torch.rand(batch, 1, height, width) > 0.5).float()
+    labels = {name: task.random_label(batch, height, width) for name, task in config.get_tasks().items()}
     step = lambda: model(pixel_values, labels=labels).loss.backward()  # noqa: E731
     step()  # warm-up (allocator, oneDNN primitives)
     model.zero_grad(set_to_none=True)

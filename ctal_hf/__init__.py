@@ -1,34 +1,55 @@
 """ctal_hf: cross-task affinity learning (CTAL) for multitask dense prediction, Hugging Face-compatible.
 
 Importing the package registers the model and its image processor with the transformers Auto classes, and the
-`pipeline("dense-multitask")` task."""
+`pipeline("dense-multitask")` task. The import is cheap: the classes below are imported when first used, and each
+registration is made when transformers first imports the registry it goes into (see `auto_registration`)."""
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
-from transformers.pipelines import PIPELINE_REGISTRY
+import importlib
+from typing import TYPE_CHECKING
 
-from .configuration_ctal import PIPELINE_TASK, PRESETS, CTALConfig
-from .image_processing_ctal import CTALImageProcessor
-from .metrics import MultiTaskEvaluator, delta_m
-from .modeling_ctal import CTALDenseMultitaskOutput, CTALForDenseMultitask, CTALPreTrainedModel
-from .pipeline_ctal import DenseMultitaskPipeline
-from .tasks import LOWER_IS_BETTER, TASKS
+from . import auto_registration
 
-AutoConfig.register("ctal", CTALConfig, exist_ok=True)
-AutoModel.register(CTALConfig, CTALForDenseMultitask, exist_ok=True)
-# Saved folders carry the modelling code (and the pipeline's), so they load with `trust_remote_code=True` without
-# this package.
-CTALConfig.register_for_auto_class()
-CTALForDenseMultitask.register_for_auto_class("AutoModel")
-AutoImageProcessor.register(CTALConfig, image_processor_classes={"torchvision": CTALImageProcessor}, exist_ok=True)
-CTALImageProcessor.register_for_auto_class("AutoImageProcessor")
-# Registered here, not in pipeline_ctal.py: the copy of that file a saved folder carries must not register itself when
-# `pipeline(..., trust_remote_code=True)` loads it, since a registered task hides the folder's `custom_pipelines`.
-if PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK, {}).get("impl") is not DenseMultitaskPipeline:
-    PIPELINE_REGISTRY.register_pipeline(
-        PIPELINE_TASK, pipeline_class=DenseMultitaskPipeline, pt_model=AutoModel, type="image"
-    )
+# Public name -> the submodule that defines it, imported on first access (PEP 562 module `__getattr__`).
+_LAZY_ATTRIBUTES = {
+    "CTALConfig": "configuration_ctal",
+    "PRESETS": "configuration_ctal",
+    "PIPELINE_TASK": "configuration_ctal",
+    "CTALForDenseMultitask": "modeling_ctal",
+    "CTALPreTrainedModel": "modeling_ctal",
+    "CTALDenseMultitaskOutput": "modeling_ctal",
+    "CTALImageProcessor": "image_processing_ctal",
+    "DenseMultitaskPipeline": "pipeline_ctal",
+    "MultiTaskEvaluator": "metrics",
+    "delta_m": "metrics",
+    "TASKS": "tasks",
+    "LOWER_IS_BETTER": "tasks",
+}
+
+if TYPE_CHECKING:
+    from .configuration_ctal import PIPELINE_TASK, PRESETS, CTALConfig
+    from .image_processing_ctal import CTALImageProcessor
+    from .metrics import MultiTaskEvaluator, delta_m
+    from .modeling_ctal import CTALDenseMultitaskOutput, CTALForDenseMultitask, CTALPreTrainedModel
+    from .pipeline_ctal import DenseMultitaskPipeline
+    from .tasks import LOWER_IS_BETTER, TASKS
+
+auto_registration.install()
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _LAZY_ATTRIBUTES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+
 
 __all__ = [
     "CTALConfig",
@@ -36,6 +57,7 @@ __all__ = [
     "CTALPreTrainedModel",
     "CTALDenseMultitaskOutput",
     "PRESETS",
+    "PIPELINE_TASK",
     "TASKS",
     "LOWER_IS_BETTER",
     "CTALImageProcessor",

@@ -1,13 +1,19 @@
-"""Feature extractors: timm's HRNet-W18-small-v2 (four raw branches) and SwinV2-S (its last 1/32 map, optionally
-upsampled to 1/16: `config.decoder_stride`), NCHW."""
+"""Backbones: the registry of the paper's named timm backbones, any transformers `AutoBackbone` through
+`config.backbone_config`, and `CTALBackbone`, which turns either into a list of NCHW maps, finest first, with their
+channels and strides (read from the built model, never hard-coded). See docs/design.md, "Backbones"."""
+
+from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_ctal import CTALConfig
+if TYPE_CHECKING:
+    from .configuration_ctal import CTALConfig
 
 
 def _timm():
@@ -17,30 +23,294 @@ def _timm():
     return timm
 
 
-def create_timm_backbone(config: CTALConfig, **overrides) -> nn.Module:
-    """The timm feature model described by `config` (random weights unless `overrides` ask for pretrained)."""
-    kwargs = dict(features_only=True, pretrained=False, **config.backbone_kwargs)
-    if config.is_cnn:
-        # Raw branch outputs 18/36/72/144 at strides 4..32, not timm's default "incre" 128..1024 channels.
-        kwargs.update(feature_location="", out_indices=(1, 2, 3, 4))
-    else:
-        kwargs.update(img_size=tuple(config.image_size), out_indices=(3,))
-    kwargs.update(overrides)
-    return _timm().create_model(config.timm_model_name, **kwargs)
+@dataclass(frozen=True)
+class CTALBackboneSpec:
+    """A named backbone (`config.backbone`): how timm builds it and what the decoders need to know before it is built.
+
+    Args:
+        timm_name: the `timm.create_model` name.
+        display_name: how tables and model cards name it.
+        strides: output stride of each feature map the decoders read, finest first (checked against the built model).
+        timm_kwargs: keyword arguments for `timm.create_model(..., features_only=True)` (which maps, which
+            representation); `config.backbone_kwargs` is added on top.
+        pass_image_size: whether timm must be told the input size (`img_size=config.image_size`): windowed
+            transformers fix their attention masks to it.
+        channels_last_output: whether timm returns NHWC maps (permuted to NCHW here).
+        head_family: the decoder head family these models use by default (`config.head_family`).
+        normals_loss: the surface-normal loss of the paper's recipe for this backbone (`CTALConfig.from_preset`).
+    """
+
+    timm_name: str
+    display_name: str
+    strides: tuple[int, ...]
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    pass_image_size: bool = False
+    channels_last_output: bool = False
+    head_family: str = "bottleneck"
+    normals_loss: str = "cosine"
+
+    @property
+    def num_maps(self) -> int:
+        return len(self.strides)
+
+    def create_model(self, config: CTALConfig, **overrides) -> nn.Module:
+        """The timm feature model (random weights unless `overrides` ask for pretrained ones)."""
+        kwargs = dict(features_only=True, pretrained=False, **self.timm_kwargs, **config.backbone_kwargs)
+        if self.pass_image_size:
+            kwargs["img_size"] = tuple(config.image_size)
+        kwargs.update(overrides)
+        return _timm().create_model(self.timm_name, **kwargs)
+
+    def create_reference_model(self, config: CTALConfig) -> nn.Module:
+        """The full timm model (classifier included), whose state dict is what ImageNet weight files hold."""
+        kwargs = {"img_size": tuple(config.image_size)} if self.pass_image_size else {}
+        return _timm().create_model(self.timm_name, pretrained=False, **kwargs)
 
 
-def read_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
-    """A full timm model's ImageNet state dict, checked against the architecture.
+BACKBONES: dict[str, CTALBackboneSpec] = {
+    # Raw branch outputs 18/36/72/144 at strides 4..32 (`feature_location=""`), not timm's default "incre"
+    # 128..1024 channels.
+    "hrnet_w18_small_v2": CTALBackboneSpec(
+        timm_name="hrnet_w18_small_v2",
+        display_name="HRNet-W18-small-v2",
+        strides=(4, 8, 16, 32),
+        timm_kwargs={"feature_location": "", "out_indices": (1, 2, 3, 4)},
+    ),
+    # The last stage only (768 channels at 1/32).
+    "swinv2_small": CTALBackboneSpec(
+        timm_name="swinv2_small_window8_256",
+        display_name="SwinV2-S",
+        strides=(32,),
+        timm_kwargs={"out_indices": (3,)},
+        pass_image_size=True,
+        channels_last_output=True,
+        head_family="deeplab",
+        normals_loss="l1",
+    ),
+}
 
-    `source` is `None` (timm's own pretrained weights, from the Hub), a `.safetensors` file, or a torch state dict
-    file (read with `weights_only=True`, so a file holding code is refused). A missing, unexpected or mis-shaped
-    key raises, naming the file."""
-    timm = _timm()
-    if source is None:
-        return timm.create_model(config.timm_model_name, pretrained=True).state_dict()
-    source = os.fspath(source)
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"Backbone weights file {source!r} does not exist.")
+
+def _is_timm_backbone_config(backbone_config) -> bool:
+    return getattr(backbone_config, "model_type", None) == "timm_backbone"
+
+
+def _timm_features_kwargs(backbone_config) -> dict[str, Any]:
+    """The `timm.create_model` arguments transformers' `TimmBackbone` uses for a `TimmBackboneConfig`."""
+    return dict(
+        features_only=backbone_config.features_only,
+        in_chans=backbone_config.num_channels,
+        out_indices=tuple(backbone_config.out_indices),
+        output_stride=backbone_config.output_stride,
+    )
+
+
+@dataclass(frozen=True)
+class CTALFeatureInfo:
+    """What the decoders read from a built backbone: channels and output strides of its maps (finest first),
+    the input size and the head family."""
+
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    image_size: tuple[int, int]
+    head_family: str
+
+    @property
+    def num_maps(self) -> int:
+        return len(self.channels)
+
+    @property
+    def is_multi_scale(self) -> bool:
+        """Whether there are several maps (fused by the cross-scale fusion) rather than one map used as is."""
+        return len(self.channels) > 1
+
+    @property
+    def finest_stride(self) -> int:
+        return self.strides[0]
+
+    def affinity_stride(self, affinity_scale: int) -> int:
+        """Stride of the maps CTAL and PAP-Net diffuse on: max(`affinity_scale`, the finest map's stride), i.e. the
+        finest map itself unless `affinity_scale` asks for a coarser one (paper Table 5)."""
+        return max(affinity_scale, self.finest_stride)
+
+    def affinity_map_size(self, affinity_scale: int) -> tuple[int, int]:
+        """Size (h, w) of the maps CTAL and PAP-Net diffuse on."""
+        stride = self.affinity_stride(affinity_scale)
+        return self.image_size[0] // stride, self.image_size[1] // stride
+
+
+class CTALBackbone(nn.Module):
+    """A backbone as a list of NCHW feature maps, finest first: a named timm model (`config.backbone`) or any
+    transformers `AutoBackbone` (`config.backbone_config`, built with `load_backbone`, random weights).
+
+    `channels` and `strides` are measured on a meta-device forward pass at `config.image_size` when the module is
+    built, so a map that does not divide the input, or a backbone with no maps, is refused before any real work."""
+
+    def __init__(self, config: CTALConfig):
+        super().__init__()
+        self.uses_backbone_config = config.backbone_config is not None
+        if self.uses_backbone_config:
+            from transformers.backbone_utils import load_backbone
+
+            self.model = load_backbone(config)
+            timm_model = getattr(self.model, "_backbone", None)
+            fmt = (
+                getattr(timm_model, "output_fmt", "NCHW")
+                if _is_timm_backbone_config(config.backbone_config)
+                else "NCHW"
+            )
+            self.channels_last_output = fmt == "NHWC"
+            self.name = config.backbone_description
+        else:
+            spec = BACKBONES[config.backbone]
+            self.model = spec.create_model(config)
+            self.channels_last_output = spec.channels_last_output
+            self.name = spec.display_name
+        self.upsample_factor = 1
+        channels, strides = self._measure(config)
+        if not self.uses_backbone_config and strides != BACKBONES[config.backbone].strides:
+            raise RuntimeError(
+                f"BACKBONES[{config.backbone!r}].strides is {BACKBONES[config.backbone].strides}, but the built model "
+                f"gives {strides}: fix the registry entry."
+            )
+        # A single map read at a finer stride (`decoder_stride`, e.g. SwinV2's 1/32 map at 1/16): upsampled here.
+        if config.decoder_stride is not None and config.decoder_stride != strides[-1]:
+            if len(strides) > 1:
+                raise ValueError(
+                    f"`decoder_stride` applies to single-map backbones (SwinV2, ViTs); {self.name} gives "
+                    f"{len(strides)} maps (strides {list(strides)}) that the decoders fuse at stride {strides[0]}. "
+                    "Leave `decoder_stride` unset."
+                )
+            if strides[0] % config.decoder_stride or strides[0] // config.decoder_stride != 2:
+                raise ValueError(
+                    f"`decoder_stride` must be the map's stride {strides[0]} or half of it ({strides[0] // 2}, a x2 "
+                    f"bilinear upsampling), got {config.decoder_stride}."
+                )
+            self.upsample_factor = strides[0] // config.decoder_stride
+            strides = (config.decoder_stride,)
+        self.channels: list[int] = list(channels)
+        self.strides: list[int] = list(strides)
+        self.feature_info = CTALFeatureInfo(
+            channels=tuple(channels),
+            strides=tuple(strides),
+            image_size=tuple(config.image_size),
+            head_family=config.head_family,
+        )
+        # Set by `model.gradient_checkpointing_enable()`: recompute the backbone in the backward pass (timm's
+        # HRNet has no per-stage checkpointing of its own).
+        self.gradient_checkpointing = False
+
+    @property
+    def reductions(self) -> list[int]:
+        """timm's name for `strides`."""
+        return self.strides
+
+    def _raw_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        features = self.model(pixel_values)
+        if not isinstance(features, (list, tuple)):  # a transformers `BackboneOutput`
+            features = features.feature_maps
+        return list(features)
+
+    def _map_shapes(self, height: int, width: int) -> list[tuple[int, ...]]:
+        """Shapes of the maps for a (1, 3, height, width) input, from a forward pass on the meta device (shapes
+        only, no compute), in eval mode (batch statistics of one 1x1 map are undefined in training mode)."""
+        meta = {name: torch.empty_like(tensor, device="meta") for name, tensor in self.model.named_parameters()}
+        meta.update({name: torch.empty_like(tensor, device="meta") for name, tensor in self.model.named_buffers()})
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                features = torch.func.functional_call(
+                    self.model, meta, (torch.empty(1, 3, height, width, device="meta"),)
+                )
+        finally:
+            self.model.train(training)
+        if not isinstance(features, (list, tuple)):
+            features = features.feature_maps
+        return [tuple(feature.shape) for feature in features or ()]
+
+    def _measure(self, config: CTALConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Channels and strides of the maps, with the checks that the maps exist and divide the input."""
+        height, width = config.image_size
+        try:
+            shapes = self._map_shapes(height, width)
+        except Exception as error:  # any failure of a foreign model on this input: say which model and input
+            raise ValueError(
+                f"The backbone {self.name} cannot run on image_size {list(config.image_size)}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if not shapes:
+            raise ValueError(
+                f"The backbone {self.name} returns no feature maps; list the stages the decoder should read "
+                "(`out_features` / `out_indices` of `backbone_config`)."
+            )
+        # A map of an input that is not a multiple of its stride can still divide it (DINOv2 with patch 8 makes a 4x4
+        # map of 36x36): the strides must also hold at twice the size. Models that only run at their own input size
+        # (timm's windowed transformers) skip this second look.
+        try:
+            doubled = self._map_shapes(2 * height, 2 * width) if self.uses_backbone_config else None
+        except Exception:  # a model tied to one input size: the first look stands
+            doubled = None
+        channels, strides = [], []
+        for index, shape in enumerate(shapes):
+            if len(shape) != 4:
+                raise ValueError(
+                    f"The backbone {self.name} returns a map of shape {shape} (feature {index}); CTAL decoders need "
+                    "4-D (batch, channels, height, width) maps (a ViT backbone must reshape its tokens: "
+                    "`reshape_hidden_states=True`)."
+                )
+            map_height, map_width, map_channels = (
+                (shape[1], shape[2], shape[3]) if self.channels_last_output else (shape[2], shape[3], shape[1])
+            )
+            stride = height // map_height
+            fits = not (height % map_height or width % map_width or width // map_width != stride)
+            if fits and doubled is not None:
+                fits = tuple(doubled[index][-2:] if not self.channels_last_output else doubled[index][1:3]) == (
+                    2 * map_height,
+                    2 * map_width,
+                )
+            if not fits:
+                raise ValueError(
+                    f"image_size {list(config.image_size)} does not fit the backbone {self.name}: its map {index} is "
+                    f"{map_height}x{map_width}, not the input divided by the map's stride. Use an image_size "
+                    "divisible by the backbone's largest stride (e.g. a multiple of 32 for most CNNs, of the patch "
+                    "size for ViTs)."
+                )
+            channels.append(map_channels)
+            strides.append(stride)
+        if strides != sorted(strides):
+            raise ValueError(
+                f"The backbone {self.name} returns maps with strides {strides}; list them finest first "
+                "(`out_features` in stage order)."
+            )
+        return tuple(channels), tuple(strides)
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            features = torch.utils.checkpoint.checkpoint(self._raw_maps, pixel_values, use_reentrant=False)
+        else:
+            features = self._raw_maps(pixel_values)
+        if self.channels_last_output:
+            # NHWC is already the channels-last layout of the NCHW view: copy only for NCHW input.
+            channels_last = (
+                pixel_values.is_contiguous(memory_format=torch.channels_last) and not pixel_values.is_contiguous()
+            )
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            features = [feature.permute(0, 3, 1, 2).contiguous(memory_format=layout) for feature in features]
+        if self.upsample_factor > 1:
+            features[-1] = F.interpolate(
+                features[-1], scale_factor=self.upsample_factor, mode="bilinear", align_corners=False
+            )
+        return features
+
+    def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copies a state dict of `self.model` (from `pretrained_backbone_state_dict`); every tensor must be used."""
+        self.model.load_state_dict(state_dict, strict=True)
+
+
+# ------------------------------------------------------------------------------------------ pretrained weights
+def _read_state_dict_file(source: str) -> dict[str, torch.Tensor]:
+    """A `.safetensors` file or a torch state dict file (read with `weights_only=True`, so a file holding code is
+    refused); a checkpoint that nests its weights under "state_dict" or "model" is unwrapped."""
     if source.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -52,53 +322,129 @@ def read_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | Non
                 state_dict = state_dict[key]
     if not isinstance(state_dict, dict):
         raise ValueError(f"{source!r} does not hold a state dict (found {type(state_dict).__name__}).")
-    kwargs = {"img_size": tuple(config.image_size)} if not config.is_cnn else {}
-    reference = timm.create_model(config.timm_model_name, pretrained=False, **kwargs)
-    try:
-        reference.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{source!r} does not match timm's {config.timm_model_name}: {error}") from None
     return state_dict
 
 
-class CTALBackbone(nn.Module):
-    """Wraps a timm feature model; `channels` and `reductions` describe its output maps, finest first."""
+def read_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    """A named backbone's full timm ImageNet state dict, checked against the architecture.
 
-    def __init__(self, config: CTALConfig):
-        super().__init__()
-        self.is_cnn = config.is_cnn
-        self.model = create_timm_backbone(config)
-        self.channels: list[int] = list(self.model.feature_info.channels())
-        self.reductions: list[int] = list(self.model.feature_info.reduction())
-        # SwinV2 with `decoder_stride=16`: the decoder reads the last map upsampled by this factor.
-        self.upsample_factor = 1 if self.is_cnn else self.reductions[-1] // config.decoder_stride
-        self.reductions[-1] //= self.upsample_factor
-        # Set by `model.gradient_checkpointing_enable()`: recompute the backbone in the backward pass (timm's
-        # HRNet has no per-stage checkpointing of its own).
-        self.gradient_checkpointing = False
+    `source` is `None` (timm's own pretrained weights, from the Hub), a `.safetensors` file, or a torch state dict
+    file. A missing, unexpected or mis-shaped key raises, naming the file."""
+    spec = BACKBONES[config.backbone]
+    if source is None:
+        return _timm().create_model(spec.timm_name, pretrained=True).state_dict()
+    source = os.fspath(source)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"Backbone weights file {source!r} does not exist.")
+    state_dict = _read_state_dict_file(source)
+    try:
+        spec.create_reference_model(config).load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{source!r} does not match timm's {spec.timm_name}: {error}") from None
+    return state_dict
 
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            features = torch.utils.checkpoint.checkpoint(self.model, pixel_values, use_reentrant=False)
+
+def _weights_file_in(folder: str) -> str:
+    for name in ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"Backbone weights folder {folder!r} holds no model.safetensors or pytorch_model.bin.")
+
+
+def _timm_backbone_state_dict(backbone_config, source: str | None) -> dict[str, torch.Tensor]:
+    """Pretrained weights of a `TimmBackboneConfig` backbone, as a state dict of transformers' `TimmBackbone`."""
+    overlay = {}
+    if source is not None:
+        if os.path.isdir(source):
+            source = _weights_file_in(source)
+        if os.path.isfile(source):
+            state_dict = _read_state_dict_file(source)
+            # timm loads a features-only model leniently (it drops the classifier): check against the full model.
+            reference = _timm().create_model(
+                backbone_config.backbone, pretrained=False, in_chans=backbone_config.num_channels
+            )
+            try:
+                reference.load_state_dict(state_dict, strict=True)
+            except RuntimeError as error:
+                raise ValueError(f"{source!r} does not match timm's {backbone_config.backbone}: {error}") from None
+            overlay = {"state_dict": state_dict}
+        elif source.count("/") == 1 and not source.startswith((".", "/")):
+            overlay = {"hf_hub_id": source}  # a timm checkpoint on the Hub, e.g. "timm/resnet18.a1_in1k"
         else:
-            features = self.model(pixel_values)
-        if not self.is_cnn:
-            # timm Swin is NHWC, which is already the channels-last layout of the NCHW view: copy only for NCHW input
-            channels_last = (
-                pixel_values.is_contiguous(memory_format=torch.channels_last) and not pixel_values.is_contiguous()
+            raise FileNotFoundError(
+                f"Backbone weights {source!r}: no such file or folder (and not a Hub id org/name)."
             )
-            layout = torch.channels_last if channels_last else torch.contiguous_format
-            features = [feature.permute(0, 3, 1, 2).contiguous(memory_format=layout) for feature in features]
-        if self.upsample_factor > 1:
-            features[-1] = F.interpolate(
-                features[-1], scale_factor=self.upsample_factor, mode="bilinear", align_corners=False
+    model = _timm().create_model(
+        backbone_config.backbone,
+        pretrained=True,
+        pretrained_cfg_overlay=overlay or None,
+        **_timm_features_kwargs(backbone_config),
+    )
+    return {f"_backbone.{key}": value for key, value in model.state_dict().items()}
+
+
+def _auto_backbone_state_dict(backbone_config, source: str | None) -> dict[str, torch.Tensor]:
+    """Pretrained weights of a transformers backbone: a Hub id or folder (`AutoBackbone.from_pretrained`) or a state
+    dict file of the backbone; every tensor of the backbone must be in it."""
+    from transformers import AutoBackbone
+
+    if source is None:
+        source = backbone_config.name_or_path or None
+        if source is None:
+            raise ValueError(
+                f"`backbone_config` ({backbone_config.model_type}) names no checkpoint: pass `backbone_weights` (a Hub "
+                "id, a folder saved with `save_pretrained`, or a state dict file)."
             )
-        return list(features)
+    reference = AutoBackbone.from_config(backbone_config)
+    expected = reference.state_dict()
+    if os.path.isfile(source):
+        state_dict = _read_state_dict_file(source)
+    else:
+        # The concrete class: `AutoBackbone.from_pretrained` takes anything that is not a Hub repo for a timm name.
+        try:
+            pretrained, info = type(reference).from_pretrained(
+                source, config=backbone_config, output_loading_info=True
+            )
+        except OSError as error:
+            raise FileNotFoundError(f"Backbone weights {source!r}: {error}") from None
+        if info["missing_keys"] or info["mismatched_keys"]:
+            raise ValueError(
+                f"{source!r} lacks tensors of the {backbone_config.model_type} backbone: missing "
+                f"{sorted(info['missing_keys'])[:10]}, mis-shaped {list(info['mismatched_keys'])[:10]}."
+            )
+        state_dict = pretrained.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    mismatched = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
+    if missing or mismatched:
+        raise ValueError(
+            f"{source!r} does not match the {backbone_config.model_type} backbone: missing keys {missing[:10]}, "
+            f"size mismatch for {mismatched[:10]}."
+        )
+    return {key: state_dict[key] for key in expected}
 
-    def load_pretrained(self, config: CTALConfig, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copies ImageNet weights (a full timm state dict) into this backbone; every tensor must be used."""
-        pretrained = create_timm_backbone(config, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict})
-        self.model.load_state_dict(pretrained.state_dict(), strict=True)
+
+def pretrained_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    """The state dict of `CTALBackbone.model` holding pretrained weights, read once for every backbone of a model.
+
+    Named backbones: `source` is `None` (timm's weights from the Hub) or a file of the full timm model. With
+    `backbone_config`: a timm backbone takes the same, a folder, or a timm Hub id; a transformers backbone a Hub id,
+    a folder saved with `save_pretrained`, or a state dict file (`None`: where `backbone_config` was loaded from)."""
+    source = None if source is None else os.fspath(source)
+    if config.backbone_config is None:
+        full = read_backbone_state_dict(config, source)
+        spec = BACKBONES[config.backbone]
+        return spec.create_model(config, pretrained=True, pretrained_cfg_overlay={"state_dict": full}).state_dict()
+    if _is_timm_backbone_config(config.backbone_config):
+        return _timm_backbone_state_dict(config.backbone_config, source)
+    return _auto_backbone_state_dict(config.backbone_config, source)
 
 
-__all__ = ["CTALBackbone", "create_timm_backbone", "read_backbone_state_dict"]
+__all__ = [
+    "BACKBONES",
+    "CTALBackboneSpec",
+    "CTALFeatureInfo",
+    "CTALBackbone",
+    "read_backbone_state_dict",
+    "pretrained_backbone_state_dict",
+]

@@ -2,111 +2,67 @@
 the paper (Tables 1-5) is a config change: STL, MTL (hard sharing), PAD-Net, PAP-Net, MTI-Net and the Concat
 ablation.
 
-Each decoder follows the interface of `decoders.py`: `__init__(config, backbone_channels)` and
+Each decoder follows the interface of `decoders.py`: `__init__(config, feature_info)` and
 `forward(features) -> (predictions, initial_predictions)` at the decoder's own resolution. STL is the exception: it
-owns one backbone per task (`owns_backbones = True`), is built from the config alone and reads `pixel_values`.
+owns one backbone per task (`owns_backbones` in `DECODERS`), is built from the config alone and reads `pixel_values`.
 
-Heads (DESIGN.md section 2; they make the paper's parameter counts add up): STL / MTL use MTI-Net's high-resolution
-head with HRNet and a DeepLab head on the SwinV2 map (1/`decoder_stride`); the distillation baselines share CTAL-SS's
-front (cross-scale fusion for HRNet, then per-task initial heads of 256 channels) and end in the same final heads as
-CTAL (two bottlenecks + 1x1 for HRNet, DeepLab for SwinV2), on 256 channels for PAD-Net and 128 for PAP-Net and
+Heads (docs/design.md, "Heads"; they make the paper's parameter counts add up): STL / MTL end in the head family's
+task head (MTI-Net's high-resolution head for the bottleneck family, a DeepLab head for the deeplab family); the
+distillation baselines share CTAL-SS's front (`CTALNeck`: cross-scale fusion of several maps, then per-task initial
+heads of 256 channels) and end in the same final heads as CTAL, on 256 channels for PAD-Net and 128 for PAP-Net and
 Concat.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backbones import CTALBackbone
-from .blocks import (
-    CTALCrossScaleFusion,
-    CTALDeepLabHead,
-    CTALHighResolutionHead,
-    CTALResidualHead,
-    upsample_to,
-)
-from .configuration_ctal import CTALConfig
+from .blocks import CTALHighResolutionHead, upsample_to
 from .ctal_module import CTALTaskProjection
-from .heads import CTALInitialHead, CTALMultiScaleInitialHeads
+from .heads import HEAD_FAMILIES, CTALMultiScaleInitialHeads, CTALNeck, build_final_head, build_task_head
 
-
-def _final_head(config: CTALConfig, in_channels: int, task: str) -> nn.Module:
-    """The final head of the distillation models; the same rule as `decoders.build_final_head` (repeated here
-    because `decoders.py` imports this module for its registry)."""
-    if config.is_cnn:
-        return CTALResidualHead(in_channels, config.task_channels(task))
-    return CTALDeepLabHead(in_channels, config.task_channels(task), dropout=config.aspp_dropout)
-
-
-def _task_head(config: CTALConfig, backbone_channels: list[int], task: str) -> nn.Module:
-    """The head of STL / MTL: MTI-Net's high-resolution head on the four HRNet maps, DeepLab on the SwinV2 map."""
-    if config.is_cnn:
-        return CTALHighResolutionHead(backbone_channels, config.task_channels(task))
-    return CTALDeepLabHead(backbone_channels[-1], config.task_channels(task), dropout=config.aspp_dropout)
+if TYPE_CHECKING:
+    from .backbones import CTALFeatureInfo
+    from .configuration_ctal import CTALConfig
 
 
 class CTALSingleTaskDecoder(nn.Module):
     """STL: one independent network (backbone + head) per task inside one model, so that its parameters and FLOPs
     count like the paper's STL row and `from_pretrained` / `from_config_with_backbone_weights` work as for the
-    multitask models (every `CTALBackbone` inside receives the ImageNet weights). No parameter is shared."""
-
-    owns_backbones = True
+    multitask models (every `CTALBackbone` inside receives the pretrained weights). No parameter is shared."""
 
     def __init__(self, config: CTALConfig):
         super().__init__()
         self.tasks = list(config.tasks)
-        self.is_cnn = config.is_cnn
         self.backbones = nn.ModuleDict({task: CTALBackbone(config) for task in self.tasks})
         self.heads = nn.ModuleDict(
-            {task: _task_head(config, self.backbones[task].channels, task) for task in self.tasks}
+            {task: build_task_head(config, self.backbones[task].channels, task) for task in self.tasks}
         )
 
+    @property
+    def feature_info(self) -> CTALFeatureInfo:
+        return self.backbones[self.tasks[0]].feature_info
+
     def forward(self, pixel_values: torch.Tensor) -> tuple[dict, dict]:
-        predictions = {}
-        for task in self.tasks:
-            features = self.backbones[task](pixel_values)
-            predictions[task] = self.heads[task](features if self.is_cnn else features[-1])
+        predictions = {task: self.heads[task](self.backbones[task](pixel_values)) for task in self.tasks}
         return predictions, {}
 
 
 class CTALHardSharingDecoder(nn.Module):
     """MTL (hard parameter sharing): the shared backbone's maps go to one head per task, the same heads as STL."""
 
-    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+    def __init__(self, config: CTALConfig, feature_info: CTALFeatureInfo):
         super().__init__()
         self.tasks = list(config.tasks)
-        self.is_cnn = config.is_cnn
-        self.heads = nn.ModuleDict({task: _task_head(config, backbone_channels, task) for task in self.tasks})
+        self.heads = nn.ModuleDict({task: build_task_head(config, feature_info.channels, task) for task in self.tasks})
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
-        shared = features if self.is_cnn else features[-1]
-        return {task: self.heads[task](shared) for task in self.tasks}, {}
-
-
-class CTALDistillationDecoderBase(nn.Module):
-    """The front the single-scale distillation models share with CTAL-SS: cross-scale fusion of the HRNet maps at 1/4
-    (SwinV2: its 1/`decoder_stride` map as is), then per task an initial head (two bottlenecks, `head_channels` out)
-    whose 1x1 output is the deeply supervised initial prediction and whose features feed the distillation."""
-
-    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
-        super().__init__()
-        self.tasks = list(config.tasks)
-        self.fusion = CTALCrossScaleFusion(backbone_channels) if config.is_cnn else None
-        in_channels = sum(backbone_channels)
-        self.initial_heads = nn.ModuleDict(
-            {
-                task: CTALInitialHead(in_channels, config.head_channels, config.task_channels(task))
-                for task in self.tasks
-            }
-        )
-
-    def initial_stage(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
-        """Returns `(task_features, initial_predictions)`, both keyed by task."""
-        shared = self.fusion(features) if self.fusion is not None else features[-1]
-        task_features, initial = {}, {}
-        for task in self.tasks:
-            task_features[task], initial[task] = self.initial_heads[task](shared)
-        return task_features, initial
+        return {task: self.heads[task](features) for task in self.tasks}, {}
 
 
 class CTALSpatialAttention(nn.Module):
@@ -147,19 +103,21 @@ class CTALMultiTaskDistillation(nn.Module):
         return outputs
 
 
-class CTALPADNetDecoder(CTALDistillationDecoderBase):
-    """PAD-Net: initial heads -> multi-modal distillation on the 256-channel task features -> final heads (on 256
-    channels; at 1/4 for HRNet, 1/`decoder_stride` for SwinV2)."""
+class CTALPADNetDecoder(nn.Module):
+    """PAD-Net: neck (initial heads) -> multi-modal distillation on the 256-channel task features -> final heads (on
+    256 channels, at the finest map's stride)."""
 
-    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
-        super().__init__(config, backbone_channels)
+    def __init__(self, config: CTALConfig, feature_info: CTALFeatureInfo):
+        super().__init__()
+        self.tasks = list(config.tasks)
+        self.neck = CTALNeck(config, feature_info)
         self.distillation = CTALMultiTaskDistillation(self.tasks, config.head_channels)
         self.final_heads = nn.ModuleDict(
-            {task: _final_head(config, config.head_channels, task) for task in self.tasks}
+            {task: build_final_head(config, config.head_channels, task) for task in self.tasks}
         )
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
-        task_features, initial = self.initial_stage(features)
+        task_features, initial = self.neck(features)
         distilled = self.distillation(task_features)
         return {task: self.final_heads[task](distilled[task]) for task in self.tasks}, initial
 
@@ -231,13 +189,15 @@ class CTALPatternAffinityDiffusion(nn.Module):
         return outputs
 
 
-class CTALPAPNetDecoder(CTALDistillationDecoderBase):
-    """PAP-Net: initial heads -> per task a 1x1 projection 256 -> `ctal_channels` (128) -> affinity diffusion at
-    1/`affinity_scale` (HRNet; 1/`decoder_stride` for SwinV2) -> final heads on the 128 diffused channels."""
+class CTALPAPNetDecoder(nn.Module):
+    """PAP-Net: neck (initial heads) -> per task a 1x1 projection 256 -> `ctal_channels` (128) -> affinity diffusion
+    on CTAL's affinity map size -> final heads on the 128 diffused channels."""
 
-    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
-        super().__init__(config, backbone_channels)
-        self.size = config.affinity_map_size
+    def __init__(self, config: CTALConfig, feature_info: CTALFeatureInfo):
+        super().__init__()
+        self.tasks = list(config.tasks)
+        self.neck = CTALNeck(config, feature_info)
+        self.size = feature_info.affinity_map_size(config.affinity_scale)
         # A plain 1x1 conv with bias, as in the authors' PAP-Net for both backbones.
         self.projections = nn.ModuleDict(
             {
@@ -253,25 +213,29 @@ class CTALPAPNetDecoder(CTALDistillationDecoderBase):
             feature_normalization=config.papnet_feature_normalization,
         )
         self.final_heads = nn.ModuleDict(
-            {task: _final_head(config, config.ctal_channels, task) for task in self.tasks}
+            {task: build_final_head(config, config.ctal_channels, task) for task in self.tasks}
         )
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
-        task_features, initial = self.initial_stage(features)
+        task_features, initial = self.neck(features)
         projected = {task: upsample_to(self.projections[task](task_features[task]), self.size) for task in self.tasks}
         diffused = self.diffusion(projected)
         return {task: self.final_heads[task](diffused[task]) for task in self.tasks}, initial
 
 
 class CTALMTINetDecoder(nn.Module):
-    """MTI-Net (Vandenhende et al., ECCV 2020) on the four HRNet scales: initial predictions at every scale, coarse to
-    fine, with the feature propagation module between scales (deeply supervised at every scale); PAD-Net
-    distillation at every scale; then per task the high-resolution head aggregates the four distilled scales."""
+    """MTI-Net (Vandenhende et al., ECCV 2020) on a backbone's scales (HRNet's four): initial predictions at every
+    scale, coarse to fine, with the feature propagation module between scales (deeply supervised at every scale);
+    PAD-Net distillation at every scale; then per task the high-resolution head aggregates the distilled scales."""
 
-    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+    def __init__(self, config: CTALConfig, feature_info: CTALFeatureInfo):
         super().__init__()
-        if not config.is_cnn or len(backbone_channels) < 2:
-            raise ValueError(f"decoder 'mtinet' needs a multi-scale backbone; {config.backbone} has one scale.")
+        if not feature_info.is_multi_scale:
+            raise ValueError(
+                f"decoder 'mtinet' needs a multi-scale backbone (its feature propagation runs between scales); "
+                f"{config.backbone_description} gives one map."
+            )
+        backbone_channels = list(feature_info.channels)
         self.tasks = list(config.tasks)
         out_channels = {task: config.task_channels(task) for task in self.tasks}
         self.initial_heads = CTALMultiScaleInitialHeads(
@@ -296,43 +260,33 @@ class CTALMTINetDecoder(nn.Module):
         return predictions, initial
 
 
-class CTALConcatDecoder(CTALDistillationDecoderBase):
+class CTALConcatDecoder(nn.Module):
     """The Concat ablation (paper Table 4): CTAL-SS with the cross-task step replaced by concatenation. Per task, the T
     initial feature maps are concatenated, projected by a 1x1 conv to `ctal_channels` (CTAL's input projection,
     widened to T x 256 inputs) and decoded by the same final head as CTAL-SS, at the initial heads' resolution."""
 
-    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
-        super().__init__(config, backbone_channels)
+    def __init__(self, config: CTALConfig, feature_info: CTALFeatureInfo):
+        super().__init__()
+        self.tasks = list(config.tasks)
+        self.neck = CTALNeck(config, feature_info)
         in_channels = len(self.tasks) * config.head_channels
+        with_norm = HEAD_FAMILIES[config.head_family].projection_norm
         self.projections = nn.ModuleDict(
-            {
-                task: CTALTaskProjection(in_channels, config.ctal_channels, with_norm=not config.is_cnn)
-                for task in self.tasks
-            }
+            {task: CTALTaskProjection(in_channels, config.ctal_channels, with_norm=with_norm) for task in self.tasks}
         )
         self.final_heads = nn.ModuleDict(
-            {task: _final_head(config, config.ctal_channels, task) for task in self.tasks}
+            {task: build_final_head(config, config.ctal_channels, task) for task in self.tasks}
         )
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
-        task_features, initial = self.initial_stage(features)
+        task_features, initial = self.neck(features)
         concat = torch.cat([task_features[task] for task in self.tasks], dim=1)
         return {task: self.final_heads[task](self.projections[task](concat)) for task in self.tasks}, initial
 
 
-BASELINE_DECODER_CLASSES: dict[str, type[nn.Module]] = {
-    "stl": CTALSingleTaskDecoder,
-    "mtl": CTALHardSharingDecoder,
-    "padnet": CTALPADNetDecoder,
-    "papnet": CTALPAPNetDecoder,
-    "mtinet": CTALMTINetDecoder,
-    "concat": CTALConcatDecoder,
-}
-
 __all__ = [
     "CTALSingleTaskDecoder",
     "CTALHardSharingDecoder",
-    "CTALDistillationDecoderBase",
     "CTALSpatialAttention",
     "CTALMultiTaskDistillation",
     "CTALPADNetDecoder",
@@ -340,5 +294,4 @@ __all__ = [
     "CTALPAPNetDecoder",
     "CTALMTINetDecoder",
     "CTALConcatDecoder",
-    "BASELINE_DECODER_CLASSES",
 ]

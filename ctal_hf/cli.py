@@ -4,26 +4,31 @@ maps as `.npy`.
     ctal-predict --model DIR_OR_HUB_ID room.jpg street.png --output_dir predictions/
 
 Writes `predictions/<stem>_panel.png`, `predictions/<stem>_<task>.npy` (the pipeline's maps at the image's size)
-and `predictions/<stem>_<task>.png` (the colour-coded map of each task)."""
+and `predictions/<stem>_<task>.png` (the colour-coded map of each task).
+
+Every argument is checked before torch, transformers or the model are loaded (`--help` and argument mistakes answer
+at once, with exit code 2 like argparse and the transformers / accelerate CLIs). The files are written to a temporary
+folder next to `--output_dir` and moved into place at the end, so a failure leaves nothing behind."""
 
 import argparse
+import json
 import os
+import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from transformers import pipeline
-from transformers.utils import logging
-
-from .visualization import make_figure
-
-logger = logging.get_logger(__name__)  # importing this module imports ctal_hf, which registers the pipeline
+PROG = "ctal-predict"
+# What `huggingface_hub` accepts as a repo id: `name` or `namespace/name`.
+_HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ctal-predict", description="Predict every task of a CTAL model for some images and save the maps."
+        prog=PROG, description="Predict every task of a CTAL model for some images and save the maps."
     )
     parser.add_argument("images", nargs="+", help="Image files (any size; RGB, grayscale or RGBA).")
     parser.add_argument("--model", required=True, help="A folder saved with save_pretrained, or a Hub model id.")
@@ -37,12 +42,96 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no_panel", action="store_true", help="Do not write the panel PNGs.")
     parser.add_argument("--dpi", type=int, default=100, help="Resolution of the panel PNGs.")
-    args = parser.parse_args(argv)
-    missing = [image for image in args.images if not os.path.isfile(image)]
+    return parser
+
+
+def _local_config(parser: argparse.ArgumentParser, model: str) -> dict[str, Any] | None:
+    """The config.json of a local model folder (None for a Hub id); refuses a path that is neither."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            parser.error(
+                f"--model {model!r} is a folder without config.json; give a folder saved with save_pretrained."
+            )
+        try:
+            return json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            parser.error(f"--model {model!r}: cannot read {config_file} as JSON ({error}).")
+    if path.exists():
+        parser.error(f"--model {model!r} is a file; give the folder that holds config.json and the weights.")
+    looks_like_path = model.startswith((".", "/", "~")) or model.endswith("/") or os.sep + os.sep in model
+    if looks_like_path or not _HUB_ID.match(model) or ".." in model or "--" in model:
+        parser.error(f"--model {model!r}: no such folder (and it is not a Hub model id, `name` or `org/name`).")
+    return None
+
+
+def _check_tasks(parser: argparse.ArgumentParser, tasks: Sequence[str] | None, predicted: Sequence[str] | None):
+    if not tasks or predicted is None:  # a Hub model: checked against its config once that is read
+        return
+    unknown = [task for task in tasks if task not in predicted]
+    if unknown:
+        parser.error(f"--tasks {' '.join(unknown)}: not predicted; this model predicts {' '.join(predicted)}.")
+
+
+def _check_images(parser: argparse.ArgumentParser, images: Sequence[str]) -> None:
+    missing = [image for image in images if not os.path.isfile(image)]
     if missing:
         parser.error(f"image file(s) not found: {', '.join(missing)}")
+    import PIL.Image
+
+    for image in images:
+        try:
+            with PIL.Image.open(image):  # reads the header only
+                pass
+        except (OSError, SyntaxError, ValueError) as error:
+            parser.error(f"{image!r} is not an image Pillow can open ({type(error).__name__}: {error}).")
+
+
+def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> Path:
+    """Creates the temporary folder the outputs are written to (in the deepest existing folder above `output_dir`, so
+    the final rename stays on one file system): proves `output_dir` can be written before any work is done."""
+    target = Path(output_dir).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        parser.error(f"--output_dir {output_dir!r} is a file; give a folder (it is created when missing).")
+    base = target if target.is_dir() else target.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        parser.error(f"--output_dir {output_dir!r}: {str(base)!r} is a file, so the folder cannot be created.")
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.ctal-predict-", dir=base))
+    except OSError as error:
+        parser.error(f"--output_dir {output_dir!r} cannot be written ({error.strerror or error}).")
+
+
+def _check_device(parser: argparse.ArgumentParser, device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(int(device) if device.isdigit() else device)
+    except (RuntimeError, ValueError) as error:
+        parser.error(f"--device {device!r} is not a torch device ({error}); use cpu, cuda, cuda:1, mps, ...")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: no CUDA GPU is available to torch here; use --device cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {device}: MPS is not available here; use --device cpu.")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses and checks the arguments that need neither torch nor the model (the rest: `main`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.dpi < 1:
+        parser.error(f"--dpi must be at least 1, got {args.dpi}")
+    args.parser = parser
     return args
 
 
@@ -57,32 +146,84 @@ def _output_stems(images: Sequence[str]) -> list[str]:
     return stems
 
 
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    if not output_dir.exists():
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, output_dir)
+        return
+    for path in staging.iterdir():
+        os.replace(path, output_dir / path.name)
+    staging.rmdir()
+
+
+def _load_pipeline(parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any] | None):
+    """The model and its image processor, loaded here rather than by `pipeline()` (which retries other classes and
+    buries the reason a load failed in a list of tracebacks); a load failure is a short error naming `--model`."""
+    # `import ctal_hf` (this package) registers the model, the processor and the pipeline with these.
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
+
+    hub = {"revision": args.revision, "trust_remote_code": args.trust_remote_code or None}
+    try:
+        if config is None:  # a Hub id: its config (small) says which tasks it predicts before the weights load
+            hub_config = AutoConfig.from_pretrained(args.model, **hub)
+            _check_tasks(parser, args.tasks, list(getattr(hub_config, "tasks", [])))
+        model = AutoModel.from_pretrained(args.model, **hub)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        parser.error(f"cannot load --model {args.model!r}: {first_line}")
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(args.model, **hub)
+    except (OSError, ValueError):  # no preprocessor_config.json: the pipeline builds one from the model's config
+        image_processor = None
+    return pipeline("dense-multitask", model=model, image_processor=image_processor, device=args.device)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ctal-predict` console script; returns the exit code."""
     args = parse_args(argv)
-    predictor = pipeline(
-        "dense-multitask",
-        model=args.model,
-        device=args.device,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code or None,
-    )
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    results = predictor(list(args.images), batch_size=args.batch_size, tasks=args.tasks)
+    parser = args.parser
+    _check_images(parser, args.images)
+    config = _local_config(parser, args.model)
+    _check_tasks(parser, args.tasks, None if config is None else config.get("tasks"))
+    output_dir = Path(args.output_dir).expanduser().absolute()
+    staging = _check_output_dir(parser, args.output_dir)
+    try:
+        _check_device(parser, args.device)
+        predictor = _load_pipeline(parser, args, config)
+        written = _predict(predictor, args, staging)
+        _move_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"Wrote predictions for {written} image(s) to {args.output_dir}", file=sys.stderr)
+    return 0
+
+
+def _predict(predictor, args: argparse.Namespace, staging: Path) -> int:
+    import numpy as np
+    from transformers.utils import logging
+
+    from .visualization import make_figure
+
+    logger = logging.get_logger(__name__)
+    try:
+        results = predictor(list(args.images), batch_size=args.batch_size, tasks=args.tasks)
+    except (OSError, ValueError) as error:
+        args.parser.exit(1, f"{PROG}: error: {error}\n")
     for image_path, stem, result in zip(args.images, _output_stems(args.images), results, strict=True):
         visualizations = result.pop("visualizations")
         for task, value in result.items():
-            np.save(output_dir / f"{stem}_{task}.npy", value)
-            visualizations[task].save(output_dir / f"{stem}_{task}.png")
+            np.save(staging / f"{stem}_{task}.npy", value)
+            visualizations[task].save(staging / f"{stem}_{task}.png")
         if not args.no_panel:
             image = predictor.image_processor.process_image(image_path).permute(1, 2, 0).numpy()  # what the model saw
-            figure = make_figure(image, result, tasks=list(result), dpi=args.dpi)
-            figure.savefig(output_dir / f"{stem}_panel.png", dpi=args.dpi, format="png")
-        logger.info(f"{image_path}: wrote {len(result)} maps to {output_dir}/{stem}_*")
-    print(f"Wrote predictions for {len(results)} image(s) to {output_dir}", file=sys.stderr)
-    return 0
+            figure = make_figure(image, result, tasks=list(result), dpi=args.dpi, task_specs=predictor.model.config)
+            figure.savefig(staging / f"{stem}_panel.png", dpi=args.dpi, format="png")
+        logger.info(f"{image_path}: wrote {len(result)} maps for {stem}")
+    return len(results)
 
+
+__all__ = ["main", "parse_args", "build_parser"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,9 @@
 """CTAL model configuration."""
 
 import copy
+import dataclasses
+import difflib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -8,29 +11,13 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .tasks import TASKS
-
-# Backbone name -> (timm model name, output stride of the deepest map, whether the model is a CNN).
-BACKBONES: dict[str, tuple[str, int, bool]] = {
-    "hrnet_w18_small_v2": ("hrnet_w18_small_v2", 32, True),
-    "swinv2_small": ("swinv2_small_window8_256", 32, False),
-}
-
-DECODERS: tuple[str, ...] = ("ctal_ss", "ctal_ms", "stl", "mtl", "padnet", "papnet", "mtinet", "concat")
-
-# How the paper names each decoder (tables, model cards, logs).
-DECODER_NAMES: dict[str, str] = {
-    "ctal_ss": "CTAL-SS",
-    "ctal_ms": "CTAL-MS",
-    "stl": "STL",
-    "mtl": "MTL",
-    "padnet": "PAD-Net",
-    "papnet": "PAP-Net",
-    "mtinet": "MTI-Net",
-    "concat": "Concat",
-}
+from .backbones import BACKBONES
+from .decoders import DECODER_NAMES, DECODERS
+from .heads import HEAD_FAMILIES
+from .tasks import CTALTask, resolve_tasks
 
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "dense", "factorized")
 
@@ -60,7 +47,7 @@ CUSTOM_PIPELINES: dict[str, dict[str, Any]] = {
     PIPELINE_TASK: {"impl": "pipeline_ctal.DenseMultitaskPipeline", "pt": ["AutoModel"], "type": "image"}
 }
 
-# The paper's settings (DESIGN.md sections 3-5): tasks in order, classes, input size (H, W), loss weights.
+# The paper's settings (docs/design.md, "Presets"): tasks in order, classes, input size (H, W), loss weights.
 PRESETS: dict[str, dict[str, Any]] = {
     "nyuv2": {
         "tasks": ["semseg", "depth", "normals"],
@@ -105,6 +92,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Keyword arguments `PreTrainedConfig` (and `from_pretrained` / `from_dict`) accept besides its dataclass fields: what
+# a config.json from transformers carries, and the legacy names it still reads. Anything else is a typo.
+PRETRAINED_CONFIG_KWARGS: frozenset[str] = frozenset(
+    {
+        "auto_map", "custom_pipelines", "model_type", "name_or_path", "_name_or_path", "_commit_hash", "torch_dtype",
+        "num_labels", "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
+        "_attn_implementation_internal", "_experts_implementation_internal", "rope_scaling", "rope_theta",
+        "rope_parameters", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id", "eos_token_id",
+        "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task", "tie_word_embeddings",
+        "torchscript", "pruned_heads", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+        "tie_encoder_decoder", "base_model_tp_plan", "base_model_pp_plan", "base_model_ep_plan", "use_cache",
+    }
+)  # fmt: skip
+
+
 @strict
 class CTALConfig(PreTrainedConfig):
     r"""
@@ -112,16 +114,36 @@ class CTALConfig(PreTrainedConfig):
     uses, and the hyper-parameters of the cross-task affinity learning (CTAL) module.
 
     tasks (`list[str]`, *optional*, defaults to `["semseg", "depth", "normals"]`):
-        The tasks, in order, from `semseg`, `parts`, `depth`, `normals`, `saliency`, `edge`. The order is the order
-        of the interleaved affinity channels, so it is part of the architecture.
+        The tasks, in order: the paper's `semseg`, `parts`, `depth`, `normals`, `saliency`, `edge`, or any task
+        defined in `task_specs`. The order is the order of the interleaved affinity channels, so it is part of the
+        architecture.
+    task_specs (`dict[str, dict]`, *optional*):
+        Specs of the tasks that are not built in, by name, e.g. `{"albedo": {"kind": "regression",
+        "num_channels": 3}}`: `kind` (`"classification"`, `"regression"`, `"normals"` or `"binary"`) and
+        optional `num_channels`, `loss`, `ignore_value`, `pos_weight`, `flip_negate_channels`, `divide_by_zoom`, `positive`,
+        `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type` (see `ctal_hf.tasks`). Saved in
+        config.json, so a model folder carries its tasks.
     num_semseg_classes (`int`, *optional*, defaults to 13):
         Number of semantic classes (NYUv2 13, Cityscapes 19, PASCAL-Context 21).
     num_parts_classes (`int`, *optional*, defaults to 7):
         Number of human-part classes, background included (PASCAL-Context 7).
     backbone (`str`, *optional*, defaults to `"hrnet_w18_small_v2"`):
-        `"hrnet_w18_small_v2"` (multi-scale CNN, timm) or `"swinv2_small"` (timm `swinv2_small_window8_256`).
+        A named backbone of the paper (`BACKBONES`): `"hrnet_w18_small_v2"` (four maps, strides 4-32, timm) or
+        `"swinv2_small"` (timm `swinv2_small_window8_256`, one map at 1/32). Set to `None` when `backbone_config`
+        is given.
+    backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+        Any transformers backbone instead of a named one, built with `transformers.backbone_utils.load_backbone`
+        (random weights; see `from_config_with_backbone_weights`): a backbone config such as
+        `TimmBackboneConfig(backbone="resnet50", out_indices=(1, 2, 3, 4))`, `ConvNextConfig(out_features=[...])`,
+        `Dinov2Config(out_features=["stage12"])`, or its dict with a `"model_type"`. Several maps are fused at the
+        finest; a single map is read at its own stride.
     backbone_kwargs (`dict`, *optional*):
-        Extra keyword arguments for `timm.create_model` (for example `drop_path_rate`).
+        Extra keyword arguments for `timm.create_model` of a named backbone (for example `drop_path_rate`).
+    head_family (`str`, *optional*):
+        How the decoders end (`HEAD_FAMILIES`): `"bottleneck"` (final heads of two bottlenecks + 1x1, MTI-Net's
+        high-resolution STL / MTL heads, plain CTAL projections: the paper's HRNet models) or `"deeplab"` (DeepLab-v3
+        heads, CTAL projections with BatchNorm + ReLU: its SwinV2 models). Defaults to the named backbone's family;
+        with `backbone_config`, `"bottleneck"` for several maps and `"deeplab"` for a single map.
     image_size (`list[int]`, *optional*, defaults to `[288, 384]`):
         Input height and width. The CTAL grouped convolution has one group per affinity pixel, so a model is tied
         to this size; the image processor resizes to it.
@@ -137,12 +159,14 @@ class CTALConfig(PreTrainedConfig):
     kernel_size (`int`, *optional*, defaults to 3):
         Kernel of the grouped convolution that fuses the task affinities; odd.
     affinity_scale (`int`, *optional*, defaults to 4):
-        CTAL runs at 1/`affinity_scale` of the input (paper Table 5: 4, 6 or 8). CNN backbones only.
-    decoder_stride (`int`, *optional*, defaults to 32):
-        SwinV2 only: stride of the map the decoder reads. 32 is the backbone's last map; 16 upsamples it x2
-        (bilinear) first, so every decoder stage runs on a 4x larger map (at 288 x 384 the 1/32 map is 9 x 12, too
-        small for the ASPP's dilated taps). The printed FLOPs of the paper's NYUv2 SwinV2 baselines (Table 2) fit
-        16 for STL, MTL, PAD-Net and PAP-Net and 32 for CTAL-SS; its PASCAL-Context models (Table 3) fit 32.
+        CTAL (and PAP-Net) run at 1/max(`affinity_scale`, stride of the finest backbone map) of the input: HRNet's
+        1/4 map at 4, 6 or 8 (paper Table 5); a single 1/32 map at 1/32. The input must divide into it.
+    decoder_stride (`int`, *optional*):
+        Single-map backbones only: stride of the map the decoder reads. Unset (or the map's stride) reads the map as
+        is; half of it upsamples the map x2 (bilinear) first, so every decoder stage runs on a 4x larger map (at
+        288 x 384 SwinV2's 1/32 map is 9 x 12, too small for the ASPP's dilated taps). The printed FLOPs of the
+        paper's NYUv2 SwinV2 baselines (Table 2) fit 16 for STL, MTL, PAD-Net and PAP-Net and 32 for CTAL-SS; its
+        PASCAL-Context models (Table 3) fit 32.
     papnet_diffusion_steps (`int`, *optional*, defaults to 1):
         PAP-Net only: number of diffusion steps `X <- beta X A^T + (1 - beta) X_0`. One step is the authors'
         setting (`num_iters: 1`); the printed FLOPs of the NYUv2 HRNet PAP-Net (Table 5) fit 2.
@@ -190,15 +214,30 @@ class CTALConfig(PreTrainedConfig):
 
     >>> config = CTALConfig.from_preset("nyuv2", decoder="ctal_ss")
     >>> model = CTALForDenseMultitask(config)
+
+    >>> # Any transformers backbone, e.g. a timm ResNet-50 with its four stages:
+    >>> from transformers import TimmBackboneConfig
+
+    >>> backbone_config = TimmBackboneConfig(backbone="resnet50", out_indices=(1, 2, 3, 4))
+    >>> model = CTALForDenseMultitask(CTALConfig.from_preset("nyuv2", backbone_config=backbone_config))
     ```"""
 
     model_type = "ctal"
+    # Resolved by model type in `_resolve_backbone` (transformers never reads the class of a `backbone_config` spec;
+    # `AutoConfig` here would import the Auto mappings while this module loads, which `ctal_hf`'s lazy registration
+    # of the Auto classes hooks).
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=PreTrainedConfig, model_type="timm_backbone", optional=True)
+    }
 
     tasks: list[str] | tuple[str, ...] = ("semseg", "depth", "normals")
+    task_specs: dict[str, Any] | None = None
     num_semseg_classes: int = 13
     num_parts_classes: int = 7
-    backbone: str = "hrnet_w18_small_v2"
+    backbone: str | None = "hrnet_w18_small_v2"
+    backbone_config: dict | PreTrainedConfig | None = None
     backbone_kwargs: dict[str, Any] | None = None
+    head_family: str | None = None
     image_size: list[int] | tuple[int, ...] = (288, 384)
     decoder: str = "ctal_ss"
     ctal_channels: int = 128
@@ -206,7 +245,7 @@ class CTALConfig(PreTrainedConfig):
     gamma: float = 0.05
     kernel_size: int = 3
     affinity_scale: int = 4
-    decoder_stride: int = 32
+    decoder_stride: int | None = None
     papnet_diffusion_steps: int = 1
     attention_impl: str = "auto"
     loss_weights: dict[str, float] | None = None
@@ -222,27 +261,50 @@ class CTALConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.tasks = list(self.tasks)
+        self.task_specs = {
+            name: dict(spec) if isinstance(spec, dict) else spec for name, spec in (self.task_specs or {}).items()
+        }
         self.image_size = list(self.image_size)
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
+        self._resolve_backbone()
         self._check_fields()
         weights = self.loss_weights or {}
         self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}
+        self._check_unknown_kwargs(kwargs)
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def _check_unknown_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        """Refuses a keyword that is neither a field nor one `PreTrainedConfig` knows (a typo such as
+        `num_semseg_class=20` would otherwise become an unused attribute and leave the field at its default)."""
+        from transformers.generation import GenerationConfig
+
+        fields = [field.name for field in dataclasses.fields(cls)]
+        known = set(fields) | PRETRAINED_CONFIG_KWARGS | set(cls.attribute_map)
+        unknown = [name for name in kwargs if name not in known]
+        if unknown:
+            unknown = [name for name in unknown if name not in GenerationConfig._get_default_generation_params()]
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+                hints.append(f"`{name}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+            raise TypeError(
+                f"{cls.__name__} got unknown keyword argument(s) {', '.join(hints)}; its fields are documented in "
+                f"`help({cls.__name__})`."
+            )
 
     def _check_fields(self):
         """Checks that the fields describe a model that can be built, naming the field that is wrong. Runs in
         `__post_init__` (not as a `@strict` validator) so that users get a plain `ValueError`."""
-        unknown = [task for task in self.tasks if task not in TASKS]
-        if unknown:
-            raise ValueError(f"Unknown task(s) {unknown} in `tasks`; known tasks: {sorted(TASKS)}.")
         if not self.tasks:
             raise ValueError("`tasks` is empty: a CTAL model needs at least one task.")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"`tasks` lists a task twice: {self.tasks}.")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"Unknown `backbone` {self.backbone!r}; choose from {sorted(BACKBONES)}.")
         if self.decoder not in DECODERS:
             raise ValueError(f"Unknown `decoder` {self.decoder!r}; choose from {list(DECODERS)}.")
+        if self.head_family not in HEAD_FAMILIES:
+            raise ValueError(f"Unknown `head_family` {self.head_family!r}; choose from {list(HEAD_FAMILIES)}.")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"Unknown `attention_impl` {self.attention_impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}."
@@ -263,34 +325,137 @@ class CTALConfig(PreTrainedConfig):
             raise ValueError(f"`kernel_size` must be a positive odd number, got {self.kernel_size}.")
         if len(self.image_size) != 2 or min(self.image_size) <= 0:
             raise ValueError(f"`image_size` must be [height, width] with positive values, got {self.image_size}.")
-        stride = BACKBONES[self.backbone][1]
-        if any(side % stride for side in self.image_size):
+        if self.affinity_scale < 1:
             raise ValueError(
-                f"`image_size` {self.image_size} is not divisible by the {self.backbone} backbone's stride {stride}."
+                f"`affinity_scale` must be a positive stride (paper Table 5: 4, 6 or 8), got {self.affinity_scale}."
             )
-        if self.affinity_scale not in (4, 6, 8):
-            raise ValueError(f"`affinity_scale` must be 4, 6 or 8 (paper Table 5), got {self.affinity_scale}.")
-        if self.affinity_scale != 4 and not self.is_cnn:
-            raise ValueError("`affinity_scale` applies to CNN backbones; SwinV2 runs CTAL on its 1/32 map.")
-        if self.decoder_stride not in (16, 32):
-            raise ValueError(f"`decoder_stride` must be 16 or 32, got {self.decoder_stride}.")
-        if self.decoder_stride != 32 and self.is_cnn:
+        if self.decoder_stride is not None and self.decoder_stride < 1:
+            raise ValueError(f"`decoder_stride` must be a positive stride, got {self.decoder_stride}.")
+        if self.backbone is not None:
+            self._check_named_backbone_fits()
+        if DECODERS[self.decoder].needs_multi_scale and self.num_backbone_maps < 2:
             raise ValueError(
-                "`decoder_stride` applies to SwinV2; HRNet decoders read all four scales (CTAL runs at "
-                "1/`affinity_scale`)."
+                f"decoder {self.decoder!r} needs a multi-scale backbone (it predicts and propagates between scales); "
+                f"{self.backbone_description} gives one map. Use a backbone with several maps (e.g. "
+                "`out_indices=(1, 2, 3, 4)`) or a single-scale decoder (ctal_ss, padnet, papnet, concat, mtl, stl)."
             )
         if self.papnet_diffusion_steps < 1:
             raise ValueError(f"`papnet_diffusion_steps` must be at least 1, got {self.papnet_diffusion_steps}.")
-        if self.decoder in ("ctal_ms", "mtinet") and not self.is_cnn:
-            raise ValueError(f"decoder {self.decoder!r} needs a multi-scale backbone; {self.backbone} has one scale.")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"`gamma` blends two feature maps and must lie in [0, 1], got {self.gamma}.")
         for name in ("num_semseg_classes", "num_parts_classes", "ctal_channels", "head_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        self.get_tasks()  # every task known and every spec valid, or a ValueError naming the task and field
         extra = set(self.loss_weights or {}) - set(self.tasks)
         if extra:
             raise ValueError(f"`loss_weights` names tasks the model does not predict: {sorted(extra)}.")
+        for task, weight in (self.loss_weights or {}).items():
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                raise ValueError(
+                    f"`loss_weights[{task!r}]` must be a finite number >= 0 (0 switches the task's loss off), got "
+                    f"{weight!r}."
+                )
+        if not 0.0 < self.edge_pos_weight < 1.0:
+            raise ValueError(
+                f"`edge_pos_weight` is the weight of edge pixels in a balanced BCE (the rest get 1 - it) and must lie "
+                f"in (0, 1), got {self.edge_pos_weight}."
+            )
+        if not (math.isfinite(self.initializer_range) and self.initializer_range > 0):
+            raise ValueError(
+                f"`initializer_range` must be a positive standard deviation, got {self.initializer_range}."
+            )
+        classes = max(self.num_semseg_classes, self.num_parts_classes, 2)
+        if 0 <= self.ignore_index < classes:
+            raise ValueError(
+                f"`ignore_index` {self.ignore_index} is a valid class id (classes are 0..{classes - 1}, binary labels 0 "
+                "and 1), so those pixels would be ignored; use 255 or a negative value."
+            )
+
+    def _resolve_backbone(self) -> None:
+        """Turns `backbone_config` into a backbone config instance (as `SubConfigSpec` does, with errors that name the
+        problem) and sets the defaults that follow from the backbone (`head_family`)."""
+        backbone_config = self.backbone_config
+        if isinstance(backbone_config, dict):
+            model_type = backbone_config.get("model_type")
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            if model_type not in CONFIG_MAPPING:
+                raise ValueError(
+                    f'`backbone_config` needs a known "model_type" (e.g. "timm_backbone", "convnext", '
+                    f'"dinov2"), got {model_type!r}.'
+                )
+            backbone_config = CONFIG_MAPPING[model_type].from_dict(dict(backbone_config))
+        elif backbone_config is not None and not isinstance(backbone_config, PreTrainedConfig):
+            raise TypeError(
+                f'`backbone_config` must be a backbone config, its dict (with "model_type") or None, got '
+                f"{type(backbone_config).__name__}; for a Hub id or folder pass `AutoConfig.from_pretrained(...)`."
+            )
+        self.backbone_config = backbone_config
+        if backbone_config is not None:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
+
+            if backbone_config.model_type not in MODEL_FOR_BACKBONE_MAPPING_NAMES:
+                raise ValueError(
+                    f"`backbone_config` is a {type(backbone_config).__name__}, which `AutoBackbone` cannot build; "
+                    f"use one of the backbone model types: {sorted(MODEL_FOR_BACKBONE_MAPPING_NAMES)}."
+                )
+            if not getattr(backbone_config, "out_indices", None):
+                raise ValueError(
+                    f"`backbone_config` ({backbone_config.model_type}) selects no feature maps: set `out_features` "
+                    "or `out_indices` to the stages the decoder should read, finest first."
+                )
+            if self.backbone_kwargs:
+                raise ValueError(
+                    f"`backbone_kwargs` {self.backbone_kwargs} apply to named timm backbones; with `backbone_config` "
+                    "set the options on the backbone config."
+                )
+            self.backbone = None  # `backbone_config` replaces the named backbone (e.g. a preset's)
+        elif self.backbone not in BACKBONES:
+            raise ValueError(
+                f"Unknown `backbone` {self.backbone!r}; choose from {sorted(BACKBONES)}, or pass any transformers "
+                "backbone as `backbone_config` (e.g. `TimmBackboneConfig(backbone=...)`)."
+            )
+        if self.backbone is not None and self.decoder_stride == BACKBONES[self.backbone].strides[-1]:
+            self.decoder_stride = None  # the deepest map's own stride: nothing to resample (configs saved with 32)
+        if self.head_family is None:
+            if self.backbone is not None:
+                self.head_family = BACKBONES[self.backbone].head_family
+            else:
+                self.head_family = "bottleneck" if self.num_backbone_maps > 1 else "deeplab"
+
+    def _check_named_backbone_fits(self) -> None:
+        """The input-size checks a named backbone allows before it is built (`CTALBackbone` checks any backbone's
+        maps when it is built)."""
+        spec = BACKBONES[self.backbone]
+        if any(side % spec.strides[-1] for side in self.image_size):
+            raise ValueError(
+                f"`image_size` {self.image_size} is not divisible by the {self.backbone} backbone's stride "
+                f"{spec.strides[-1]}."
+            )
+        if self.decoder_stride is not None and self.decoder_stride != spec.strides[-1]:
+            if spec.num_maps > 1:
+                raise ValueError(
+                    f"`decoder_stride` applies to single-map backbones (SwinV2); {self.backbone}'s decoders read all "
+                    f"{spec.num_maps} scales (CTAL runs at 1/`affinity_scale`)."
+                )
+            if spec.strides[0] != 2 * self.decoder_stride:
+                raise ValueError(
+                    f"`decoder_stride` must be {spec.strides[0]} (the map as is) or {spec.strides[0] // 2} (upsampled "
+                    f"x2) for {self.backbone}, got {self.decoder_stride}."
+                )
+        finest = self.decoder_stride or spec.strides[0]
+        if self.affinity_scale != 4 and self.affinity_scale < finest:
+            raise ValueError(
+                f"`affinity_scale` {self.affinity_scale} is finer than {self.backbone}'s map (stride {finest}): CTAL "
+                "runs on the finest map or coarser. Leave it at 4."
+            )
+        stride = max(self.affinity_scale, finest)
+        if any(side % stride for side in self.image_size):
+            raise ValueError(
+                f"The affinity map does not fit: `image_size` {self.image_size} is not divisible by its stride "
+                f"{stride} (`affinity_scale` {self.affinity_scale}, finest map stride {finest})."
+            )
 
     @property
     def custom_pipelines(self) -> dict[str, dict[str, Any]]:
@@ -324,42 +489,69 @@ class CTALConfig(PreTrainedConfig):
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
-    def is_cnn(self) -> bool:
-        """Whether the backbone is the multi-scale CNN (HRNet) rather than SwinV2."""
-        return BACKBONES[self.backbone][2]
+    def num_backbone_maps(self) -> int:
+        """How many feature maps the backbone gives the decoders (several are fused at the finest)."""
+        if self.backbone_config is not None:
+            return len(self.backbone_config.out_indices)
+        return BACKBONES[self.backbone].num_maps
+
+    @property
+    def backbone_description(self) -> str:
+        """The backbone in words, for messages and model cards: a named backbone's display name, else the backbone
+        config's model type (and timm model name)."""
+        if self.backbone_config is None:
+            return BACKBONES[self.backbone].display_name
+        timm_name = getattr(self.backbone_config, "backbone", None)
+        model_type = self.backbone_config.model_type
+        return f"timm {timm_name}" if model_type == "timm_backbone" and timm_name else model_type
 
     @property
     def affinity_map_size(self) -> tuple[int, int]:
-        """Size (h, w) of the maps CTAL and PAP-Net diffuse on: 1/`affinity_scale` of the input for CNNs,
-        1/`decoder_stride` for SwinV2."""
-        scale = self.affinity_scale if self.is_cnn else self.decoder_stride
+        """Size (h, w) of the maps CTAL and PAP-Net diffuse on, for a named backbone (with `backbone_config` it is
+        known once the model is built: `model.decoder.ctal.size`)."""
+        if self.backbone_config is not None:
+            raise ValueError(
+                "`affinity_map_size` of a `backbone_config` model is measured on the built backbone: read "
+                "`model.backbone.feature_info.affinity_map_size(config.affinity_scale)`."
+            )
+        finest = self.decoder_stride or BACKBONES[self.backbone].strides[0]
+        stride = max(self.affinity_scale, finest)
         height, width = self.image_size
-        return height // scale, width // scale
+        return height // stride, width // stride
 
     @property
-    def timm_model_name(self) -> str:
-        return BACKBONES[self.backbone][0]
+    def timm_model_name(self) -> str | None:
+        """The timm model name of a named backbone (`None` with `backbone_config`)."""
+        return None if self.backbone is None else BACKBONES[self.backbone].timm_name
+
+    def get_tasks(self) -> dict[str, CTALTask]:
+        """The task objects of `tasks`, in order (`ctal_hf.tasks`): built-in tasks set by this config's fields, the
+        others by `task_specs`. Each owns its channels, loss, metric, label checks and post-processing."""
+        return resolve_tasks(
+            self.tasks,
+            self.task_specs,
+            num_semseg_classes=self.num_semseg_classes,
+            num_parts_classes=self.num_parts_classes,
+            ignore_index=self.ignore_index,
+            normals_loss=self.normals_loss,
+            edge_pos_weight=self.edge_pos_weight,
+        )
 
     def task_channels(self, task: str) -> int:
         """Number of output channels of `task`'s prediction."""
-        if task == "semseg":
-            return self.num_semseg_classes
-        if task == "parts":
-            return self.num_parts_classes
-        return TASKS[task].channels
+        return self.get_tasks()[task].num_channels
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "CTALConfig":
         """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`), or NYUv2 / Cityscapes at
         full resolution (`"nyuv2_full"` 480 x 640, `"cityscapes_full"` 512 x 1024, CTAL at 1/4, factorised), with the
         authors' release's behaviours (`RELEASE_BEHAVIOUR`); keyword arguments override any field, e.g.
-        `decoder="ctal_ms"`, `backbone="swinv2_small"` or `decoder_init="he"`."""
+        `decoder="ctal_ms"`, `backbone="swinv2_small"`, `backbone_config=...` or `decoder_init="he"`."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
         fields = {**RELEASE_BEHAVIOUR, **PRESETS[name], **kwargs}
-        backbone = fields["backbone"]
-        if backbone in BACKBONES and not BACKBONES[backbone][2]:
-            fields.setdefault("normals_loss", "l1")
+        if fields.get("backbone_config") is None and fields.get("backbone") in BACKBONES:
+            fields.setdefault("normals_loss", BACKBONES[fields["backbone"]].normals_loss)
         return cls(**fields)
 
 

@@ -514,7 +514,9 @@ def cross_task_diffusion(
             impl = "factorized"
     elif impl == "dense" and check_memory:
         check_dense_fits(n, num_tasks, batch, dtype, values.device, backward)
-    if impl == "dense" and not torch.is_autocast_enabled(values.device.type):  # autocast casts the dense ops itself
+    device_type = values.device.type  # the meta device (FLOP counts) has no autocast
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if impl == "dense" and not autocast:  # autocast casts the dense ops itself
         values, normalized = values.to(dtype), normalized.to(dtype)
         weight = weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

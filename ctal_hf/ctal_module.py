@@ -1,4 +1,4 @@
-"""The cross-task affinity learning (CTAL) module (paper section 2.1, DESIGN.md section 1).
+"""The cross-task affinity learning (CTAL) module (paper section 2.1; docs/design.md, "The CTAL module").
 
 Per task t: project the initial-head features to C channels (`X_t`), normalise every pixel's vector, and form the
 intra-task affinity `A_t = Xn_t^T Xn_t` (N x N, N = h * w). The T affinities are interleaved channel by channel and
@@ -6,12 +6,19 @@ fused by ONE grouped convolution (N groups of T channels, k x k kernel) into a s
 by all tasks. Each task diffuses a 3x3 projection of its features through `M` (Eq. 1), blends the result with
 `X_t` by `gamma` (Eq. 2) and upsamples it 2x for its final head."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_ctal import CTALConfig
 from .ctal_attention import check_dense_fits, cross_task_diffusion
+from .heads import HEAD_FAMILIES
+
+if TYPE_CHECKING:
+    from .configuration_ctal import CTALConfig
 
 
 def stack_task_maps(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -22,7 +29,8 @@ def stack_task_maps(maps: list[torch.Tensor]) -> torch.Tensor:
 
 
 class CTALTaskProjection(nn.Module):
-    """1x1 projection of a task's features to the affinity channels (CNN: plain conv; Swin: conv + BN + ReLU)."""
+    """1x1 projection of a task's features to the affinity channels: a plain conv, or conv + BN + ReLU (the deeplab
+    head family, as the paper's SwinV2 models)."""
 
     def __init__(self, in_channels: int, out_channels: int, with_norm: bool):
         super().__init__()
@@ -61,8 +69,9 @@ class CTALAffinityModule(nn.Module):
         channels = config.ctal_channels
         num_pixels = self.size[0] * self.size[1]
         num_tasks = len(self.tasks)
+        with_norm = HEAD_FAMILIES[config.head_family].projection_norm
         self.projections = nn.ModuleDict(
-            {task: CTALTaskProjection(in_channels, channels, with_norm=not config.is_cnn) for task in self.tasks}
+            {task: CTALTaskProjection(in_channels, channels, with_norm=with_norm) for task in self.tasks}
         )
         self.values = nn.ModuleDict({task: nn.Conv2d(channels, channels, 3, padding=1) for task in self.tasks})
         # Input channel i * T + t holds A_t[i]; output channel i is row i of the fused map M.

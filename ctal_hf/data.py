@@ -5,9 +5,14 @@ Randomness is explicit: every random transform draws from a `torch.Generator` pa
 `CTALTorchDataset` seeds one per (seed, epoch, index), so a run gives the same batches whatever the number of
 DataLoader workers and can resume mid-epoch (with a sampler that is itself seeded, e.g. Accelerate's).
 
-Per-sample layouts (no batch dimension) used between the steps: `image` (3, H, W) float32 in [0, 1] (normalised at
-the end), `semseg` / `parts` (H, W) int64 with 255 ignored, `depth` (1, H, W) float32 with 0 invalid, `normals`
-(3, H, W) float32 with (0, 0, 0) invalid, `saliency` / `edge` (1, H, W) float32 in {0, 1} with 255 ignored."""
+Each task's kind (`ctal_hf.tasks`) owns its column contract and how augmentations change its labels. Per-sample
+layouts (no batch dimension) used between the steps: `image` (3, H, W) float32 in [0, 1] (normalised at the end);
+classification tasks (`semseg` / `parts`) (H, W) int64 with the ignore value (255) unlabelled; regression tasks
+(C, H, W) float32 (`depth`: 0 invalid; others: the spec's `ignore_value`, and NaN for padding); normals (3, H, W)
+float32 with (0, 0, 0) invalid; binary tasks (`saliency` / `edge`) (1, H, W) float32 in {0, 1} with 255 ignored.
+
+Functions that take `tasks` accept task names (built-in tasks), a `CTALConfig` (its tasks, custom ones included),
+or a dict name -> task object (`config.get_tasks()`)."""
 
 from __future__ import annotations
 
@@ -17,15 +22,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .tasks import TASKS
+from .tasks import BUILTIN_TASK_NAMES, CTALTask, as_tasks
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 MTAN_SCALES = (1.0, 1.2, 1.5)
 
-# Fill values when padding (image: 0 after normalisation, i.e. the mean colour).
-_PAD_FILL = {"semseg": IGNORE_INDEX, "parts": IGNORE_INDEX, "saliency": IGNORE_INDEX, "edge": IGNORE_INDEX}
+
+def _sample_tasks(sample: Mapping[str, torch.Tensor], tasks) -> dict[str, CTALTask]:
+    """The task objects of a sample's label keys: from `tasks` when given, else the built-in tasks by name."""
+    labels = [key for key in sample if key != "image"]
+    resolved = as_tasks(tasks) if tasks is not None else as_tasks([k for k in labels if k in BUILTIN_TASK_NAMES])
+    unknown = [key for key in labels if key not in resolved]
+    if unknown:
+        raise ValueError(
+            f"Sample key(s) {unknown} are not built-in tasks: pass `tasks=config` (or `config.get_tasks()`) so the "
+            "transforms know how to flip, zoom and pad them."
+        )
+    return resolved
 
 
 def _as_tensor(value) -> torch.Tensor:
@@ -56,14 +71,13 @@ def _as_rgb(value) -> torch.Tensor:
     return image
 
 
-def row_to_sample(row: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
-    """One dataset row (torch, numpy or Python format) -> per-sample tensors for `image` and `tasks`.
+def row_to_sample(row: Mapping, tasks) -> dict[str, torch.Tensor]:
+    """One dataset row (torch, numpy or Python format) -> per-sample tensors for `image` and `tasks`, each task's
+    column (named like the task) read by its kind.
 
     Rows with `height` / `width` columns (PASCAL-Context, stored padded) are cropped to their real size."""
-    for task in tasks:
-        if task not in TASKS:
-            raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASKS)}.")
-    missing = [name for name in ("image", *tasks) if name not in row]
+    task_objects = as_tasks(tasks)
+    missing = [name for name in ("image", *task_objects) if name not in row]
     if missing:
         raise ValueError(f"Dataset row has no column(s) {missing}; its columns are {sorted(row)}.")
     image = _as_rgb(row["image"])
@@ -73,20 +87,10 @@ def row_to_sample(row: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]
     if "height" in row and "width" in row:
         height, width = int(row["height"]), int(row["width"])
     sample = {"image": image[:height, :width].permute(2, 0, 1).float() / 255.0}
-    for task in tasks:
-        value = _channels_last(_as_tensor(row[task]))[:height, :width]
-        if task != "normals" and value.ndim == 3 and value.shape[-1] == 1:
-            value = value[..., 0]
-        if task in ("semseg", "parts"):
-            sample[task] = value.long()
-        elif task == "normals":
-            if value.ndim != 3 or value.shape[-1] != 3:
-                raise ValueError(f"`normals` must be (H, W, 3), got {tuple(value.shape)}.")
-            sample[task] = value.float().permute(2, 0, 1).contiguous()
-        else:  # depth, saliency, edge
-            sample[task] = value.float().unsqueeze(0)
-        if sample[task].shape[-2:] != (height, width):
-            raise ValueError(f"`{task}` has size {tuple(sample[task].shape[-2:])}, the image is {(height, width)}.")
+    for name, task in task_objects.items():
+        sample[name] = task.from_column(_channels_last(_as_tensor(row[name]))[:height, :width])
+        if sample[name].shape[-2:] != (height, width):
+            raise ValueError(f"`{name}` has size {tuple(sample[name].shape[-2:])}, the image is {(height, width)}.")
     return sample
 
 
@@ -106,20 +110,22 @@ def _resize(sample: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str,
     return out
 
 
-def hflip(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mirror left-right; the normals' x component changes sign."""
-    out = {key: value.flip(-1) for key, value in sample.items()}
-    if "normals" in out:
-        out["normals"] = out["normals"].clone()
-        out["normals"][0] = -out["normals"][0]
-    return out
+def hflip(sample: dict[str, torch.Tensor], tasks=None) -> dict[str, torch.Tensor]:
+    """Mirror left-right; each task's `flip_negate_channels` change sign (the normals' x component)."""
+    task_objects = _sample_tasks(sample, tasks)
+    return {key: value.flip(-1) if key == "image" else task_objects[key].flip(value) for key, value in sample.items()}
 
 
 def random_scale_crop(
-    sample: dict[str, torch.Tensor], generator: torch.Generator, scales: Sequence[float] = MTAN_SCALES
+    sample: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    scales: Sequence[float] = MTAN_SCALES,
+    tasks=None,
 ) -> dict[str, torch.Tensor]:
     """MTAN's RandomScaleCrop: pick s in `scales`, crop a random (H/s, W/s) window and resize it back to (H, W);
-    depth is divided by s (the view is s times closer). Labels, depth and normals use nearest neighbours."""
+    labels of tasks with `divide_by_zoom` (depth) are divided by s (the view is s times closer). Labels use
+    nearest neighbours."""
+    task_objects = _sample_tasks(sample, tasks)
     scale = float(scales[int(torch.randint(len(scales), (1,), generator=generator))])
     height, width = sample["image"].shape[-2:]
     crop_h, crop_w = int(height / scale), int(width / scale)
@@ -129,9 +135,7 @@ def random_scale_crop(
         return sample
     cropped = {key: value[..., top : top + crop_h, left : left + crop_w] for key, value in sample.items()}
     out = _resize(cropped, (height, width))
-    if "depth" in out:
-        out["depth"] = out["depth"] / scale
-    return out
+    return {key: value if key == "image" else task_objects[key].zoom(value, scale) for key, value in out.items()}
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -139,19 +143,21 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
 
 
 def random_rescale(
-    sample: dict[str, torch.Tensor], generator: torch.Generator, scale_range: Sequence[float] = (0.5, 2.0)
+    sample: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    scale_range: Sequence[float] = (0.5, 2.0),
+    tasks=None,
 ) -> dict[str, torch.Tensor]:
     """Resizes the whole sample by a factor drawn uniformly from `scale_range` (continuous): the image bilinearly,
-    every label by nearest neighbours (class ids, binary maps and unit normals stay valid); depth is divided by the
-    factor. The new size is `int(side * factor)`, at least 1."""
+    every label by nearest neighbours (class ids, binary maps and unit normals stay valid); labels of tasks with
+    `divide_by_zoom` (depth) are divided by the factor. The new size is `int(side * factor)`, at least 1."""
+    task_objects = _sample_tasks(sample, tasks)
     low, high = float(scale_range[0]), float(scale_range[1])
     scale = _uniform(generator, low, high)
     height, width = sample["image"].shape[-2:]
     size = (max(1, int(height * scale)), max(1, int(width * scale)))
     out = _resize(sample, size)
-    if "depth" in out:
-        out["depth"] = out["depth"] / scale
-    return out
+    return {key: value if key == "image" else task_objects[key].zoom(value, scale) for key, value in out.items()}
 
 
 def _class_balance_ok(semseg: torch.Tensor, cat_max_ratio: float) -> bool:
@@ -259,14 +265,17 @@ def photometric_distortion(
     return image
 
 
-def fit_to_size(sample: dict[str, torch.Tensor], size: Sequence[int], mode: str = "resize") -> dict[str, torch.Tensor]:
+def fit_to_size(
+    sample: dict[str, torch.Tensor], size: Sequence[int], mode: str = "resize", tasks=None
+) -> dict[str, torch.Tensor]:
     """Bring a sample to the model size. `"resize"` stretches; `"pad"` keeps the aspect ratio (downscaling only if
-    the sample is larger) and pads centred with ignore values (the PASCAL evaluation protocol): labels 255, depth
-    and normals 0, image 0 (`CTALTransform` makes the image padding 0 after normalisation instead)."""
-    return _fit(sample, size, mode)[0]
+    the sample is larger) and pads centred with each task's missing-label value (the PASCAL evaluation protocol):
+    class and binary labels 255, depth and normals 0, other regression tasks their `ignore_value` or NaN, image 0
+    (`CTALTransform` makes the image padding 0 after normalisation instead)."""
+    return _fit(sample, size, mode, tasks)[0]
 
 
-def _fit(sample, size, mode):
+def _fit(sample, size, mode, tasks=None):
     size = (int(size[0]), int(size[1]))
     if mode == "resize":
         return _resize(sample, size), None
@@ -279,9 +288,10 @@ def _fit(sample, size, mode):
         height, width = sample["image"].shape[-2:]
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
     padding = (left, size[1] - width - left, top, size[0] - height - top)
+    task_objects = _sample_tasks(sample, tasks)
     out = {}
     for key, value in sample.items():
-        fill = _PAD_FILL.get(key, 0)
+        fill = 0.0 if key == "image" else task_objects[key].pad_value
         out[key] = F.pad(value.unsqueeze(0) if value.ndim == 2 else value, padding, value=fill)
         if value.ndim == 2:
             out[key] = out[key][0]
@@ -310,6 +320,8 @@ class CTALTransform:
         fit: `"resize"` or `"pad"` (centred, ignore-filled) to reach `image_size`.
         normalize: subtract `mean` and divide by `std` (ImageNet by default); `False` keeps [0, 1] images, as the
             authors' CNN recipe does.
+        tasks: what the sample's labels are (a config, `config.get_tasks()` or names), for flipping, zooming and
+            padding them; by default the built-in tasks by name. The datasets of this module pass their own.
     """
 
     def __init__(
@@ -327,7 +339,9 @@ class CTALTransform:
         crop: bool = False,
         cat_max_ratio: float = 1.0,
         photometric: bool = False,
+        tasks=None,
     ):
+        self.tasks = None if tasks is None else as_tasks(tasks)
         if fit not in ("resize", "pad"):
             raise ValueError(f"fit must be 'resize' or 'pad', got {fit!r}.")
         if rescale_range is not None:
@@ -353,24 +367,26 @@ class CTALTransform:
         return self.train and any(augmentations)
 
     def __call__(
-        self, sample: dict[str, torch.Tensor], generator: torch.Generator | None = None
+        self, sample: dict[str, torch.Tensor], generator: torch.Generator | None = None, tasks=None
     ) -> dict[str, torch.Tensor]:
+        """Transforms one sample; `tasks` (task objects of its labels) overrides the transform's own."""
+        tasks = self.tasks if tasks is None else tasks
         if self.is_random:
             if generator is None:
                 raise ValueError("Training transforms need an explicit torch.Generator (reproducible runs).")
             if self.rescale_range is not None:
-                sample = random_rescale(sample, generator, self.rescale_range)
+                sample = random_rescale(sample, generator, self.rescale_range, tasks)
             if self.crop:
                 sample = random_crop(sample, generator, self.image_size, self.cat_max_ratio)
             if self.flip and float(torch.rand((), generator=generator)) < 0.5:
-                sample = hflip(sample)
+                sample = hflip(sample, tasks)
             if self.scale_crop:
-                sample = random_scale_crop(sample, generator, self.scales)
+                sample = random_scale_crop(sample, generator, self.scales, tasks)
             if self.photometric:
                 sample = {**sample, "image": photometric_distortion(sample["image"], generator)}
         valid = None
         if self.image_size is not None:
-            sample, valid = _fit(sample, self.image_size, self.fit)
+            sample, valid = _fit(sample, self.image_size, self.fit, tasks)
         image = sample["image"]
         if self.normalize:
             image = (image - self.mean) / self.std
@@ -394,8 +410,9 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def collate_samples(samples: Sequence[dict[str, torch.Tensor]], tasks: Sequence[str]) -> dict:
+def collate_samples(samples: Sequence[dict[str, torch.Tensor]], tasks) -> dict:
     """Stack transformed samples into `{"pixel_values": (B, 3, H, W), "labels": {task: (B, ...)}}`."""
+    tasks = list(as_tasks(tasks))
     if not samples:
         raise ValueError("Cannot collate an empty batch.")
     sizes = {tuple(s["image"].shape[-2:]) for s in samples}
@@ -418,7 +435,7 @@ def _split_rows(rows) -> list[Mapping]:
 
 def to_model_inputs(
     rows,
-    tasks: Sequence[str],
+    tasks,
     transform: CTALTransform | None = None,
     generator: torch.Generator | None = None,
     image_size: Sequence[int] | None = None,
@@ -428,21 +445,26 @@ def to_model_inputs(
     Without `transform`, applies the evaluation transform (resize to `image_size` if given, ImageNet normalisation).
     A training `transform` draws its randomness from `generator`, one sample after the other."""
     transform = transform if transform is not None else CTALTransform(image_size=image_size)
-    samples = [transform(row_to_sample(row, tasks), generator=generator) for row in _split_rows(rows)]
-    return collate_samples(samples, tasks)
+    task_objects = as_tasks(tasks)
+    samples = [
+        transform(row_to_sample(row, task_objects), generator=generator, tasks=task_objects)
+        for row in _split_rows(rows)
+    ]
+    return collate_samples(samples, task_objects)
 
 
 class CTALDataCollator:
     """`collate_fn` for a DataLoader over dataset rows: deterministic (evaluation) transforms, or training ones fed
     by the collator's own generator (reproducible with `num_workers=0`; use `CTALTorchDataset` otherwise)."""
 
-    def __init__(self, tasks: Sequence[str], transform: CTALTransform | None = None, seed: int | None = None):
-        self.tasks = list(tasks)
+    def __init__(self, tasks, transform: CTALTransform | None = None, seed: int | None = None):
+        self.task_objects = as_tasks(tasks)
+        self.tasks = list(self.task_objects)
         self.transform = transform if transform is not None else CTALTransform()
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
 
     def __call__(self, rows) -> dict:
-        return to_model_inputs(rows, self.tasks, self.transform, self.generator)
+        return to_model_inputs(rows, self.task_objects, self.transform, self.generator)
 
 
 class CTALTorchDataset(torch.utils.data.Dataset):
@@ -450,9 +472,10 @@ class CTALTorchDataset(torch.utils.data.Dataset):
     drawn from `sample_generator(seed, epoch, i)`. Call `set_epoch(e)` before each epoch (before creating the
     DataLoader iterator, so that workers see it). Batch with `collate_fn=CTALTorchDataset.collate`."""
 
-    def __init__(self, dataset, tasks: Sequence[str], transform: CTALTransform | None = None, seed: int = 0):
+    def __init__(self, dataset, tasks, transform: CTALTransform | None = None, seed: int = 0):
         self.dataset = dataset.with_format("torch") if hasattr(dataset, "with_format") else dataset
-        self.tasks = list(tasks)
+        self.task_objects = as_tasks(tasks)
+        self.tasks = list(self.task_objects)
         self.transform = transform if transform is not None else CTALTransform()
         self.seed = int(seed)
         self.epoch = 0
@@ -464,11 +487,12 @@ class CTALTorchDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = row_to_sample(self.dataset[int(index)], self.tasks)
-        return self.transform(sample, generator=sample_generator(self.seed, self.epoch, int(index)))
+        sample = row_to_sample(self.dataset[int(index)], self.task_objects)
+        generator = sample_generator(self.seed, self.epoch, int(index))
+        return self.transform(sample, generator=generator, tasks=self.task_objects)
 
     def collate(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict:
-        return collate_samples(samples, self.tasks)
+        return collate_samples(samples, self.task_objects)
 
 
 __all__ = [

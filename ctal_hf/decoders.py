@@ -1,52 +1,50 @@
-"""Decoders: everything between the backbone maps and the task predictions.
+"""Decoders: everything between the backbone maps and the task predictions, and `DECODERS`, the one registry of
+decoder names (`config.decoder`) with what each needs.
 
-A decoder takes the backbone maps (finest first) and returns `(predictions, initial_predictions)`, both dicts
-keyed by task, at the decoder's own resolution; the model upsamples them to the input size. `DECODER_CLASSES`
-maps `config.decoder` to its class: the one place where the name is resolved."""
+A decoder is built from the config and the backbone's `CTALFeatureInfo` (channels and strides of its maps, finest
+first), takes the maps and returns `(predictions, initial_predictions)`, both dicts keyed by task, at the decoder's
+own resolution; the model upsamples them to the input size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .baselines import BASELINE_DECODER_CLASSES
-from .blocks import CTALCrossScaleFusion, CTALDeepLabHead, CTALResidualHead, upsample_to
-from .configuration_ctal import CTALConfig
+from .baselines import (
+    CTALConcatDecoder,
+    CTALHardSharingDecoder,
+    CTALMTINetDecoder,
+    CTALPADNetDecoder,
+    CTALPAPNetDecoder,
+    CTALSingleTaskDecoder,
+)
+from .blocks import CTALCrossScaleFusion, upsample_to
 from .ctal_module import CTALAffinityModule
-from .heads import CTALInitialHead, CTALMultiScaleInitialHeads
+from .heads import CTALMultiScaleInitialHeads, CTALNeck, build_final_head
 
-
-def build_final_head(config: CTALConfig, in_channels: int, task: str) -> nn.Module:
-    """CNN models end in two bottlenecks + 1x1; SwinV2 models in a DeepLab head."""
-    if config.is_cnn:
-        return CTALResidualHead(in_channels, config.task_channels(task))
-    return CTALDeepLabHead(in_channels, config.task_channels(task), dropout=config.aspp_dropout)
+if TYPE_CHECKING:
+    from .backbones import CTALFeatureInfo
+    from .configuration_ctal import CTALConfig
 
 
 class CTALSingleScaleDecoder(nn.Module):
-    """CTAL-SS: backbone -> cross-scale fusion -> initial heads -> CTAL -> final heads."""
+    """CTAL-SS: backbone -> neck (cross-scale fusion, initial heads) -> CTAL -> final heads."""
 
-    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+    def __init__(self, config: CTALConfig, feature_info: CTALFeatureInfo):
         super().__init__()
         self.tasks = list(config.tasks)
-        self.size = config.affinity_map_size
-        # A CNN's four maps are fused at 1/4; SwinV2 gives one map (1/32 or 1/16) that the heads read directly.
-        self.fusion = CTALCrossScaleFusion(backbone_channels) if config.is_cnn else None
-        in_channels = sum(backbone_channels)
-        self.initial_heads = nn.ModuleDict(
-            {
-                task: CTALInitialHead(in_channels, config.head_channels, config.task_channels(task))
-                for task in self.tasks
-            }
-        )
+        self.size = feature_info.affinity_map_size(config.affinity_scale)
+        self.neck = CTALNeck(config, feature_info)
         self.ctal = CTALAffinityModule(config, config.head_channels, self.size)
         self.final_heads = nn.ModuleDict(
             {task: build_final_head(config, config.ctal_channels, task) for task in self.tasks}
         )
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
-        shared = self.fusion(features) if self.fusion is not None else features[-1]
-        task_features, initial = {}, {}
-        for task in self.tasks:
-            task_features[task], initial[task] = self.initial_heads[task](shared)
+        task_features, initial = self.neck(features)
         # Table 5's 1/6 and 1/8 variants run CTAL on resized features.
         task_features = {task: upsample_to(hidden, self.size) for task, hidden in task_features.items()}
         refined = self.ctal(task_features)
@@ -58,16 +56,15 @@ class CTALMultiScaleDecoder(nn.Module):
     """CTAL-MS: initial predictions at every scale (coarse to fine, deeply supervised) -> per-task cross-scale
     fusion -> ONE CTAL -> final heads."""
 
-    def __init__(self, config: CTALConfig, backbone_channels: list[int]):
+    def __init__(self, config: CTALConfig, feature_info: CTALFeatureInfo):
         super().__init__()
         self.tasks = list(config.tasks)
-        self.size = config.affinity_map_size
+        self.size = feature_info.affinity_map_size(config.affinity_scale)
+        channels = list(feature_info.channels)
         out_channels = {task: config.task_channels(task) for task in self.tasks}
-        self.initial_heads = CTALMultiScaleInitialHeads(
-            self.tasks, backbone_channels, out_channels, config.fpm_grouping
-        )
-        self.fusions = nn.ModuleDict({task: CTALCrossScaleFusion(backbone_channels) for task in self.tasks})
-        self.ctal = CTALAffinityModule(config, sum(backbone_channels), self.size)
+        self.initial_heads = CTALMultiScaleInitialHeads(self.tasks, channels, out_channels, config.fpm_grouping)
+        self.fusions = nn.ModuleDict({task: CTALCrossScaleFusion(channels) for task in self.tasks})
+        self.ctal = CTALAffinityModule(config, sum(channels), self.size)
         self.final_heads = nn.ModuleDict(
             {task: build_final_head(config, config.ctal_channels, task) for task in self.tasks}
         )
@@ -80,10 +77,47 @@ class CTALMultiScaleDecoder(nn.Module):
         return predictions, initial
 
 
-DECODER_CLASSES: dict[str, type[nn.Module]] = {
-    "ctal_ss": CTALSingleScaleDecoder,
-    "ctal_ms": CTALMultiScaleDecoder,
-    **BASELINE_DECODER_CLASSES,
+@dataclass(frozen=True)
+class CTALDecoderSpec:
+    """One entry of `DECODERS`.
+
+    Args:
+        decoder_class: built as `decoder_class(config, feature_info)`, or `decoder_class(config)` when it
+            `owns_backbones`.
+        display_name: how the paper (tables, model cards, logs) names it.
+        needs_multi_scale: whether it reads several backbone maps at different scales (a single-map backbone is
+            refused with a `ValueError`).
+        owns_backbones: whether it builds its own backbones (STL: one per task) and reads `pixel_values`.
+        has_initial_heads: whether it makes deeply supervised initial predictions.
+        multi_scale_initial: whether its initial predictions are a list (one per backbone map, finest first).
+    """
+
+    decoder_class: type[nn.Module]
+    display_name: str
+    needs_multi_scale: bool = False
+    owns_backbones: bool = False
+    has_initial_heads: bool = True
+    multi_scale_initial: bool = False
+
+
+DECODERS: dict[str, CTALDecoderSpec] = {
+    "ctal_ss": CTALDecoderSpec(CTALSingleScaleDecoder, "CTAL-SS"),
+    "ctal_ms": CTALDecoderSpec(CTALMultiScaleDecoder, "CTAL-MS", needs_multi_scale=True, multi_scale_initial=True),
+    "stl": CTALDecoderSpec(CTALSingleTaskDecoder, "STL", owns_backbones=True, has_initial_heads=False),
+    "mtl": CTALDecoderSpec(CTALHardSharingDecoder, "MTL", has_initial_heads=False),
+    "padnet": CTALDecoderSpec(CTALPADNetDecoder, "PAD-Net"),
+    "papnet": CTALDecoderSpec(CTALPAPNetDecoder, "PAP-Net"),
+    "mtinet": CTALDecoderSpec(CTALMTINetDecoder, "MTI-Net", needs_multi_scale=True, multi_scale_initial=True),
+    "concat": CTALDecoderSpec(CTALConcatDecoder, "Concat"),
 }
 
-__all__ = ["CTALSingleScaleDecoder", "CTALMultiScaleDecoder", "DECODER_CLASSES"]
+# How the paper names each decoder (tables, model cards, logs).
+DECODER_NAMES: dict[str, str] = {name: spec.display_name for name, spec in DECODERS.items()}
+
+__all__ = [
+    "CTALSingleScaleDecoder",
+    "CTALMultiScaleDecoder",
+    "CTALDecoderSpec",
+    "DECODERS",
+    "DECODER_NAMES",
+]

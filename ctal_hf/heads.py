@@ -1,11 +1,95 @@
-"""Initial task heads: the per-task features that CTAL (or a baseline's distillation) consumes, and the initial,
-deeply supervised predictions made from them."""
+"""Task heads: the head families (which final heads and STL / MTL heads a model ends in), the shared decoder front
+(`CTALNeck`: cross-scale fusion + initial heads) and the multi-scale initial heads of CTAL-MS and MTI-Net."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import CTALBasicBlock, CTALBottleneck, CTALClassifier, upsample_to
+from .blocks import (
+    CTALBasicBlock,
+    CTALBottleneck,
+    CTALClassifier,
+    CTALCrossScaleFusion,
+    CTALDeepLabHead,
+    CTALHighResolutionHead,
+    CTALResidualHead,
+    upsample_to,
+)
+
+if TYPE_CHECKING:
+    from .backbones import CTALFeatureInfo
+    from .configuration_ctal import CTALConfig
+
+
+class CTALFusedDeepLabHead(CTALDeepLabHead):
+    """A DeepLab head on a backbone's maps: the single map as is, several maps fused at the finest first (the STL /
+    MTL head of the `"deeplab"` family)."""
+
+    def __init__(self, in_channels: list[int], out_channels: int, dropout: float = 0.0):
+        super().__init__(sum(in_channels), out_channels, dropout=dropout)
+        self.fusion = CTALCrossScaleFusion(in_channels) if len(in_channels) > 1 else None
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return super().forward(self.fusion(features) if self.fusion is not None else features[0])
+
+
+@dataclass(frozen=True)
+class CTALHeadFamily:
+    """How a model ends (`config.head_family`): the paper's CNN models and its SwinV2 models differ in three places.
+
+    Args:
+        final_head: `(in_channels, out_channels, config) -> module` on one map: the final heads of CTAL and of the
+            distillation baselines.
+        task_head: `(backbone_channels, out_channels, config) -> module` on the backbone's list of maps: the heads
+            of STL and MTL.
+        projection_norm: whether the 1x1 projections into CTAL (and Concat's) have BatchNorm + ReLU.
+    """
+
+    final_head: Callable[[int, int, CTALConfig], nn.Module]
+    task_head: Callable[[list[int], int, CTALConfig], nn.Module]
+    projection_norm: bool
+
+
+def _residual_final_head(in_channels: int, out_channels: int, config: CTALConfig) -> nn.Module:
+    return CTALResidualHead(in_channels, out_channels)
+
+
+def _high_resolution_task_head(in_channels: list[int], out_channels: int, config: CTALConfig) -> nn.Module:
+    return CTALHighResolutionHead(in_channels, out_channels)
+
+
+def _deeplab_final_head(in_channels: int, out_channels: int, config: CTALConfig) -> nn.Module:
+    return CTALDeepLabHead(in_channels, out_channels, dropout=config.aspp_dropout)
+
+
+def _deeplab_task_head(in_channels: list[int], out_channels: int, config: CTALConfig) -> nn.Module:
+    return CTALFusedDeepLabHead(in_channels, out_channels, dropout=config.aspp_dropout)
+
+
+HEAD_FAMILIES: dict[str, CTALHeadFamily] = {
+    # Two bottlenecks + 1x1 final heads; MTI-Net's high-resolution head (fusion + 1x1) for STL / MTL.
+    "bottleneck": CTALHeadFamily(
+        final_head=_residual_final_head, task_head=_high_resolution_task_head, projection_norm=False
+    ),
+    # DeepLab-v3 heads everywhere (with `config.aspp_dropout`); projections with BatchNorm + ReLU.
+    "deeplab": CTALHeadFamily(final_head=_deeplab_final_head, task_head=_deeplab_task_head, projection_norm=True),
+}
+
+
+def build_final_head(config: CTALConfig, in_channels: int, task: str) -> nn.Module:
+    """The final head of `task` on `in_channels` features, of the config's head family."""
+    return HEAD_FAMILIES[config.head_family].final_head(in_channels, config.task_channels(task), config)
+
+
+def build_task_head(config: CTALConfig, backbone_channels: list[int], task: str) -> nn.Module:
+    """The STL / MTL head of `task` on the backbone's maps, of the config's head family."""
+    return HEAD_FAMILIES[config.head_family].task_head(list(backbone_channels), config.task_channels(task), config)
 
 
 class CTALInitialHead(nn.Module):
@@ -20,6 +104,34 @@ class CTALInitialHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.blocks(hidden)
         return features, self.classifier(features)
+
+
+class CTALNeck(nn.Module):
+    """The decoder front shared by CTAL-SS and the single-scale distillation baselines (PAD-Net, PAP-Net, Concat):
+    several backbone maps are fused at the finest (cross-scale fusion), a single map is used as is; then per task an
+    initial head (two bottlenecks, `head_channels` out) whose 1x1 output is the deeply supervised initial prediction
+    and whose features feed the cross-task step.
+
+    Returns `(task_features, initial_predictions)`, both keyed by task, at the finest map's stride."""
+
+    def __init__(self, config: CTALConfig, feature_info: CTALFeatureInfo):
+        super().__init__()
+        self.tasks = list(config.tasks)
+        channels = list(feature_info.channels)
+        self.fusion = CTALCrossScaleFusion(channels) if feature_info.is_multi_scale else None
+        self.initial_heads = nn.ModuleDict(
+            {
+                task: CTALInitialHead(sum(channels), config.head_channels, config.task_channels(task))
+                for task in self.tasks
+            }
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        shared = self.fusion(features) if self.fusion is not None else features[0]
+        task_features, initial = {}, {}
+        for task in self.tasks:
+            task_features[task], initial[task] = self.initial_heads[task](shared)
+        return task_features, initial
 
 
 class CTALScaleHead(nn.Module):
@@ -137,6 +249,12 @@ class CTALMultiScaleInitialHeads(nn.Module):
 
 
 __all__ = [
+    "CTALHeadFamily",
+    "HEAD_FAMILIES",
+    "CTALFusedDeepLabHead",
+    "build_final_head",
+    "build_task_head",
+    "CTALNeck",
     "CTALInitialHead",
     "CTALScaleHead",
     "CTALSqueezeExcitation",

@@ -24,7 +24,7 @@ from transformers.image_utils import (
 )
 from transformers.utils import logging
 
-from .tasks import TASKS
+from .tasks import BUILTIN_TASK_NAMES, as_tasks
 
 logger = logging.get_logger(__name__)
 
@@ -33,6 +33,20 @@ EXPECTED_LAYOUTS = (
     "(height, width) or (channels, height, width), with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels"
 )
 _VALID_CHANNELS = (1, 3, 4)
+# Above this many output pixels, `post_process_multitask` resizes and decodes a band of rows at a time (about
+# `_BAND_PIXELS` pixels per band), so the memory it needs beyond the returned maps stays bounded.
+BANDED_DECODE_PIXELS = 2**22
+_BAND_PIXELS = 2**18
+
+
+def _bilinear_taps(out_size: int, in_size: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Source indices (lower, upper) and the weight of the upper one for each output index, as
+    `F.interpolate(mode="bilinear", align_corners=False)` computes them."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)  # torch computes the taps in float32
+    source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    lower = source.floor().long().clamp_(max=in_size - 1)
+    upper = (lower + 1).clamp_(max=in_size - 1)
+    return (lower, upper), (source - lower).clamp_(0, 1).float()
 
 
 def load_image(source: "str | os.PathLike | PIL.Image.Image", timeout: float | None = None) -> PIL.Image.Image:
@@ -44,7 +58,13 @@ def load_image(source: "str | os.PathLike | PIL.Image.Image", timeout: float | N
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         from transformers.image_utils import load_image as load_remote_image
 
-        return load_remote_image(source, timeout=timeout)
+        try:
+            return load_remote_image(source, timeout=timeout)
+        except Exception as error:  # httpx, socket and Pillow errors alike: name the URL, not the library
+            raise ValueError(
+                f"Cannot fetch the image at {source!r} ({type(error).__name__}: {error}); check the address and the "
+                "network (or pass `timeout=`), or download the file and pass its path."
+            ) from error
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"Image file not found: {str(path)!r}.")
@@ -315,6 +335,7 @@ class CTALImageProcessor(TorchvisionBackend):
         outputs: Any,
         target_sizes: "Sequence[Sequence[int]] | torch.Tensor | None" = None,
         tasks: Sequence[str] | None = None,
+        task_specs: Any = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Raw predictions -> one dict per image, task -> map at that image's size.
 
@@ -323,11 +344,14 @@ class CTALImageProcessor(TorchvisionBackend):
                 `predictions`).
             target_sizes: `(height, width)` per image (the original sizes); `None` keeps the model's size.
             tasks: the tasks to return (default: all predicted tasks).
+            task_specs: what the tasks are: the model's config (or `config.get_tasks()`, or a dict name -> spec).
+                Needed for tasks that are not built in; by default the built-in tasks are known by name.
 
         Returns:
-            A list (one entry per image) of dicts: `semseg` / `parts` class ids `(H, W)` int64 (bilinear on the
-            logits, then argmax), `depth` `(H, W)` in the model's unit, `normals` `(H, W, 3)` unit vectors,
-            `saliency` / `edge` probabilities `(H, W)` in [0, 1]."""
+            A list (one entry per image) of dicts, each task's map decoded by its kind (bilinear resizing of the raw
+            prediction first): classification (`semseg` / `parts`) class ids `(H, W)` int64, regression `(H, W)`
+            for one channel (`depth`, in the model's unit) or `(H, W, C)`, normals `(H, W, 3)` unit vectors, binary
+            (`saliency` / `edge`) probabilities `(H, W)` in [0, 1]."""
         predictions = getattr(outputs, "predictions", None)
         if predictions is None:
             predictions = outputs.get("predictions", outputs) if isinstance(outputs, dict) else None
@@ -336,9 +360,16 @@ class CTALImageProcessor(TorchvisionBackend):
                 "`outputs` must be a CTALDenseMultitaskOutput or a dict task -> prediction tensor, got "
                 f"{type(outputs).__name__}."
             )
-        unknown = [task for task in predictions if task not in TASKS]
+        if task_specs is None:
+            known = as_tasks([task for task in predictions if task in BUILTIN_TASK_NAMES])
+        else:
+            known = as_tasks(task_specs)
+        unknown = [task for task in predictions if task not in known]
         if unknown:
-            raise ValueError(f"Unknown task(s) {unknown} in the predictions; known tasks: {sorted(TASKS)}.")
+            raise ValueError(
+                f"Unknown task(s) {unknown} in the predictions (known: {sorted(known)}); pass "
+                "`task_specs=model.config` to post-process tasks that are not built in."
+            )
         if tasks is None:
             tasks = list(predictions)
         else:
@@ -354,6 +385,12 @@ class CTALImageProcessor(TorchvisionBackend):
                     f"Got {len(target_sizes)} target sizes for a batch of {batch_size} predictions; pass one "
                     "(height, width) per image."
                 )
+            for index, size in enumerate(target_sizes):
+                if len(size) != 2 or not all(float(side).is_integer() and int(side) >= 1 for side in size):
+                    raise ValueError(
+                        f"target_sizes[{index}] is {tuple(size)}; each target size is the (height, width) of an "
+                        "image, two integers >= 1."
+                    )
         results = []
         for index in range(batch_size):
             result = {}
@@ -364,27 +401,39 @@ class CTALImageProcessor(TorchvisionBackend):
                         f"Prediction for {task!r} must be (batch, channels, height, width), got "
                         f"{tuple(predictions[task].shape)}."
                     )
+                size = tuple(prediction.shape[-2:])
                 if target_sizes is not None:
                     size = tuple(int(side) for side in target_sizes[index])
-                    if size != tuple(prediction.shape[-2:]):
-                        prediction = F.interpolate(prediction, size=size, mode="bilinear", align_corners=False)
-                result[task] = self._decode(task, prediction[0])
+                if size[0] * size[1] > BANDED_DECODE_PIXELS and size != tuple(prediction.shape[-2:]):
+                    result[task] = _resize_and_decode_in_bands(known[task], prediction[0], size)
+                    continue
+                if size != tuple(prediction.shape[-2:]):
+                    prediction = F.interpolate(prediction, size=size, mode="bilinear", align_corners=False)
+                result[task] = known[task].decode(prediction[0])
             results.append(result)
         return results
 
-    @staticmethod
-    def _decode(task: str, prediction: torch.Tensor) -> torch.Tensor:
-        """(channels, H, W) raw map of one image -> the user-facing map."""
-        kind = TASKS[task].kind
-        if kind == "classification":
-            return prediction.argmax(dim=0)
-        if kind == "binary":
-            if prediction.shape[0] == 2:  # two-logit variant: probability of the positive class
-                return prediction.softmax(dim=0)[1]
-            return prediction[0].sigmoid()
-        if task == "normals":
-            return F.normalize(prediction, dim=0).permute(1, 2, 0).contiguous()
-        return prediction[0] if prediction.shape[0] == 1 else prediction.permute(1, 2, 0).contiguous()
+
+def _resize_and_decode_in_bands(spec: Any, prediction: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`spec.decode(bilinear resize of prediction to size)` for large sizes, a band of rows at a time: the full size
+    multi-channel map (13 float32 logits per pixel for NYUv2 semseg: 3.3 GB at 8000 x 8000) is never built, only the
+    decoded map. The same bilinear taps as `F.interpolate(..., align_corners=False)`, applied along the width once
+    and along the height per band."""
+    height, width = size
+    rows, row_weights = _bilinear_taps(height, prediction.shape[-2])
+    columns, column_weights = _bilinear_taps(width, prediction.shape[-1])
+    # Along the width for every source row: (channels, source rows, width), small (the model's height).
+    wide = torch.lerp(prediction[..., columns[0]], prediction[..., columns[1]], column_weights)
+    band = max(1, _BAND_PIXELS // width)
+    decoded = None
+    for start in range(0, height, band):
+        stop = min(start + band, height)
+        top, bottom = wide[:, rows[0][start:stop]], wide[:, rows[1][start:stop]]
+        piece = spec.decode(torch.lerp(top, bottom, row_weights[start:stop, None]))
+        if decoded is None:
+            decoded = torch.empty((height, *piece.shape[1:]), dtype=piece.dtype)
+        decoded[start:stop] = piece
+    return decoded
 
 
 __all__ = ["CTALImageProcessor", "load_image", "EXPECTED_LAYOUTS"]

@@ -1,4 +1,5 @@
-"""Evaluation metrics of the paper (DESIGN.md section 3), exact over a whole set and mergeable across processes.
+"""Evaluation metrics of the paper (docs/design.md, "Tasks, losses and metrics"), exact over a whole set and
+mergeable across processes.
 
 Every metric keeps its state as tensors of sums and counts (a confusion matrix, per-threshold counts, a histogram of
 angles), never per-batch means: states of several batches or processes add up to the state of the whole set, so
@@ -18,7 +19,7 @@ import torch
 from transformers.utils import logging
 
 from .losses import balanced_bce_sum
-from .tasks import LOWER_IS_BETTER, TASKS
+from .tasks import LOWER_IS_BETTER, as_tasks, resolve_tasks
 
 logger = logging.get_logger(__name__)
 
@@ -232,7 +233,10 @@ class CTALSegmentationMetric(CTALMetric):
             raise ValueError(f"{self.task}: labels must have shape (B, H, W), got {tuple(target.shape)}.")
         _check_same_shape(pred, target, self.task)
         self._follow(pred.device)
-        target = target.to(pred.device).long()
+        target = target.to(pred.device)
+        if target.is_floating_point():  # non-finite labels are missing
+            target = torch.where(torch.isfinite(target), target, torch.full_like(target, self.ignore_index))
+        target = target.long()
         valid = target != self.ignore_index
         t = target[valid]
         p = pred[valid].long()
@@ -268,8 +272,78 @@ class CTALSegmentationMetric(CTALMetric):
         return {"mIoU": miou, "pixel_acc": pixel_acc}
 
 
+class CTALRegressionMetric(CTALMetric):
+    """Real-valued maps (depth, albedo, flow, ...): errors over the labelled values of the whole set, in float64.
+
+    A value is labelled when it is finite and differs from `ignore_value`. `abs_err` = mean |p - g|, `rel_err` =
+    mean |p - g| / |g| (over labelled values with g != 0), `rmse` = sqrt(mean (p - g)^2), each a mean over all
+    labelled values of the set (pixels times channels; not a mean of per-image means).
+
+    Args:
+        task: task name used in messages.
+        ignore_value: label value of missing measurements (`None`: only non-finite values are missing).
+    """
+
+    headline_metric = "abs_err"
+
+    def __init__(self, task: str = "regression", ignore_value: float | None = None):
+        self.task = task
+        self.ignore_value = None if ignore_value is None else float(ignore_value)
+        super().__init__()
+
+    def _signature(self) -> tuple:
+        return (self.ignore_value,)
+
+    def _initial_state(self) -> dict[str, torch.Tensor]:
+        zero = torch.zeros((), dtype=torch.float64)
+        return {
+            "abs_sum": zero.clone(),
+            "rel_sum": zero.clone(),
+            "sq_sum": zero.clone(),
+            "count": torch.zeros((), dtype=torch.int64),
+            "rel_count": torch.zeros((), dtype=torch.int64),
+        }
+
+    @torch.no_grad()
+    def update(self, pred: Any, target: Any) -> None:
+        """`pred` and `target`: (B, C, H, W), or (B, H, W) for one channel."""
+        pred = _as_tensor(pred, f"{self.task} prediction")
+        target = _as_tensor(target, f"{self.task} label")
+        pred = pred[:, None] if pred.dim() == 3 else pred
+        target = target[:, None] if target.dim() == 3 else target
+        if pred.dim() != 4:
+            raise ValueError(f"{self.task}: predictions must have shape (B, C, H, W), got {tuple(pred.shape)}.")
+        _check_same_shape(pred, target, self.task)
+        self._follow(pred.device)
+        target = target.to(pred.device, torch.float64)
+        valid = torch.isfinite(target)
+        if self.ignore_value is not None:
+            valid &= target != self.ignore_value
+        g = target[valid]
+        diff = (pred.to(torch.float64)[valid] - g).abs()
+        nonzero = g != 0
+        self._state["abs_sum"] += diff.sum()
+        self._state["rel_sum"] += (diff[nonzero] / g[nonzero].abs()).sum()
+        self._state["sq_sum"] += (diff * diff).sum()
+        self._state["count"] += valid.sum()
+        self._state["rel_count"] += nonzero.sum()
+
+    def compute(self) -> dict[str, float]:
+        count = int(self._state["count"])
+        if count == 0:
+            _warn_empty(self.task)
+            return {"abs_err": math.nan, "rel_err": math.nan, "rmse": math.nan}
+        rel_count = int(self._state["rel_count"])
+        return {
+            "abs_err": self._state["abs_sum"].item() / count,
+            "rel_err": self._state["rel_sum"].item() / rel_count if rel_count else math.nan,
+            "rmse": math.sqrt(self._state["sq_sum"].item() / count),
+        }
+
+
 class CTALDepthMetric(CTALMetric):
-    """Depth (or disparity): errors over the valid pixels of the whole set (label 0 = no measurement).
+    """Depth (or disparity, or any positive quantity): errors over the valid pixels of the whole set (label 0 or
+    non-finite = no measurement).
 
     `abs_err` = mean |p - g|, `rel_err` = mean |p - g| / g, `sq_rel` = mean (p - g)^2 / g, `rmse` =
     sqrt(mean (p - g)^2), `log_rmse` = sqrt(mean (log p - log g)^2), each a mean over all valid pixels of the set
@@ -279,14 +353,15 @@ class CTALDepthMetric(CTALMetric):
         min_prediction: predictions `<= 0` are replaced by this value before every error is computed (the authors'
             evaluation does so with 1e-9, which keeps `log_rmse` finite); `None` keeps the raw predictions (then a
             non-positive prediction makes `log_rmse` infinite or NaN).
+        task: task name used in messages.
     """
 
-    task = "depth"
     headline_metric = "rel_err"
 
-    def __init__(self, min_prediction: float | None = 1e-9):
+    def __init__(self, min_prediction: float | None = 1e-9, task: str = "depth"):
+        self.task = task
         if min_prediction is not None and not (math.isfinite(min_prediction) and min_prediction > 0):
-            raise ValueError(f"depth: min_prediction must be a positive number or None, got {min_prediction!r}.")
+            raise ValueError(f"{task}: min_prediction must be a positive number or None, got {min_prediction!r}.")
         self.min_prediction = None if min_prediction is None else float(min_prediction)
         super().__init__()
 
@@ -307,8 +382,8 @@ class CTALDepthMetric(CTALMetric):
     @torch.no_grad()
     def update(self, pred: Any, target: Any) -> None:
         """`pred` and `target`: (B, 1, H, W) or (B, H, W)."""
-        pred = _single_channel(_as_tensor(pred, "depth prediction"), "depth prediction")
-        target = _single_channel(_as_tensor(target, "depth label"), "depth label")
+        pred = _single_channel(_as_tensor(pred, f"{self.task} prediction"), f"{self.task} prediction")
+        target = _single_channel(_as_tensor(target, f"{self.task} label"), f"{self.task} label")
         _check_same_shape(pred, target, self.task)
         self._follow(pred.device)
         target = target.to(pred.device, torch.float64)
@@ -355,12 +430,12 @@ class CTALNormalsMetric(CTALMetric):
         bin_width: histogram resolution in degrees (0.01 gives 18,000 bins).
     """
 
-    task = "normals"
     headline_metric = "mean_angle"
 
-    def __init__(self, bin_width: float = 0.01):
+    def __init__(self, bin_width: float = 0.01, task: str = "normals"):
+        self.task = task
         if not 0 < bin_width <= 180:
-            raise ValueError(f"normals: bin_width must lie in (0, 180] degrees, got {bin_width}.")
+            raise ValueError(f"{task}: bin_width must lie in (0, 180] degrees, got {bin_width}.")
         self.bin_width = float(bin_width)
         self.num_bins = math.ceil(180.0 / self.bin_width)
         super().__init__()
@@ -391,13 +466,15 @@ class CTALNormalsMetric(CTALMetric):
     @torch.no_grad()
     def update(self, pred: Any, target: Any) -> None:
         """`pred`: (B, 3, H, W), any length; `target`: (B, 3, H, W) unit vectors, zero where unknown."""
-        pred = _as_tensor(pred, "normals prediction")
-        target = _as_tensor(target, "normals label")
+        pred = _as_tensor(pred, f"{self.task} prediction")
+        target = _as_tensor(target, f"{self.task} label")
         if pred.dim() != 4 or pred.shape[1] != 3:
-            raise ValueError(f"normals: predictions must have shape (B, 3, H, W), got {tuple(pred.shape)}.")
+            raise ValueError(f"{self.task}: predictions must have shape (B, 3, H, W), got {tuple(pred.shape)}.")
         _check_same_shape(pred, target, self.task)
         self._follow(pred.device)
         target = target.to(pred.device)
+        finite = torch.isfinite(target).all(dim=1, keepdim=True)
+        target = target.masked_fill(~finite, 0.0)
         valid = target.abs().sum(dim=1) > 0
         angle = self.angles(pred, target)[valid]
         self._state["angle_sum"] += angle.sum()
@@ -440,6 +517,8 @@ class CTALNormalsMetric(CTALMetric):
 def _binary_labels(target: torch.Tensor, ignore_index: int, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(positives, valid) boolean maps of a {0, 1, ignore} label map."""
     valid = target != ignore_index
+    if target.is_floating_point():
+        valid &= torch.isfinite(target)
     bad = valid & (target != 0) & (target != 1)
     if bool(bad.any()):
         raise ValueError(
@@ -477,7 +556,6 @@ class CTALSaliencyMetric(CTALMetric):
         ignore_index: label of unlabelled pixels.
     """
 
-    task = "saliency"
     headline_metric = "maxF"
 
     def __init__(
@@ -487,7 +565,9 @@ class CTALSaliencyMetric(CTALMetric):
         double_sigmoid: bool = False,
         from_logits: bool = True,
         ignore_index: int = 255,
+        task: str = "saliency",
     ):
+        self.task = task
         if thresholds is None:
             thresholds = [k / 20 for k in range(1, 20)] if double_sigmoid else 99
         self.thresholds = threshold_grid(thresholds)
@@ -510,8 +590,8 @@ class CTALSaliencyMetric(CTALMetric):
     @torch.no_grad()
     def update(self, pred: Any, target: Any) -> None:
         """`pred`: logits (B, 1, H, W) (or two-class logits (B, 2, H, W)); `target`: (B, 1, H, W) in {0, 1, 255}."""
-        pred = _as_tensor(pred, "saliency prediction")
-        target = _single_channel(_as_tensor(target, "saliency label"), "saliency label")
+        pred = _as_tensor(pred, f"{self.task} prediction")
+        target = _single_channel(_as_tensor(target, f"{self.task} label"), f"{self.task} label")
         prob = _probabilities(pred, self.from_logits, self.task)
         if self.double_sigmoid:
             prob = torch.sigmoid(prob)
@@ -722,7 +802,6 @@ class CTALEdgeMetric(CTALMetric):
         ignore_index: label of unlabelled pixels (excluded from the loss and from both boundary maps).
     """
 
-    task = "edge"
     headline_metric = "loss"
 
     def __init__(
@@ -734,7 +813,9 @@ class CTALEdgeMetric(CTALMetric):
         thin: bool = True,
         from_logits: bool = True,
         ignore_index: int = 255,
+        task: str = "edge",
     ):
+        self.task = task
         self.pos_weight = float(pos_weight)
         self.compute_ods = bool(compute_ods)
         self.max_dist = float(max_dist)
@@ -788,8 +869,8 @@ class CTALEdgeMetric(CTALMetric):
     @torch.no_grad()
     def update(self, pred: Any, target: Any) -> None:
         """`pred`: logits (B, 1, H, W); `target`: (B, 1, H, W) in {0, 1, 255}."""
-        pred = _single_channel(_as_tensor(pred, "edge prediction"), "edge prediction")
-        target = _single_channel(_as_tensor(target, "edge label"), "edge label")
+        pred = _single_channel(_as_tensor(pred, f"{self.task} prediction"), f"{self.task} prediction")
+        target = _single_channel(_as_tensor(target, f"{self.task} label"), f"{self.task} label")
         _check_same_shape(pred, target, self.task)
         self._follow(pred.device)
         target = target.to(pred.device)
@@ -818,7 +899,7 @@ class CTALEdgeMetric(CTALMetric):
     def curve(self) -> dict[str, torch.Tensor]:
         """Precision, recall and F-measure per threshold over the set (needs `compute_ods=True`)."""
         if not self.compute_ods:
-            raise ValueError("edge: the precision-recall curve needs compute_ods=True.")
+            raise ValueError(f"{self.task}: the precision-recall curve needs compute_ods=True.")
         matched = self._state["matched"].cpu().numpy()
         predicted = self._state["predicted"].cpu().numpy()
         boundary = np.full_like(matched, int(self._state["boundary"]))
@@ -877,11 +958,13 @@ class MultiTaskEvaluator:
     """One streaming metric per task, with the paper's headline metric per task.
 
     Args:
-        config: a `CTALConfig` (tasks, class counts, ignore index and edge weight are read from it) or a list of
-            task names (then pass `num_semseg_classes` / `num_parts_classes` for the segmentation tasks).
+        config: a `CTALConfig` (its tasks, with their specs, class counts, ignore index and edge weight), a dict
+            task name -> task object (`config.get_tasks()`) or spec dict, or a list of task names (then pass
+            `num_semseg_classes` / `num_parts_classes` for the segmentation tasks and `task_specs` for custom ones).
         num_semseg_classes, num_parts_classes, ignore_index, edge_pos_weight: override the config's values.
         metric_kwargs: extra keyword arguments per task for its metric class, e.g.
             `{"saliency": {"double_sigmoid": True}, "edge": {"compute_ods": False}}`.
+        task_specs: specs of custom tasks (see `ctal_hf.tasks`), with a list of task names.
 
     In a distributed run, update on every process, then sum the states once before `compute`:
     `evaluator.all_reduce()` (torch.distributed) or `evaluator.all_reduce(lambda t: accelerator.reduce(t, "sum"))`.
@@ -906,49 +989,53 @@ class MultiTaskEvaluator:
         ignore_index: int | None = None,
         edge_pos_weight: float | None = None,
         metric_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        task_specs: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         if isinstance(config, str):
             raise ValueError(f"MultiTaskEvaluator expects a CTALConfig or a list of task names, got {config!r}.")
-        if isinstance(config, Sequence):
-            tasks = list(config)
-            config = None
+        if isinstance(config, Mapping):  # task name -> task object or spec dict
+            task_objects = as_tasks(config)
         else:
-            tasks = list(config.tasks)
-        unknown = [task for task in tasks if task not in TASKS]
-        if unknown:
-            raise ValueError(f"Unknown task(s) {unknown}; known tasks: {sorted(TASKS)}.")
+            if isinstance(config, Sequence):
+                tasks, specs = list(config), task_specs
+                config = None
+                for name, given in (("semseg", num_semseg_classes), ("parts", num_parts_classes)):
+                    if name in tasks and given is None:
+                        raise ValueError(f"{name}: pass num_{name}_classes (or a config) to evaluate it.")
+            else:
+                tasks, specs = (
+                    list(config.tasks),
+                    {**(getattr(config, "task_specs", None) or {}), **(task_specs or {})},
+                )
+
+            def pick(value, name, default):
+                if value is not None:
+                    return value
+                return getattr(config, name) if config is not None else default
+
+            task_objects = resolve_tasks(
+                tasks,
+                specs,
+                num_semseg_classes=pick(num_semseg_classes, "num_semseg_classes", 13),
+                num_parts_classes=pick(num_parts_classes, "num_parts_classes", 7),
+                ignore_index=pick(ignore_index, "ignore_index", 255),
+                normals_loss=pick(None, "normals_loss", "cosine"),
+                edge_pos_weight=pick(edge_pos_weight, "edge_pos_weight", 0.95),
+            )
         metric_kwargs = dict(metric_kwargs or {})
-        extra = set(metric_kwargs) - set(tasks)
+        extra = set(metric_kwargs) - set(task_objects)
         if extra:
             raise ValueError(f"metric_kwargs names tasks that are not evaluated: {sorted(extra)}.")
+        self.task_objects = task_objects
+        self.tasks = list(task_objects)
+        self.metrics: dict[str, CTALMetric] = {
+            name: task.make_metric(**metric_kwargs.get(name, {})) for name, task in task_objects.items()
+        }
 
-        def pick(value, name, default):
-            if value is not None:
-                return value
-            return getattr(config, name) if config is not None else default
-
-        ignore_index = pick(ignore_index, "ignore_index", 255)
-        self.tasks = tasks
-        self.metrics: dict[str, CTALMetric] = {}
-        for task in tasks:
-            kwargs = dict(metric_kwargs.get(task, {}))
-            if task in ("semseg", "parts"):
-                num_classes = pick(
-                    num_semseg_classes if task == "semseg" else num_parts_classes, f"num_{task}_classes", None
-                )
-                if num_classes is None:
-                    raise ValueError(f"{task}: pass num_{task}_classes (or a config) to evaluate it.")
-                metric = CTALSegmentationMetric(num_classes, ignore_index=ignore_index, task=task, **kwargs)
-            elif task == "depth":
-                metric = CTALDepthMetric(**kwargs)
-            elif task == "normals":
-                metric = CTALNormalsMetric(**kwargs)
-            elif task == "saliency":
-                metric = CTALSaliencyMetric(**{"ignore_index": ignore_index, **kwargs})
-            else:
-                pos_weight = pick(edge_pos_weight, "edge_pos_weight", 0.95)
-                metric = CTALEdgeMetric(**{"pos_weight": pos_weight, "ignore_index": ignore_index, **kwargs})
-            self.metrics[task] = metric
+    @property
+    def lower_is_better(self) -> frozenset[str]:
+        """The tasks whose headline metric is better when lower (the `lower_is_better` argument of `delta_m`)."""
+        return frozenset(name for name, task in self.task_objects.items() if task.lower_is_better)
 
     def update(self, predictions: Mapping[str, Any], labels: Mapping[str, Any]) -> None:
         """Updates the metric of every task that has a label in `labels` (other keys are ignored)."""
@@ -963,9 +1050,10 @@ class MultiTaskEvaluator:
         return {task: metric.compute() for task, metric in self.metrics.items()}
 
     def headline(self, results: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, float]:
-        """The paper's metric per task (mIoU, rel_err, mean_angle, maxF, loss): the input of `delta_m`."""
+        """The headline metric per task (the paper's: mIoU, rel_err, mean_angle, maxF, loss; a custom task's spec
+        `metric`): the input of `delta_m`."""
         results = self.compute() if results is None else results
-        return {task: results[task][TASKS[task].headline_metric] for task in self.tasks}
+        return {task: results[task][self.task_objects[task].metric] for task in self.tasks}
 
     def reset(self) -> "MultiTaskEvaluator":
         for metric in self.metrics.values():
@@ -1036,6 +1124,7 @@ def delta_m(
 __all__ = [
     "CTALMetric",
     "CTALSegmentationMetric",
+    "CTALRegressionMetric",
     "CTALDepthMetric",
     "CTALNormalsMetric",
     "CTALSaliencyMetric",

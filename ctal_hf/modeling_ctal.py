@@ -10,13 +10,19 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
-from .backbones import CTALBackbone, read_backbone_state_dict
+from .backbones import CTALBackbone, pretrained_backbone_state_dict
 from .blocks import CTALClassifier, upsample_to
 from .configuration_ctal import CTALConfig
 from .ctal_module import CTALAffinityModule
-from .decoders import DECODER_CLASSES
+from .decoders import DECODERS
+from .input_checks import (
+    check_checkpoint_matches,
+    check_pixel_values,
+    held_load_report,
+    saved_config_matches,
+    weights_file_error,
+)
 from .losses import CTALCriterion
-from .tasks import TASKS
 
 logger = logging.get_logger(__name__)
 
@@ -29,9 +35,9 @@ class CTALDenseMultitaskOutput(ModelOutput):
     task_losses (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are given):
         The weighted loss of each labelled task.
     predictions (`dict[str, torch.FloatTensor]`):
-        Final predictions at the input size, per task: `semseg` / `parts` logits `(batch, classes, H, W)`, `depth`
-        `(batch, 1, H, W)`, `normals` `(batch, 3, H, W)` (not normalised), `saliency` / `edge` logits
-        `(batch, 1, H, W)`.
+        Final predictions at the input size, per task, `(batch, channels, H, W)`: class logits (`semseg` /
+        `parts`), regression values (`depth`: one channel), normals (3 channels, not normalised), binary logits
+        (`saliency` / `edge`: one channel).
     initial_predictions (`dict[str, torch.FloatTensor | list[torch.FloatTensor]]`, *optional*):
         The deeply supervised initial predictions at the input size, same layouts; for multi-scale decoders a list
         with one map per backbone scale, finest first. Empty for decoders without initial heads (STL, MTL).
@@ -60,6 +66,30 @@ class CTALPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["CTALAffinityModule"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with two checks: a weights file safetensors cannot read (empty,
+        truncated, random bytes) raises an `OSError` naming the file, and a checkpoint whose tensors do not fit the
+        architecture of the config saved with it (say, an edited `decoder`) raises a short `ValueError` instead of
+        leaving the missing parts randomly initialised. A `config=` that differs from the saved one (fine-tuning into
+        another architecture on purpose) keeps transformers' behaviour: a load report, as a warning."""
+        from safetensors import SafetensorError
+
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        given = kwargs.get("config")
+        check = given is None or saved_config_matches(cls.config_class, given, pretrained_model_name_or_path, kwargs)
+        with held_load_report(hold=check) as report:
+            try:
+                model, info = super().from_pretrained(
+                    pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                )
+            except SafetensorError as error:
+                report.drop()
+                raise OSError(weights_file_error(pretrained_model_name_or_path, error)) from None
+            if check:
+                check_checkpoint_matches(model.config, info, pretrained_model_name_or_path)
+        return (model, info) if output_loading_info else model
 
     def _backbone_module_ids(self) -> frozenset[int]:
         """Ids of the modules inside the backbone(s), which `decoder_init` does not apply to (computed once)."""
@@ -104,14 +134,26 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
 
     def __init__(self, config: CTALConfig):
         super().__init__(config)
-        decoder_class = DECODER_CLASSES[config.decoder]
+        spec = DECODERS[config.decoder]
         # STL owns one backbone per task; every other decoder shares one.
-        if getattr(decoder_class, "owns_backbones", False):
+        if spec.owns_backbones:
             self.backbone = None
-            self.decoder = decoder_class(config)
+            self.decoder = spec.decoder_class(config)
         else:
             self.backbone = CTALBackbone(config)
-            self.decoder = decoder_class(config, self.backbone.channels)
+            feature_info = self.backbone.feature_info
+            if spec.needs_multi_scale and not feature_info.is_multi_scale:
+                raise ValueError(
+                    f"decoder {config.decoder!r} needs a multi-scale backbone; {self.backbone.name} gives one map."
+                )
+            affinity_stride = feature_info.affinity_stride(config.affinity_scale)
+            if any(side % affinity_stride for side in config.image_size):
+                raise ValueError(
+                    f"The affinity map does not fit: `image_size` {list(config.image_size)} is not divisible by its "
+                    f"stride {affinity_stride} (max of `affinity_scale` {config.affinity_scale} and the finest "
+                    f"backbone map's stride {feature_info.finest_stride})."
+                )
+            self.decoder = spec.decoder_class(config, feature_info)
         self.criterion = CTALCriterion(config)
         self.post_init()
         # Plain attributes (not submodules): the CTAL modules, checked up front for memory, and the name of the
@@ -135,22 +177,25 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
     def from_config_with_backbone_weights(
         cls, config: CTALConfig, backbone_weights: str | os.PathLike | None = None
     ) -> "CTALForDenseMultitask":
-        """Builds a randomly initialised model, then loads ImageNet weights into its backbone(s).
+        """Builds a randomly initialised model, then loads pretrained weights into its backbone(s).
 
-        `backbone_weights` is `None` (timm's pretrained weights from the Hub), a `.safetensors` file or a torch
-        state dict file of the full timm model (`timm.create_model(name).state_dict()`). Loading happens after
-        `post_init()`, so the weights are not re-initialised; every backbone tensor must be found in the file."""
+        Named backbones: `backbone_weights` is `None` (timm's pretrained weights from the Hub), a `.safetensors` file
+        or a torch state dict file of the full timm model (`timm.create_model(name).state_dict()`). With
+        `backbone_config`: a timm backbone takes the same, a folder holding such a file or a timm Hub id
+        (`"timm/resnet50.a1_in1k"`); a transformers backbone a Hub id or folder (`AutoBackbone.from_pretrained`), or a
+        state dict file of the backbone (`None`: where `backbone_config` was loaded from, if it was). Loading happens
+        after `post_init()`, so the weights are not re-initialised; every backbone tensor must be found, or a
+        `ValueError` names the missing ones."""
         model = cls(config)
-        state_dict = read_backbone_state_dict(config, backbone_weights)
+        state_dict = pretrained_backbone_state_dict(config, backbone_weights)
         for module in model.modules():
             if isinstance(module, CTALBackbone):
-                module.load_pretrained(config, state_dict)
+                module.load_pretrained(state_dict)
         return model
 
     def _check_inputs(self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None) -> None:
         expected = tuple(self.config.image_size)
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"`pixel_values` must be (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+        check_pixel_values(pixel_values, self.dtype)
         if tuple(pixel_values.shape[-2:]) != expected:
             raise ValueError(
                 f"`pixel_values` are {tuple(pixel_values.shape[-2:])} but this model is tied to image_size "
@@ -160,17 +205,22 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
             module.check_memory(pixel_values.shape[0])
         if labels is None:
             return
+        if not isinstance(labels, dict):
+            raise ValueError(
+                f"`labels` must be a dict task -> label tensor, got {type(labels).__name__}; pass `labels=None` for "
+                "inference."
+            )
+        if not labels:
+            raise ValueError(
+                f"`labels` is an empty dict: pass a label for at least one of the tasks {list(self.config.tasks)}, or "
+                "`labels=None` for inference."
+            )
         unknown = set(labels) - set(self.config.tasks)
         if unknown:
             raise ValueError(f"`labels` has tasks the model does not predict: {sorted(unknown)}.")
         batch = pixel_values.shape[0]
         for task, target in labels.items():
-            kind = TASKS[task].kind
-            channels = {"normals": 3}.get(task, 1)
-            want = (batch, *expected) if kind == "classification" else (batch, channels, *expected)
-            if tuple(target.shape) != want:
-                layout = "(B, H, W) class ids" if kind == "classification" else f"(B, {channels}, H, W)"
-                raise ValueError(f"labels[{task!r}] has shape {tuple(target.shape)}, expected {want} {layout}.")
+            self.criterion.task_objects[task].check_label(target, batch, expected)
 
     def forward(
         self,
@@ -183,9 +233,11 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
             Normalised images at `config.image_size` (see [`CTALImageProcessor`]).
         labels (`dict[str, torch.Tensor]`, *optional*):
-            Targets per task, in the layouts of [`CTALDenseMultitaskOutput`]: `semseg` / `parts` `(batch, H, W)`
-            int64 with `config.ignore_index`, `depth` `(batch, 1, H, W)` (0 = missing), `normals` `(batch, 3, H, W)`
-            (zero = missing), `saliency` / `edge` `(batch, 1, H, W)` in {0, 1}. Tasks left out are not trained.
+            Targets per task (torch tensors), in the layouts of [`CTALDenseMultitaskOutput`]: classification tasks
+            (`semseg` / `parts`) `(batch, H, W)` int64 class ids with the ignore index, regression tasks `(batch, C,
+            H, W)` (`depth`: 0 = missing), normals `(batch, 3, H, W)` (zero = missing), binary tasks (`saliency` /
+            `edge`) `(batch, 1, H, W)` in {0, 1}. Non-finite values count as missing. Tasks left out are not
+            trained. Labels of the wrong layout, or class ids outside the classes, raise a `ValueError`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self._check_inputs(pixel_values, labels)

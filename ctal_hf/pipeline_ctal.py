@@ -15,7 +15,6 @@ from transformers.utils import logging
 from .configuration_ctal import PIPELINE_TASK
 from .ctal_attention import resolve_autocast_dtype
 from .image_processing_ctal import CTALImageProcessor, load_image
-from .tasks import TASKS
 from .visualization import visualize_predictions
 
 logger = logging.get_logger(__name__)
@@ -28,11 +27,12 @@ class DenseMultitaskPipeline(Pipeline):
     of them; any size, RGB, grayscale or RGBA. Each image is resized to the model's `image_size` and its maps are
     resized back. One image gives a dict, a list gives a list of dicts, each with:
 
-    - one entry per task, a numpy array at the input size: `semseg` / `parts` class ids `(H, W)` int64, `depth`
-      `(H, W)` float32 (the model's unit), `normals` `(H, W, 3)` unit vectors, `saliency` / `edge` probabilities
-      `(H, W)` in [0, 1];
-    - `"visualizations"`: task -> PIL image (palette-coded labels, a depth colour map, normals as RGB, grayscale
-      probabilities).
+    - one entry per task (under the task's name, custom tasks of `config.task_specs` included), a numpy array at
+      the input size, decoded by the task's kind: classification (`semseg` / `parts`) class ids `(H, W)` int64,
+      regression `(H, W)` float32 for one channel (`depth`, the model's unit) or `(H, W, C)`, normals `(H, W, 3)`
+      unit vectors, binary (`saliency` / `edge`) probabilities `(H, W)` in [0, 1];
+    - `"visualizations"`: task -> PIL image (palette-coded classes, a colour map for one-channel regression, RGB
+      for three channels, normals as RGB, grayscale probabilities).
 
     Call options: `tasks=[...]` (return only these tasks), `visualize=False` (skip the PIL images), `batch_size`,
     `timeout` (for URLs).
@@ -90,6 +90,7 @@ class DenseMultitaskPipeline(Pipeline):
                 f"The image processor resizes to {[size.height, size.width]} but the model takes image_size "
                 f"{list(config.image_size)}; save the processor with `CTALImageProcessor.from_model_config(config)`."
             )
+        self.task_objects = config.get_tasks()
         self.model.eval()  # batch norm in training mode would make a result depend on the rest of its batch
         self.autocast_dtype = resolve_autocast_dtype(autocast_dtype, self.device.type)
         if channels_last:
@@ -106,6 +107,11 @@ class DenseMultitaskPipeline(Pipeline):
             inputs = list(inputs)
         if isinstance(inputs, list) and not inputs:
             return []
+        for name in ("batch_size", "num_workers"):
+            value = kwargs.get(name, getattr(self, f"_{name}", None))  # a call's value, or the one given at creation
+            minimum = 1 if name == "batch_size" else 0
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(
@@ -156,13 +162,13 @@ class DenseMultitaskPipeline(Pipeline):
     def postprocess(
         self, model_outputs: dict[str, Any], tasks: Sequence[str] | None = None, visualize: bool = True
     ) -> dict[str, Any]:
-        predictions = {task: value for task, value in model_outputs.items() if task in TASKS}
+        predictions = {task: value for task, value in model_outputs.items() if task in self.task_objects}
         maps = self.image_processor.post_process_multitask(
-            predictions, target_sizes=[model_outputs["target_size"]], tasks=tasks
+            predictions, target_sizes=[model_outputs["target_size"]], tasks=tasks, task_specs=self.task_objects
         )[0]
         result: dict[str, Any] = {task: value.cpu().numpy() for task, value in maps.items()}
         if visualize:
-            result["visualizations"] = visualize_predictions(result)
+            result["visualizations"] = visualize_predictions(result, task_specs=self.task_objects)
         return result
 
 

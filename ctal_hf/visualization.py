@@ -1,5 +1,6 @@
-"""Colour coding of the task maps (segmentation palette with legend, depth colour map, normals as RGB, saliency and
-edge in grayscale) and a figure in the style of the paper's Fig. 4: image | semseg | depth | normals per row, with an
+"""Colour coding of the task maps (segmentation palette with legend, a colour map for one-channel regression such as
+depth, three-channel regression and normals as RGB, binary maps in grayscale; each task kind picks its coding, see
+`ctal_hf.tasks`) and a figure in the style of the paper's Fig. 4: image | semseg | depth | normals per row, with an
 optional ground-truth row under each prediction row.
 
 Matplotlib is imported only inside the functions that need it, and no pyplot state is used (figures are
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from .tasks import TASKS
+from .tasks import BUILTIN_TASK_NAMES, as_tasks
 
 DEFAULT_DEPTH_CMAP = "magma_r"
 FIGURE_TASKS = ("semseg", "depth", "normals")
@@ -72,11 +73,25 @@ def colorize_segmentation(
     return image
 
 
-def _depth_range(depth: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+def _single_channel(array: np.ndarray, what: str) -> np.ndarray:
+    """`(H, W)`, `(1, H, W)` or `(H, W, 1)` -> `(H, W)` float64. Only a channel axis is dropped: `np.squeeze` would
+    also drop the height or width of an image one pixel high or wide."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    elif array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise ValueError(f"A {what} map must be (height, width), got shape {np.shape(array)}.")
+    return array
+
+
+def depth_range(depth: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+    """The default colour range of a one-channel map: the 2nd-98th percentile of its valid pixels."""
     values = depth[valid]
     if values.size == 0:
         return 0.0, 1.0
-    low, high = np.percentile(values, [2, 98])
+    low, high = np.percentile(values, [2, 98], overwrite_input=True)  # `values` is a copy: partition it in place
     if high <= low:
         low, high = float(values.min()), float(values.max())
     return float(low), float(high) if high > low else float(low) + 1.0
@@ -93,14 +108,12 @@ def colorize_depth(
     the 2nd-98th percentile of the valid pixels, pixels equal to `invalid_value` (0 in ground truth) are black."""
     from matplotlib import colormaps
 
-    depth = np.asarray(depth, dtype=np.float64).squeeze()
-    if depth.ndim != 2:
-        raise ValueError(f"A depth map must be (height, width), got shape {np.shape(depth)}.")
+    depth = _single_channel(depth, "depth")
     valid = np.isfinite(depth)
     if invalid_value is not None:
         valid &= depth != invalid_value
     if vmin is None or vmax is None:
-        low, high = _depth_range(depth, valid)
+        low, high = depth_range(depth, valid)
         vmin = low if vmin is None else vmin
         vmax = high if vmax is None else vmax
     scaled = np.clip((depth - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
@@ -122,38 +135,88 @@ def colorize_normals(normals: np.ndarray) -> np.ndarray:
     return image
 
 
+def colorize_rgb(
+    value: np.ndarray, valid: np.ndarray | None = None, vmin: float | None = None, vmax: float | None = None
+) -> np.ndarray:
+    """Three-channel map `(H, W, 3)` (e.g. albedo) -> RGB uint8, `[vmin, vmax]` mapped to `[0, 255]` (default: the
+    2nd-98th percentile of the valid values); invalid pixels are black."""
+    value = np.asarray(value, dtype=np.float64)
+    if value.ndim != 3 or value.shape[-1] != 3:
+        raise ValueError(f"An RGB map must be (height, width, 3), got shape {value.shape}.")
+    valid = np.isfinite(value).all(axis=-1) if valid is None else np.asarray(valid, dtype=bool)
+    if vmin is None or vmax is None:
+        low, high = depth_range(value, np.broadcast_to(valid[..., None], value.shape))
+        vmin = low if vmin is None else vmin
+        vmax = high if vmax is None else vmax
+    scaled = np.clip((np.where(np.isfinite(value), value, 0.0) - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    image = (scaled * 255.0).round().astype(np.uint8)
+    image[~valid] = 0
+    return image
+
+
 def colorize_probability(probability: np.ndarray) -> np.ndarray:
     """Probability (or {0, 1} label) map `(H, W)` -> grayscale `(H, W)` uint8, white = 1."""
-    probability = np.asarray(probability, dtype=np.float64).squeeze()
-    if probability.ndim != 2:
-        raise ValueError(f"A probability map must be (height, width), got shape {np.shape(probability)}.")
+    probability = _single_channel(probability, "probability")
     return (np.clip(probability, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def colorize(task: str, value: np.ndarray, **kwargs: Any) -> np.ndarray:
-    """Colour-codes one task's map (see the task-specific functions); returns uint8 `(H, W, 3)` or `(H, W)`."""
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; known tasks: {sorted(TASKS)}.")
-    value = _to_numpy(value)
-    kind = TASKS[task].kind
-    if kind == "classification":
-        return colorize_segmentation(value, **kwargs)
-    if kind == "binary":
-        return colorize_probability(value)
-    if task == "normals":
-        return colorize_normals(value)
-    return colorize_depth(value, **kwargs)
+def colorize(task: str, value: np.ndarray, task_specs: Any = None, label: bool = False, **kwargs: Any) -> np.ndarray:
+    """Colour-codes one task's map as its kind does (see the kind-specific functions); returns uint8 `(H, W, 3)` or
+    `(H, W)`. `task_specs` (a config, `config.get_tasks()` or a dict name -> spec) is needed for tasks that are not
+    built in; `label=True` marks ground truth, whose ignore values are drawn as missing."""
+    known = _known_tasks([task], task_specs)
+    if task not in known:
+        raise ValueError(
+            f"Unknown task {task!r}; known tasks: {sorted(known)} (pass `task_specs=config` for custom tasks)."
+        )
+    return _colorize(known[task], _to_numpy(value), label=label, **kwargs)
 
 
-def visualize_predictions(predictions: Mapping[str, Any], depth_cmap: str = DEFAULT_DEPTH_CMAP) -> dict:
-    """Task -> map dict (as returned by the pipeline or `post_process_multitask`) -> task -> PIL image."""
-    images = {}
-    for task, value in predictions.items():
-        if task not in TASKS:
-            continue
-        kwargs = {"cmap": depth_cmap, "invalid_value": None} if task == "depth" else {}
-        images[task] = PIL.Image.fromarray(colorize(task, value, **kwargs))
-    return images
+# Maps with more pixels than this are colour-coded a band of rows at a time (about `_BAND_PIXELS` pixels each), so
+# the float64 intermediates (a colour-mapped depth image is 32 bytes a pixel in float64 RGBA) stay small.
+BANDED_PIXELS = 2**22
+_BAND_PIXELS = 2**18
+
+
+def _colorize(spec: Any, value: np.ndarray, label: bool = False, **kwargs: Any) -> np.ndarray:
+    """`spec.colorize(value)`; a large `(H, W[, C])` map is colour-coded band by band, each pixel getting the colour
+    it gets from the whole map (a colour range the task shares, as for depth, is computed once for the whole map).
+    Multi-channel maps whose range is not shared are colour-coded whole."""
+    large = value.ndim in (2, 3) and value.shape[0] > 1 and value.shape[0] * value.shape[1] > BANDED_PIXELS
+    if not large:
+        return spec.colorize(value, label=label, **kwargs)
+    if spec.kind == "regression":
+        shared = spec.display_range(value, label=label)
+        if shared is None:
+            return spec.colorize(value, label=label, **kwargs)
+        kwargs = {"vmin": shared[0], "vmax": shared[1], **{k: v for k, v in kwargs.items() if v is not None}}
+    rows = max(1, _BAND_PIXELS // value.shape[1])
+    out = None
+    for start in range(0, value.shape[0], rows):
+        piece = spec.colorize(value[start : start + rows], label=label, **kwargs)
+        if out is None:
+            out = np.empty((value.shape[0], *piece.shape[1:]), dtype=piece.dtype)
+        out[start : start + rows] = piece
+    return out
+
+
+def _known_tasks(names, task_specs: Any) -> dict:
+    if task_specs is not None:
+        return as_tasks(task_specs)
+    return as_tasks([name for name in names if name in BUILTIN_TASK_NAMES])
+
+
+def visualize_predictions(
+    predictions: Mapping[str, Any], depth_cmap: str = DEFAULT_DEPTH_CMAP, task_specs: Any = None
+) -> dict:
+    """Task -> map dict (as returned by the pipeline or `post_process_multitask`) -> task -> PIL image; keys that
+    are not tasks (e.g. `"visualizations"`) are skipped."""
+    known = _known_tasks(list(predictions), task_specs)
+    return {
+        task: PIL.Image.fromarray(_colorize(known[task], _to_numpy(value), cmap=depth_cmap))
+        for task, value in predictions.items()
+        if task in known
+    }
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -186,19 +249,24 @@ def make_figure(
     panel_height: float = 2.0,
     path: str | os.PathLike | None = None,
     dpi: int = 100,
+    task_specs: Any = None,
 ):
     """A Fig.-4-style grid: one row per image (image | one panel per task), and under it a ground-truth row when
     `ground_truths` has an entry for that image. Depth shares one colour range per image between prediction and
-    ground truth, so the two rows are comparable.
+    ground truth (as does every one-channel regression task), so the two rows are comparable.
 
     Args:
         images: an image or a list (PIL, numpy `(H, W[, 3])`, or `(3, H, W)` tensors).
         predictions: a task -> map dict per image (the pipeline's output works as is).
-        ground_truths: optional dict (or `None`) per image with the dataset's label layouts (semseg with 255 =
-            ignore, depth with 0 = invalid, normals `(H, W, 3)` with 0 = invalid, saliency / edge in {0, 1}).
-        tasks: the columns; default: `semseg`, `depth`, `normals` where predicted, else every predicted task.
+        ground_truths: optional dict (or `None`) per image with the labels in the layout of the maps (`(H, W)`
+            class ids or one channel, `(H, W, C)` otherwise; `CTALTask.label_to_map` converts a label), with the
+            tasks' ignore values (semseg 255, depth 0, normals the zero vector, saliency / edge 255).
+        tasks: the columns; default: `semseg`, `depth`, `normals` where predicted and every custom task, else every
+            predicted task.
         class_names: names of the semantic classes, for a legend under the figure.
         path: when given, the figure is saved there as PNG.
+        ignore_index: kept for compatibility; each task's ignore value comes from its spec.
+        task_specs: what the tasks are (a config, `config.get_tasks()` or a dict name -> spec), for custom tasks.
 
     Returns:
         The `matplotlib.figure.Figure`."""
@@ -214,31 +282,34 @@ def make_figure(
     ground_truths = [None] * len(images) if ground_truths is None else list(ground_truths)
     if len(ground_truths) != len(images):
         raise ValueError(f"Got {len(images)} images but {len(ground_truths)} ground-truth entries.")
+    known = _known_tasks(list(predictions[0]) + list(tasks or []), task_specs)
     if tasks is None:
-        available = [task for task in predictions[0] if task in TASKS]
-        tasks = [task for task in FIGURE_TASKS if task in available] or available
+        available = [task for task in predictions[0] if task in known]
+        custom = [task for task in available if task not in BUILTIN_TASK_NAMES]
+        tasks = [task for task in FIGURE_TASKS if task in available] + custom or available
     tasks = list(tasks)
+    unknown = [task for task in tasks if task not in known]
+    if unknown:
+        raise ValueError(f"Unknown task(s) {unknown}; pass `task_specs=config` for tasks that are not built in.")
     for index, prediction in enumerate(predictions):
         missing = [task for task in tasks if task not in prediction]
         if missing:
             raise ValueError(
-                f"Prediction {index} has no {missing}; it has {sorted(k for k in prediction if k in TASKS)}."
+                f"Prediction {index} has no {missing}; it has {sorted(k for k in prediction if k in known)}."
             )
 
     arrays = [_image_to_array(image) for image in images]
-    rows = []  # (label, image array or None, maps dict, depth range)
+    rows = []  # (label, image array or None, maps dict, colour range per task)
     for array, prediction, truth in zip(arrays, predictions, ground_truths, strict=True):
-        depth_range = None
-        if "depth" in tasks:
-            reference = _to_numpy(truth["depth"]) if truth is not None and "depth" in truth else None
-            if reference is not None:
-                depth_range = _depth_range(reference.astype(np.float64).squeeze(), reference.squeeze() > 0)
+        ranges = {}  # shared by prediction and ground truth: the label's range where there is one
+        for task in tasks:
+            if truth is not None and truth.get(task) is not None:
+                ranges[task] = known[task].display_range(_to_numpy(truth[task]), label=True)
             else:
-                value = _to_numpy(prediction["depth"]).astype(np.float64).squeeze()
-                depth_range = _depth_range(value, np.isfinite(value))
-        rows.append(("prediction", array, prediction, depth_range))
+                ranges[task] = known[task].display_range(_to_numpy(prediction[task]))
+        rows.append(("prediction", array, prediction, ranges))
         if truth is not None:
-            rows.append(("ground truth", array, truth, depth_range))
+            rows.append(("ground truth", array, truth, ranges))
 
     aspect = arrays[0].shape[1] / arrays[0].shape[0]
     columns = 1 + len(tasks)
@@ -247,7 +318,7 @@ def make_figure(
         figsize=(panel_height * aspect * columns, panel_height * len(rows) + 0.35 + legend_height), dpi=dpi
     )
     axes = figure.subplots(len(rows), columns, squeeze=False)
-    for row, (label, array, maps, depth_range) in enumerate(rows):
+    for row, (label, array, maps, ranges) in enumerate(rows):
         axes[row, 0].imshow(array, cmap="gray" if array.ndim == 2 else None)
         axes[row, 0].set_ylabel(label, fontsize=9)
         for column, task in enumerate(tasks, start=1):
@@ -255,24 +326,17 @@ def make_figure(
             if task not in maps or maps[task] is None:
                 axis.set_visible(False)
                 continue
-            value = _to_numpy(maps[task])
-            if task == "depth":
-                vmin, vmax = depth_range
-                invalid = 0.0 if label == "ground truth" else None  # 0 marks missing depth in labels only
-                panel = colorize_depth(value, cmap=depth_cmap, vmin=vmin, vmax=vmax, invalid_value=invalid)
-            elif TASKS[task].kind == "classification":
-                panel = colorize_segmentation(value, ignore_index=ignore_index)
-            elif TASKS[task].kind == "binary":
-                value = np.where(value == ignore_index, 0, value) if value.dtype.kind in "ui" else value
-                panel = colorize_probability(value)
-            else:
-                panel = colorize(task, value)
+            shared = {} if ranges[task] is None else {"vmin": ranges[task][0], "vmax": ranges[task][1]}
+            panel = known[task].colorize(
+                _to_numpy(maps[task]), label=label == "ground truth", cmap=depth_cmap, **shared
+            )
             axis.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
         for column in range(columns):
             axes[row, column].set_xticks([])
             axes[row, column].set_yticks([])
             if row == 0:
-                axes[row, column].set_title("image" if column == 0 else TASK_TITLES[tasks[column - 1]], fontsize=10)
+                title = "image" if column == 0 else TASK_TITLES.get(tasks[column - 1], known[tasks[column - 1]].title)
+                axes[row, column].set_title(title, fontsize=10)
     if class_names:
         figure.legend(
             handles=legend_patches(class_names), loc="lower center", ncol=min(8, len(class_names)), fontsize=8
@@ -297,6 +361,8 @@ __all__ = [
     "colorize_segmentation",
     "colorize_depth",
     "colorize_normals",
+    "colorize_rgb",
+    "depth_range",
     "colorize_probability",
     "visualize_predictions",
     "make_figure",

@@ -3,7 +3,8 @@ headers without loading the arrays, label conversion, and a builder mixin that m
 
 Column contract (README of each card): `image` (H, W, 3) uint8; `semseg` / `parts` (H, W) uint8, 255 = ignored;
 `depth` (H, W) float32, 0 = invalid; `normals` (H, W, 3) float32 unit vectors, (0, 0, 0) = invalid;
-`saliency` / `edge` (H, W) uint8 in {0, 1}, 255 = ignored. Splits `train` / `validation`."""
+`saliency` / `edge` (H, W) uint8 in {0, 1}, 255 = ignored; any other task the column its kind reads
+(`ctal_hf.tasks`, e.g. a 3-channel regression task (H, W, 3) float32). Splits `train` / `validation`."""
 
 from __future__ import annotations
 
@@ -15,27 +16,28 @@ import datasets
 import numpy as np
 from datasets.exceptions import DatasetGenerationError
 
+from ctal_hf.tasks import resolve_tasks
+
 IGNORE_INDEX = 255
 SPLITS = {"train": datasets.Split.TRAIN, "validation": datasets.Split.VALIDATION}
 
 
-def task_feature(task: str, height: int, width: int):
-    """The `datasets` feature of one task column (fixed shape, so `with_format("torch")` reads it fast)."""
+def task_feature(task: str, height: int, width: int, task_specs: dict | None = None):
+    """The `datasets` feature of one column (fixed shape, so `with_format("torch")` reads it fast): `image`, or
+    the column a task's kind reads (built-in tasks by name, others from `task_specs`)."""
     if task == "image":
         return datasets.Array3D(shape=(height, width, 3), dtype="uint8")
-    if task in ("semseg", "parts", "saliency", "edge"):
-        return datasets.Array2D(shape=(height, width), dtype="uint8")
-    if task == "depth":
-        return datasets.Array2D(shape=(height, width), dtype="float32")
-    if task == "normals":
-        return datasets.Array3D(shape=(height, width, 3), dtype="float32")
-    raise ValueError(f"Unknown column {task!r}; expected image, semseg, parts, depth, normals, saliency or edge.")
+    specs = {task: task_specs[task]} if task_specs and task in task_specs else None
+    shape, dtype = resolve_tasks([task], specs)[task].column_shape(height, width)
+    return (datasets.Array2D if len(shape) == 2 else datasets.Array3D)(shape=shape, dtype=dtype)
 
 
-def task_features(tasks, height: int, width: int, extra: dict | None = None) -> datasets.Features:
+def task_features(
+    tasks, height: int, width: int, extra: dict | None = None, task_specs: dict | None = None
+) -> datasets.Features:
     features = {"id": datasets.Value("string"), "image": task_feature("image", height, width)}
     for task in tasks:
-        features[task] = task_feature(task, height, width)
+        features[task] = task_feature(task, height, width, task_specs)
     features.update(extra or {})
     return datasets.Features(features)
 
@@ -128,13 +130,37 @@ def to_depth(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+# Normals files hold unit vectors; resizing (bilinear) shortens some at depth edges, so a few may deviate. When more
+# than this share of the non-zero vectors is off unit length by more than NORMALS_UNIT_TOLERANCE, the file does not
+# hold unit normals (for example normals stored in [0, 1] as (n + 1) / 2), and re-normalising would turn them into
+# wrong directions.
+NORMALS_UNIT_TOLERANCE = 0.05
+NORMALS_MAX_OFF_UNIT_SHARE = 0.25
+
+
 def to_normals(array: np.ndarray, path: Path) -> np.ndarray:
-    """Unit normals with (0, 0, 0) kept as invalid; non-zero vectors are re-normalised."""
+    """Unit normals with (0, 0, 0) kept as invalid; non-zero vectors are re-normalised (resizing shortens a few).
+    Refuses a file whose vectors are not unit vectors, such as normals stored in [0, 1]."""
     array = array.astype(np.float32, copy=True)
     if not np.isfinite(array).all():
         raise ValueError(f"{path}: normals have NaN or infinite values (use (0, 0, 0) for invalid pixels).")
     norm = np.linalg.norm(array, axis=-1, keepdims=True)
     valid = norm > 1e-6
+    lengths = norm[valid]
+    if lengths.size:
+        off_unit = float(np.mean(np.abs(lengths - 1.0) > NORMALS_UNIT_TOLERANCE))
+        if off_unit > NORMALS_MAX_OFF_UNIT_SHARE:
+            hint = (
+                " Every component is >= 0: these look like normals stored in [0, 1] as (n + 1) / 2; convert them with "
+                "`2 * x - 1` first."
+                if array.min() >= 0
+                else " Store unit vectors (x, y, z) in [-1, 1], or (0, 0, 0) for invalid pixels."
+            )
+            raise ValueError(
+                f"{path}: {off_unit:.0%} of the non-zero normals are not unit vectors (lengths "
+                f"{float(lengths.min()):.2f} to {float(lengths.max()):.2f}); re-normalising them would give wrong "
+                f"directions.{hint}"
+            )
     np.divide(array, norm, out=array, where=valid)
     array[~valid[..., 0]] = 0.0
     return array

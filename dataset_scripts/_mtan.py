@@ -10,6 +10,8 @@ from pathlib import Path
 import datasets
 from transformers.utils import logging
 
+from ctal_hf.tasks import resolve_tasks
+
 from ._common import (
     CTALBuilderMixin,
     check_shape,
@@ -86,9 +88,8 @@ class MTANBuilder(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
     def _allowed_shapes(self, task: str, height: int, width: int) -> list[tuple[int, ...]]:
         if task == "image":
             return [(height, width, 3)]
-        if task == "normals":
-            return [(height, width, 3)]
-        return [(height, width), (height, width, 1)]
+        shape, _ = resolve_tasks([task])[task].column_shape(height, width)  # the column its kind reads
+        return [shape, (height, width, 1)] if len(shape) == 2 else [shape]
 
     def _scan_split(self, split_dir: Path) -> list[dict[str, Path]]:
         folders = {"image": "image", **self._folders()}

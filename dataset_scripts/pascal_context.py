@@ -28,6 +28,8 @@ from scipy import io as sio
 from scipy import ndimage
 from transformers.utils import logging
 
+from ctal_hf.tasks import resolve_tasks
+
 from ._common import IGNORE_INDEX, CTALBuilderMixin, require_dir, require_file, task_features
 
 logger = logging.get_logger(__name__)
@@ -299,6 +301,7 @@ class PascalContext(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
             example = {"id": row["id"], "height": height, "width": width}
             example["image"] = self._pad(image, 0, np.uint8)
             label_map = load_label_map(files["label_map"], (height, width)) if "label_map" in files else None
+            task_objects = resolve_tasks(self.config.tasks, num_semseg_classes=21, num_parts_classes=7)
             for task in self.config.tasks:
                 if task == "semseg":
                     semseg = _read_image(files["semseg"])
@@ -326,8 +329,8 @@ class PascalContext(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
                     value[~np.isin(label_map, valid_classes)] = 0.0
                 else:  # edge
                     value = edges_from_label_map(label_map)
-                fill = 0.0 if task == "normals" else IGNORE_INDEX
-                example[task] = self._pad(value, fill, np.float32 if task == "normals" else np.uint8)
+                padding, dtype = task_objects[task].pad_value, task_objects[task].column_shape(height, width)[1]
+                example[task] = self._pad(value, padding, np.dtype(dtype))
             yield row["id"], example
 
     def _pad(self, array: np.ndarray, fill, dtype) -> np.ndarray:

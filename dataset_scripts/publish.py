@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -144,7 +145,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_shard_size", default="500MB")
     parser.add_argument("--num_train", type=int, default=None, help="synthetic only: training images")
     parser.add_argument("--num_validation", type=int, default=None, help="synthetic only: validation images")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses, before anything is built or written, what would fail later inside `datasets` or the file system."""
+    key = args.name.replace("-", "_").lower()
+    if key not in BUILDERS:
+        parser.error(f"unknown dataset {args.name!r}; choose from {', '.join(sorted(BUILDERS))}.")
+    for flag in ("num_train", "num_validation"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if key != "synthetic":
+            parser.error(f"--{flag} applies to the synthetic dataset only (the {args.name} splits are fixed).")
+        if value < 1:
+            parser.error(f"--{flag} must be at least 1, got {value}.")
+    if key != "synthetic":
+        if not args.data_dir:
+            parser.error(f"--data_dir is required for {args.name}: the folder with the public preprocessed files.")
+        if not Path(args.data_dir).is_dir():
+            parser.error(f"--data_dir {args.data_dir!r} is not a folder.")
+    if args.output_dir:
+        target = Path(args.output_dir)
+        if target.exists() and not target.is_dir():
+            parser.error(f"--output_dir {args.output_dir!r} is a file; give a folder (it is created when missing).")
+        parent = target
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            parser.error(f"--output_dir {args.output_dir!r}: {str(parent)!r} is a file, so the folder cannot be made.")
+        if not os.access(parent, os.W_OK):
+            parser.error(f"--output_dir {args.output_dir!r}: {str(parent)!r} is not writable.")
+    try:
+        datasets.utils.py_utils.convert_file_size_to_int(args.max_shard_size)
+    except ValueError:
+        parser.error(f"--max_shard_size {args.max_shard_size!r} is not a size such as 500MB or 2GB.")
 
 
 def main(argv=None) -> None:

@@ -12,8 +12,11 @@ made of parts (head, torso, upper / lower arms, upper / lower legs), with random
   grouping) when a figure is visible; all 255 (ignored) when none is, as for PASCAL images without persons.
 - `saliency`: 1 on the most prominent object (largest visible area, weighted towards the image centre).
 - `edge`: 1 on semantic boundaries: a pixel whose class differs from its right or lower neighbour.
+- `albedo`: the surface colour before shading (colour times texture, without light or noise), (H, W, 3) float32 in
+  [0, 1]: not one of the paper's tasks, defined by `ALBEDO_TASK_SPEC` (a 3-channel regression task) through
+  `CTALConfig(task_specs={"albedo": ALBEDO_TASK_SPEC})`.
 
-Configs: `nyuv2` (semseg, depth, normals) and `pascal` (semseg, parts, saliency, normals, edge). Scenes are a pure
+Configs: `nyuv2` (semseg, depth, normals, albedo) and `pascal` (semseg, parts, saliency, normals, edge). Scenes are a pure
 function of (seed, split, index): `render_scene(index, seed=0, split="train", ...)`.
 
     >>> from dataset_scripts.synthetic import SyntheticScenes
@@ -35,9 +38,12 @@ from ._common import IGNORE_INDEX, CTALBuilderMixin, task_features
 SYNTHETIC_CLASSES = ["wall", "floor", "ceiling", "box", "sphere", "cylinder", "figure"]
 SYNTHETIC_PART_CLASSES = ["background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg"]
 CONFIG_TASKS = {
-    "nyuv2": ("semseg", "depth", "normals"),
+    "nyuv2": ("semseg", "depth", "normals", "albedo"),
     "pascal": ("semseg", "parts", "saliency", "normals", "edge"),
 }
+# The spec of the `albedo` column's task (a custom task: `CTALConfig(task_specs={"albedo": ALBEDO_TASK_SPEC})`).
+ALBEDO_TASK_SPEC = {"kind": "regression", "num_channels": 3, "value_range": [0.0, 1.0], "title": "Albedo"}
+TASK_SPECS = {"albedo": ALBEDO_TASK_SPEC}
 _WALL, _FLOOR, _CEILING, _BOX, _SPHERE, _CYLINDER, _FIGURE = range(7)
 _SPLIT_STREAM = {"train": 0, "validation": 1, "test": 2}
 _EPS = 1e-6
@@ -330,9 +336,10 @@ def render_scene(
     """Render scene `index` of a split; a pure function of its arguments.
 
     Returns every label (whatever the config), in the dataset column layouts: `image` (H, W, 3) uint8, `semseg`,
-    `parts`, `saliency`, `edge` (H, W) uint8, `depth` (H, W) float32, `normals` (H, W, 3) float32, plus helpers for
-    tests: `instance` (H, W) int32 primitive id (0 = room), `surface` (H, W) int32 id of the face hit (planar faces
-    are room faces, box faces and cylinder caps), `planar` (H, W) bool, and `intrinsics` (focal, cx, cy)."""
+    `parts`, `saliency`, `edge` (H, W) uint8, `depth` (H, W) float32, `normals` and `albedo` (H, W, 3) float32, plus
+    helpers for tests: `instance` (H, W) int32 primitive id (0 = room), `surface` (H, W) int32 id of the face hit
+    (planar faces are room faces, box faces and cylinder caps), `planar` (H, W) bool, and `intrinsics` (focal, cx,
+    cy)."""
     if config not in CONFIG_TASKS:
         raise ValueError(f"Unknown SyntheticScenes config {config!r}; choose from {sorted(CONFIG_TASKS)}.")
     if split not in _SPLIT_STREAM:
@@ -418,7 +425,8 @@ def render_scene(
     dist2 = np.einsum("ij,ij->j", to_light, to_light)
     lambert = np.maximum(np.einsum("ij,ij->j", normal_world, to_light) / np.sqrt(dist2), 0.0)
     shade = 0.28 + 0.85 * lambert / (1.0 + 0.015 * dist2)
-    rgb = palette[colour_id].T * texture * shade
+    albedo = palette[colour_id].T * texture  # the surface colour before shading
+    rgb = albedo * shade
     rgb += rng.normal(0.0, 0.008, size=rgb.shape)
     image = np.clip(rgb.T.reshape(height, width, 3) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
@@ -450,6 +458,7 @@ def render_scene(
         "normals": normals_cam.astype(np.float32),
         "saliency": saliency,
         "edge": edge,
+        "albedo": np.clip(albedo.T.reshape(height, width, 3), 0.0, 1.0).astype(np.float32),
         "instance": instance,
         "surface": (prim_id * 8 + face).reshape(height, width).astype(np.int32),
         "planar": planar.reshape(height, width),
@@ -489,12 +498,12 @@ class SyntheticScenesConfig(datasets.BuilderConfig):
 
 
 class SyntheticScenes(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
-    """Procedural rooms rendered offline; configs `nyuv2` (3 tasks) and `pascal` (5 tasks)."""
+    """Procedural rooms rendered offline; configs `nyuv2` (3 paper tasks and albedo) and `pascal` (5 tasks)."""
 
-    VERSION = "1.0.0"
+    VERSION = "1.1.0"
     BUILDER_CONFIG_CLASS = SyntheticScenesConfig
     BUILDER_CONFIGS = [
-        SyntheticScenesConfig(name="nyuv2", tasks=CONFIG_TASKS["nyuv2"], description="semseg, depth, normals"),
+        SyntheticScenesConfig(name="nyuv2", tasks=CONFIG_TASKS["nyuv2"], description="semseg, depth, normals, albedo"),
         SyntheticScenesConfig(
             name="pascal", tasks=CONFIG_TASKS["pascal"], description="semseg, parts, saliency, normals, edge"
         ),
@@ -505,7 +514,7 @@ class SyntheticScenes(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
         height, width = self.config.image_size
         return datasets.DatasetInfo(
             description="Procedurally rendered rooms with exact multitask labels (ctal_hf SyntheticScenes).",
-            features=task_features(list(self.config.tasks), height, width),
+            features=task_features(list(self.config.tasks), height, width, task_specs=TASK_SPECS),
         )
 
     def _split_generators(self, dl_manager):
@@ -535,28 +544,23 @@ class SyntheticScenes(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
 
 
 def save_sample_grid(path, rows: int = 4, config: str = "pascal", seed: int = 0, height: int = 96, width: int = 128):
-    """Save a picture of `rows` scenes: image, semseg, depth, normals, parts and edges side by side."""
+    """Save a picture of `rows` scenes: image, semseg, depth, normals, parts, edges and albedo side by side, each
+    label coloured as its task kind colours ground truth (`ctal_hf.tasks`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = ["image", "semseg", "depth", "normals", "parts", "edge"]
+    from ctal_hf.tasks import resolve_tasks
+
+    tasks = resolve_tasks(["semseg", "depth", "normals", "parts", "edge", "albedo"], TASK_SPECS, num_semseg_classes=7)
+    columns = ["image", *tasks]
     fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 1.75 * rows), squeeze=False)
     for r in range(rows):
         scene = render_scene(r, seed=seed, split="validation", height=height, width=width, config=config)
         for c, name in enumerate(columns):
-            value, kwargs = scene[name], {}
-            if name in ("semseg", "parts"):
-                value = np.ma.masked_equal(value, IGNORE_INDEX)
-                kwargs = {"cmap": "tab10", "vmin": 0, "vmax": 9, "interpolation": "nearest"}
-            elif name == "depth":
-                kwargs = {"cmap": "magma_r"}
-            elif name == "normals":
-                value = (value + 1.0) / 2.0
-            elif name == "edge":
-                kwargs = {"cmap": "gray", "interpolation": "nearest"}
-            axes[r, c].imshow(value, **kwargs)
+            value = scene[name] if name == "image" else tasks[name].colorize(scene[name], label=True)
+            axes[r, c].imshow(value, cmap="gray" if value.ndim == 2 else None, interpolation="nearest")
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:
@@ -579,7 +583,9 @@ if __name__ == "__main__":
 
 
 __all__ = [
+    "ALBEDO_TASK_SPEC",
     "CONFIG_TASKS",
+    "TASK_SPECS",
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_PART_CLASSES",
     "SyntheticScenes",

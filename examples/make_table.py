@@ -22,7 +22,7 @@ sys.path.insert(1, str(HERE.parent))
 from ctal_hf import CTALConfig, CTALForDenseMultitask  # noqa: E402
 from ctal_hf.configuration_ctal import DECODER_NAMES  # noqa: E402
 from ctal_hf.metrics import delta_m  # noqa: E402
-from ctal_hf.tasks import TASKS  # noqa: E402
+from ctal_hf.tasks import LOWER_IS_BETTER, TASKS  # noqa: E402
 from ctal_hf.training.model_card import PERCENT_METRICS  # noqa: E402
 
 METHOD_ORDER = ["stl", "mtl", "padnet", "papnet", "mtinet", "concat", "ctal_ss", "ctal_ms"]
@@ -82,10 +82,18 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _headline_metrics(run: dict) -> dict[str, str]:
+    """Headline metric per task: as the run recorded it (custom tasks included), else the built-in task's."""
+    recorded = run.get("headline_metrics", {})
+    return {task: recorded.get(task) or TASKS[task].headline_metric for task in run["tasks"]}
+
+
 def build_table(runs: dict[str, list[dict]], reference: str, flops: dict[str, float] | None) -> str:
     first = next(iter(runs.values()))[0]
     tasks = first["tasks"]
-    columns = [(task, metric) for task in tasks for metric in TABLE_METRICS.get(task, (TASKS[task].headline_metric,))]
+    headline = _headline_metrics(first)
+    columns = [(task, metric) for task in tasks for metric in TABLE_METRICS.get(task, (headline[task],))]
+    lower_is_better = first.get("lower_is_better", LOWER_IS_BETTER)
     ref_headline = None
     if reference in runs:
         ref_headline = {task: statistics.mean(run["headline"][task] for run in runs[reference]) for task in tasks}
@@ -103,7 +111,7 @@ def build_table(runs: dict[str, list[dict]], reference: str, flops: dict[str, fl
             digits = 4 if metric in ("rel_err", "loss") else 2
             row.append(mean_std([run["final"][task].get(metric) for run in method_runs], scale, digits))
         if ref_headline is not None:
-            gains = [delta_m(run["headline"], ref_headline) for run in method_runs]
+            gains = [delta_m(run["headline"], ref_headline, lower_is_better) for run in method_runs]
             row.append("0 (reference)" if method == reference else mean_std(gains))
         else:
             row.append("n/a")
@@ -135,7 +143,9 @@ def main(argv=None) -> str:
         f"({settings.get('pretrained_backbone', '?')}).",
         "Metrics of the final predictions over the whole validation split, mean ± sample std over seeds. "
         f"Δm is the paper's multitask gain of each seed against the mean of the {DECODER_NAMES.get(args.reference)} "
-        "runs on the headline metrics (" + ", ".join(f"{t} {TASKS[t].headline_metric}" for t in first["tasks"]) + ").",
+        "runs on the headline metrics ("
+        + ", ".join(f"{t} {_headline_metrics(first)[t]}" for t in first["tasks"])
+        + ").",
     ]
     if flops:
         notes.append(

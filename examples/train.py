@@ -47,7 +47,6 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     from ctal_hf.configuration_ctal import DECODER_NAMES
     from ctal_hf.ctal_attention import resolve_autocast_dtype
     from ctal_hf.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CTALTorchDataset, CTALTransform
-    from ctal_hf.tasks import TASKS
     from ctal_hf.training import building, checkpointing, evaluation, hub
     from ctal_hf.training.aggregation import GradientAggregation, check_aggregation_setting
     from ctal_hf.training.data_loading import EpochShuffleSampler, load_splits
@@ -87,6 +86,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         model.gradient_checkpointing_enable()
     if args.channels_last:  # the model then converts its inputs too
         model.to(memory_format=torch.channels_last)
+    building.check_distributed_setting(accelerator)
     check_aggregation_setting(args.gradient_aggregator, model, accelerator, args.mixed_precision)
     train_transform = CTALTransform(
         config.image_size, train=True, flip=recipe.flip, scale_crop=recipe.scale_crop, fit=recipe.fit,
@@ -94,8 +94,9 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         cat_max_ratio=recipe.cat_max_ratio, photometric=recipe.photometric,
     )  # fmt: skip
     eval_transform = CTALTransform(config.image_size, train=False, fit=recipe.fit, normalize=recipe.normalize)
-    train_dataset = CTALTorchDataset(train_rows, tasks, train_transform, seed=args.seed)
-    eval_dataset = CTALTorchDataset(eval_rows, tasks, eval_transform, seed=args.seed)
+    # The config, not the task names: custom tasks (`--task_specs`) read their columns as their kinds say.
+    train_dataset = CTALTorchDataset(train_rows, config, train_transform, seed=args.seed)
+    eval_dataset = CTALTorchDataset(eval_rows, config, eval_transform, seed=args.seed)
     train_sampler = EpochShuffleSampler(train_dataset, seed=args.seed)
     train_dataloader = DataLoader(
         train_dataset, sampler=train_sampler, batch_size=recipe.per_device_train_batch_size,
@@ -142,7 +143,8 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
                 )
 
     settings = {
-        "recipe": recipe.name, "dataset": dataset_name, "decoder": config.decoder, "backbone": config.backbone,
+        "recipe": recipe.name, "dataset": dataset_name, "decoder": config.decoder,
+        "backbone": config.backbone_description,
         "pretrained_backbone": building.pretrained_backbone_source(args, recipe) or "none (random init)",
         "tasks": ",".join(tasks),
         "image_size": "x".join(map(str, config.image_size)),
@@ -302,11 +304,13 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
 
     # ---------------------------------------------------------------------------------------------- evaluation
     result = run_evaluation()
-    table = metrics_table(result.final, result.initial)
+    table = metrics_table(result.final, result.initial, config)
     accelerator.print(f"\nValidation metrics ({dataset_name}, {len(eval_dataset)} images):\n{table}\n")
     results = {
         "final": result.final, "initial": result.initial, "losses": result.losses,
-        "headline": {task: result.final[task][TASKS[task].headline_metric] for task in tasks},
+        "headline": {task: result.final[task][spec.metric] for task, spec in config.get_tasks().items()},
+        "headline_metrics": {task: spec.metric for task, spec in config.get_tasks().items()},
+        "lower_is_better": [task for task, spec in config.get_tasks().items() if spec.lower_is_better],
         "dataset": dataset_name, "num_validation_images": len(eval_dataset), "decoder": config.decoder,
         "tasks": tasks, "num_parameters": num_parameters, "completed_steps": completed_steps,
         "loss_weights_final": weighting.current_weights(), "history": history, "settings": settings,

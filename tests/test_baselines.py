@@ -164,7 +164,7 @@ def _perturbation_target(model: CTALForDenseMultitask, task: str) -> torch.nn.Mo
         return decoder.heads[task]
     if name in MULTI_SCALE:
         return decoder.initial_heads.heads[0][task]  # finest scale: nothing propagates from it to other tasks
-    return decoder.initial_heads[task]
+    return decoder.neck.initial_heads[task]
 
 
 def _perturb(module, inputs, output):

@@ -137,3 +137,67 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     for impl in ("dense", "factorized"):
         assert f"| diffusion | {impl} | bfloat16 | fwd+bwd |" in text
     assert "| step | auto | bfloat16+cl | train step |" in text
+
+
+def test_backbones_benchmark_writes_its_table(tmp_path):
+    output = tmp_path / "backbones.md"
+    _run(
+        "backbones.py",
+        "--backbones",
+        "hrnet_w18_small_v2",
+        "mobilenetv3_large_100",
+        "--image_size",
+        "64",
+        "64",
+        "--repeats",
+        "1",
+        "--output",
+        str(output),
+    )
+    text = output.read_text()
+    rows = _table_rows(text)
+    hrnet = rows["HRNet-W18-small-v2 (paper, timm)"]
+    mobile = rows["MobileNetV3-Large 1.0 (timm, 4 maps)"]
+    assert hrnet[1] == "18@1/4, 36@1/8, 72@1/16, 144@1/32" and mobile[2] == "16x16"
+    assert float(hrnet[4]) == 3.86  # HRNet-W18-small-v2's feature layers (M parameters)
+    assert hrnet[-1] == "1.00" and float(mobile[-1]) > 0
+    assert "avx512_bf16" in text and "threads" in text
+
+
+def test_loss_balancing_benchmark_times_every_method_against_fixed(tmp_path):
+    output = tmp_path / "loss_balancing.md"
+    methods = ["uncertainty", "dwa", "famo", "upgrad", "mgda"]
+    _run(
+        "loss_balancing.py",
+        *("--decoder", "mtl", "--image_size", "32", "64", "--batch_size", "2", "--rounds", "1", "--threads", "1"),
+        *("--methods", *methods, "--output", str(output)),
+    )
+    rows = _table_rows(output.read_text())
+    assert rows["`fixed`"][3] == "1.00"
+    for method in methods:
+        assert float(rows[f"`{method}`"][3]) > 0, method
+
+
+def test_choose_protocol_picks_an_epoch_from_the_mtl_curve(tmp_path):
+    table = tmp_path / "protocol.md"
+    result = _run(
+        "choose_protocol.py",
+        *("--image_size", "32", "64", "--num_train_images", "8", "--num_validation_images", "4"),
+        *("--per_device_train_batch_size", "4", "--max_epochs", "3", "--patience", "1"),
+        *("--output_dir", str(tmp_path / "run"), "--table", str(table)),
+    )
+    epochs = int(result.stdout.strip().splitlines()[-1].split("=")[1])
+    assert 1 <= epochs <= 3
+    rows = _table_rows(table.read_text())
+    assert [rows[str(e)][0] for e in (1, 2, 3)] == ["1", "2", "3"] and rows["1"][2] == "1.0000"
+    assert f"Chosen: **{epochs} epochs**" in table.read_text()
+
+
+def test_startup_benchmark_writes_its_table(tmp_path):
+    output = tmp_path / "startup.md"
+    _run(
+        "startup.py", "--repeats", "1", "--commands", "import ctal_hf", "ctal-predict --help", "--output", str(output)
+    )
+    rows = {name: cells for name, cells in _table_rows(output.read_text()).items() if name.startswith("`")}
+    assert set(rows) == {"`import ctal_hf`", "`ctal-predict --help`"}
+    assert all(float(cells[1]) > 0 for cells in rows.values())

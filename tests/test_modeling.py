@@ -97,7 +97,7 @@ def test_gradients_reach_backbone_initial_heads_ctal_and_final_heads(decoder):
     model(torch.randn(2, 3, 64, 64), labels=make_labels(config)).loss.backward()
     parts = {
         "backbone": model.backbone,
-        "initial heads": model.decoder.initial_heads,
+        "initial heads": model.decoder.neck.initial_heads if decoder == "ctal_ss" else model.decoder.initial_heads,
         "ctal fusion": model.decoder.ctal.fusion,
         "ctal values": model.decoder.ctal.values,
         "final heads": model.decoder.final_heads,
@@ -118,7 +118,7 @@ def test_nyuv2_ctal_ss_grouped_conv_has_the_papers_187k_parameters():
 
 
 def reference_ctal(module: CTALAffinityModule, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DESIGN.md section 1, step by step, with explicit loops where the module uses clever indexing."""
+    """docs/design.md, "The CTAL module", step by step, with explicit loops where the module uses clever indexing."""
     tasks = module.tasks
     num_tasks = len(tasks)
     batch, _, height, width = next(iter(features.values())).shape
@@ -188,7 +188,7 @@ def test_gamma_zero_makes_ctal_ignore_other_tasks_and_gamma_positive_does_not():
         (dict(loss_weights={"edge": 1.0}), "loss_weights"),
         (dict(attention_impl="flash"), "attention_impl"),
         (dict(normals_loss="l2"), "normals_loss"),
-        (dict(decoder_stride=16), "applies to SwinV2"),
+        (dict(decoder_stride=16), "applies to single-map backbones"),
         (dict(backbone="swinv2_small", decoder_stride=8), "decoder_stride"),
         (dict(papnet_diffusion_steps=0), "papnet_diffusion_steps"),
     ],

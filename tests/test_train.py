@@ -4,7 +4,6 @@ one process, push to the Hub (fake upload, real download from the local mirror),
 Runs use tiny settings (64x64 images, 16 training images, batch 4) and one CPU thread per process so that results
 are bit-reproducible."""
 
-import importlib.util
 import json
 import math
 import os
@@ -546,13 +545,19 @@ train.main(sys.argv[1:], on_step=on_step)
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchjd") is None, reason="torchjd is not installed")
-def test_ddp_loss_balancing_and_aggregation_keep_processes_identical(tmp_path):
+@pytest.mark.parametrize(
+    "weighting, aggregator, precision", [("uncertainty", "upgrad", "no"), ("famo", "none", "bf16")]
+)
+def test_ddp_loss_balancing_and_aggregation_keep_processes_identical(tmp_path, weighting, aggregator, precision):
+    """The README's claim: the loss weightings (also with bf16) and the aggregators work under DDP: two CPU
+    processes end with the same parameters and loss weights."""
+    if aggregator != "none":
+        pytest.importorskip("torchjd")
     output = tmp_path / "ddp"
     output.mkdir()
     driver = DDP_DRIVER.format(examples=str(EXAMPLES), step=3, output=str(output))
-    args = [*SMALL, "--max_train_steps", "3", "--output_dir", str(output), "--loss_weighting", "uncertainty"]
-    args += ["--gradient_aggregator", "upgrad", "--checkpointing_steps", "100"]
+    args = [*SMALL, "--max_train_steps", "3", "--output_dir", str(output), "--loss_weighting", weighting]
+    args += ["--gradient_aggregator", aggregator, "--mixed_precision", precision, "--checkpointing_steps", "100"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [*launcher, "--no-python", sys.executable, "-c", driver, *args]
     result = subprocess.run(
@@ -564,5 +569,68 @@ def test_ddp_loss_balancing_and_aggregation_keep_processes_identical(tmp_path):
     rank1 = json.loads((output / "rank_1.json").read_text())
     assert rank0.keys() == rank1.keys() and any(k.startswith("weighting/") for k in rank0)
     assert rank0 == rank1  # the same parameters and learned loss weights in both processes
-    weights = _results(output)["loss_weights_final"]
-    assert all(abs(w - 0.5 * math.exp(0.5)) > 1e-6 for w in weights.values())
+    results = _results(output)
+    assert results["settings"]["mixed_precision"] == precision
+    initial = {"uncertainty": 0.5 * math.exp(0.5), "famo": 1 / 3}[weighting]
+    assert all(abs(w - initial) > 1e-6 for w in results["loss_weights_final"].values())
+
+
+# ------------------------------------------------------------------------------------------------------ FSDP
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_AUTO_WRAP_POLICY": "NO_WRAP",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _fsdp_env() -> dict:
+    env = {**_env(), **FSDP_ENV}
+    if not (torch.cuda.is_available() and torch.cuda.device_count() >= 2):
+        env["ACCELERATE_USE_CPU"] = "1"
+    return env
+
+
+def test_fsdp_two_processes_train_evaluate_like_one_process_and_resume_exactly(tmp_path):
+    # What accelerate makes of the FSDP settings on this machine, before any training.
+    probe = "from accelerate import Accelerator; print('distributed:', Accelerator().distributed_type)"
+    found = subprocess.run(
+        [*TORCHRUN, "--no-python", sys.executable, "-c", probe],
+        cwd=REPO, env=_fsdp_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = next((text for text in found.stdout.splitlines() if text.startswith("distributed:")), found.stderr[-500:])
+    if "FSDP" not in line:
+        pytest.skip(
+            f"accelerate 1.15 with ACCELERATE_USE_FSDP=true on this machine reports {line!r}: it enables FSDP only "
+            "for GPU-type devices (AcceleratorState: MULTI_GPU, MULTI_NPU, MULTI_XPU, ...), so a CPU run is DDP; "
+            "torch 2.14.1's fully_shard itself runs on CPU with gloo. Runs with 2 GPUs."
+        )
+    reference, resumed, single = tmp_path / "reference", tmp_path / "resumed", tmp_path / "single"
+    common = [*SMALL, "--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "3"]
+    result = subprocess.run(
+        [*TORCHRUN, str(EXAMPLES / "train.py"), *common, "--output_dir", str(reference)],
+        cwd=REPO, env=_fsdp_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert (reference / "README.md").is_file(), f"exit {result.returncode}\n{result.stderr[-5000:]}"
+    assert "DistributedType.FSDP" in result.stdout + result.stderr
+
+    # Resume from the step-2 checkpoint: the same weights as the uninterrupted run.
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
+    result = subprocess.run(
+        [*TORCHRUN, str(EXAMPLES / "train.py"), *common, "--output_dir", str(resumed), "--resume_from_checkpoint",
+         "latest"],
+        cwd=REPO, env=_fsdp_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert (resumed / "README.md").is_file(), f"exit {result.returncode}\n{result.stderr[-5000:]}"
+    expected, actual = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert [name for name in expected if not torch.equal(expected[name], actual[name])] == []
+
+    # A one-process evaluation of the saved weights gives the FSDP run's metrics.
+    _check(_run([*SMALL, "--eval_only", "--model_name_or_path", str(reference), "--output_dir", str(single)]))
+    for key in ("final", "initial"):
+        for task, metrics in _results(single)[key].items():
+            for metric, value in metrics.items():
+                assert _results(reference)[key][task][metric] == pytest.approx(value, rel=1e-6, abs=1e-9)

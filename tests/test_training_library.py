@@ -222,9 +222,10 @@ def test_impossible_aggregation_settings_are_refused():
     with pytest.raises(ValueError, match="no shared backbone"):
         aggregation.check_aggregation_setting("upgrad", stl, accelerator, None)
     mtl = CTALForDenseMultitask(TINY)
-    with pytest.raises(ValueError, match="fp16"):
-        aggregation.check_aggregation_setting("mgda", mtl, accelerator, "fp16")
-    aggregation.check_aggregation_setting("mgda", mtl, accelerator, "bf16")
+    for precision in ("fp16", "bf16"):
+        with pytest.raises(ValueError, match=f"does not work with {precision} mixed precision"):
+            aggregation.check_aggregation_setting("mgda", mtl, accelerator, precision)
+    aggregation.check_aggregation_setting("mgda", mtl, accelerator, "no")
     aggregation.check_aggregation_setting("none", stl, accelerator, "fp16")
 
 

@@ -8,8 +8,9 @@ to the backbone, whose output is the last representation shared by every task.
 
 Under DDP each process computes its Jacobian on its own batch; they are averaged across processes before the
 aggregation (the Jacobian of the mean loss over the global batch, as one process would compute it), and the other
-gradients are averaged as DDP would. FSDP shards the parameters, which TorchJD cannot take: refused; so is fp16
-mixed precision (its gradient scaler expects `accelerator.backward`). bf16 works."""
+gradients are averaged as DDP would. FSDP shards the parameters, which TorchJD cannot take: refused; so is mixed
+precision (TorchJD 0.18's batched Jacobian fails on bf16 features, and fp16's scaler expects
+`accelerator.backward`)."""
 
 import importlib.util
 
@@ -61,10 +62,13 @@ def check_aggregation_setting(name: str, model, accelerator, mixed_precision: st
             f"--gradient_aggregator {name} does not work with FSDP (the Jacobian needs whole, unsharded parameters): "
             "use DDP (accelerate launch --multi_gpu) or --gradient_aggregator none."
         )
-    if (mixed_precision or accelerator.mixed_precision) == "fp16":
+    precision = mixed_precision or accelerator.mixed_precision
+    if precision in ("fp16", "bf16"):
         raise ValueError(
-            f"--gradient_aggregator {name} does not work with fp16 mixed precision (its gradient scaler needs "
-            "accelerator.backward): use --mixed_precision bf16 or no."
+            f"--gradient_aggregator {name} does not work with {precision} mixed precision (TorchJD 0.18's batched "
+            "Jacobian fails on half-precision features: 'expected scalar type BFloat16 but found Float'; fp16's "
+            "gradient scaler also needs accelerator.backward): use --mixed_precision no, or a --loss_weighting "
+            "method, which all work with mixed precision."
         )
 
 

@@ -176,6 +176,22 @@ def pretrained_backbone_source(args: argparse.Namespace, recipe: CTALRecipe | No
     return source
 
 
+def check_distributed_setting(accelerator) -> None:
+    """Warns when FSDP was asked for (`ACCELERATE_USE_FSDP`) but accelerate runs something else: accelerate 1.15
+    turns FSDP on for accelerator devices only, so a CPU run (`ACCELERATE_USE_CPU=1`) is plain DDP."""
+    import os
+
+    from accelerate.logging import get_logger
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        get_logger(__name__).warning(
+            f"FSDP was requested (ACCELERATE_USE_FSDP) but accelerate runs {accelerator.distributed_type}: it enables "
+            "FSDP on GPUs (and other accelerators) only; on CPU this run is DDP, with whole parameters per process."
+        )
+
+
 def cosine_factor(step: int, total: int) -> float:
     """Cosine annealing from 1 to 0 over `total` steps (torch's `CosineAnnealingLR` with `eta_min=0`)."""
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
@@ -262,6 +278,7 @@ __all__ = [
     "pretrained_backbone_source",
     "poly_factor",
     "step_factor",
+    "check_distributed_setting",
     "cosine_factor",
     "warm_restarts_factor",
     "make_scheduler",

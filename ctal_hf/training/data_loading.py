@@ -34,7 +34,9 @@ def load_splits(args: argparse.Namespace, recipe: CTALRecipe, tasks: list[str], 
     if name == "synthetic":
         from dataset_scripts.synthetic import CONFIG_TASKS, SYNTHETIC_CLASSES
 
-        config_name = args.dataset_config or ("nyuv2" if set(tasks) <= set(CONFIG_TASKS["nyuv2"]) else "pascal")
+        # The first config whose columns hold every task (nyuv2 also holds the custom task `albedo`).
+        fitting = [name for name, columns in CONFIG_TASKS.items() if set(tasks) <= set(columns)]
+        config_name = args.dataset_config or (fitting[0] if fitting else "pascal")
         builder = _import_builder(name)(
             config_name=config_name,
             cache_dir=args.cache_dir,

@@ -159,23 +159,18 @@ def save_prediction_pictures(
         return []
     processor = CTALImageProcessor.from_model_config(config)
     count = min(count, first_batch["pixel_values"].shape[0])
-    decoded = processor.post_process_multitask({t: p[:count].cpu() for t, p in first_batch["predictions"].items()})
+    predictions = {t: p[:count].cpu() for t, p in first_batch["predictions"].items()}
+    decoded = processor.post_process_multitask(predictions, task_specs=config)
+    tasks = config.get_tasks()
     images = first_batch["pixel_values"][:count]
     if transform.normalize:
         images = images * transform.std + transform.mean
     images = images.clamp(0, 1)
     paths = []
     for index in range(count):
-        truth = {}
-        for task, value in first_batch["labels"].items():
-            value = value[index]
-            if task == "normals":
-                value = value.permute(1, 2, 0)
-            elif value.ndim == 3:
-                value = value[0]
-            truth[task] = value.numpy()
+        truth = {task: tasks[task].label_to_map(value[index]) for task, value in first_batch["labels"].items()}
         path = Path(output_dir) / "predictions" / f"validation_{index}.png"
-        make_figure(images[index], decoded[index], truth, class_names=class_names, path=path)
+        make_figure(images[index], decoded[index], truth, class_names=class_names, path=path, task_specs=config)
         paths.append(path)
     return paths
 

@@ -9,28 +9,16 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..configuration_ctal import DECODER_NAMES
-from ..tasks import TASKS
+from ..tasks import TASKS, as_tasks
 
 # Metrics that are fractions in [0, 1]; cards and tables print them in percent, as the paper does.
 PERCENT_METRICS = frozenset({"mIoU", "pixel_acc", "maxF", "odsF", "oisF", "within_11.25", "within_22.5", "within_30"})
-# Metrics printed per task (the headline first); others stay in eval_results.json.
-DISPLAY_METRICS: dict[str, tuple[str, ...]] = {
-    "semseg": ("mIoU", "pixel_acc"),
-    "parts": ("mIoU", "pixel_acc"),
-    "depth": ("rel_err", "abs_err", "rmse"),
-    "normals": ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"),
-    "saliency": ("maxF",),
-    "edge": ("loss", "odsF"),
-}
-TASK_TITLES = {
-    "semseg": "Semantic segmentation",
-    "parts": "Human parts",
-    "depth": "Depth",
-    "normals": "Surface normals",
-    "saliency": "Saliency",
-    "edge": "Edges",
-}
-HUB_TASK_TYPES = {"semseg": "image-segmentation", "parts": "image-segmentation", "depth": "depth-estimation"}
+# Metrics printed per built-in task (the headline first; each task object says which, custom ones included); others
+# stay in eval_results.json.
+DISPLAY_METRICS: dict[str, tuple[str, ...]] = {name: task.display_metrics() for name, task in TASKS.items()}
+LOWER_IS_BETTER_METRICS = frozenset(
+    {"rel_err", "abs_err", "rmse", "sq_rel", "log_rmse", "mean_angle", "median_angle", "rmse_angle", "loss"}
+)
 
 
 def display_value(metric: str, value: float) -> str:
@@ -45,26 +33,29 @@ def display_value(metric: str, value: float) -> str:
 
 
 def metric_label(metric: str) -> str:
-    arrow = (
-        "↓"
-        if metric
-        in ("rel_err", "abs_err", "rmse", "sq_rel", "log_rmse", "mean_angle", "median_angle", "rmse_angle", "loss")
-        else "↑"
-    )
+    arrow = "↓" if metric in LOWER_IS_BETTER_METRICS else "↑"
     unit = " (%)" if metric in PERCENT_METRICS else (" (deg)" if "angle" in metric else "")
     return f"{metric}{unit} {arrow}"
 
 
+def _display_metrics(tasks: Mapping[str, Any], task: str, values: Mapping[str, float]) -> tuple[str, ...]:
+    return tasks[task].display_metrics() if task in tasks else tuple(values)
+
+
 def metrics_table(
-    final: Mapping[str, Mapping[str, float]], initial: Mapping[str, Mapping[str, float]] | None = None
+    final: Mapping[str, Mapping[str, float]],
+    initial: Mapping[str, Mapping[str, float]] | None = None,
+    tasks: Any = None,
 ) -> str:
-    """Markdown table: one row per (task, metric), a column for the final and, if given, the initial predictions."""
+    """Markdown table: one row per (task, metric), a column for the final and, if given, the initial predictions.
+    `tasks` (a config or its `get_tasks()`) says which metrics each task shows; by default the built-in tasks'."""
+    tasks = TASKS if tasks is None else as_tasks(tasks)
     initial = initial or {}
     has_initial = any(initial.values())
     header = "| task | metric | final |" + (" initial |" if has_initial else "")
     lines = [header, "|---|---|---|" + ("---|" if has_initial else "")]
     for task, values in final.items():
-        metrics = [m for m in DISPLAY_METRICS.get(task, tuple(values)) if m in values]
+        metrics = [m for m in _display_metrics(tasks, task, values) if m in values]
         for metric in metrics:
             row = f"| {task} | {metric_label(metric)} | {display_value(metric, values[metric])} |"
             if has_initial:
@@ -73,17 +64,17 @@ def metrics_table(
     return "\n".join(lines)
 
 
-def _eval_results(final, dataset_name: str, dataset_type: str, split: str) -> list[EvalResult]:
+def _eval_results(final, tasks, dataset_name: str, dataset_type: str, split: str) -> list[EvalResult]:
     results = []
     for task, values in final.items():
-        for metric in DISPLAY_METRICS.get(task, tuple(values)):
+        for metric in _display_metrics(tasks, task, values):
             value = values.get(metric)
             if value is None or not math.isfinite(value):
                 continue
             results.append(
                 EvalResult(
-                    task_type=HUB_TASK_TYPES.get(task, f"dense-{task}"),
-                    task_name=TASK_TITLES.get(task, task),
+                    task_type=tasks[task].hub_task_type if task in tasks else f"dense-{task}",
+                    task_name=tasks[task].title if task in tasks else task,
                     dataset_type=dataset_type,
                     dataset_name=dataset_name,
                     dataset_split=split,
@@ -109,28 +100,26 @@ def make_model_card(
 ) -> ModelCard:
     """The card of a trained model; `recipe` is the flat dict of training settings (optimizer, lr, ...)."""
     decoder = DECODER_NAMES.get(config.decoder, config.decoder)
+    tasks = config.get_tasks()
+    shown = {m for name, values in final.items() for m in _display_metrics(tasks, name, values)}
     dataset_type = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset_name).strip("-")
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
         license="apache-2.0",
-        pipeline_tag="image-segmentation" if "semseg" in config.tasks else None,
+        pipeline_tag="image-segmentation" if "semseg" in tasks else None,  # the paper's segmentation task
         tags=["ctal", "multitask", "dense-prediction", "vision", *config.tasks],
         datasets=[dataset_name] if "/" in dataset_name else None,
-        metrics=sorted({m for values in final.values() for m in values if m in sum(DISPLAY_METRICS.values(), ())}),
-        eval_results=_eval_results(final, dataset_name, dataset_type, split),
+        metrics=sorted({m for values in final.values() for m in values if m in shown}),
+        eval_results=_eval_results(final, tasks, dataset_name, dataset_type, split),
     )
-    task_lines = "\n".join(
-        f"- `{task}`: {TASK_TITLES[task]} ({config.task_channels(task)} output channel(s), headline metric "
-        f"{TASKS[task].headline_metric})"
-        for task in config.tasks
-    )
+    task_lines = "\n".join(task.card_line() for task in tasks.values())
     recipe_lines = "\n".join(f"| {key} | {value} |" for key, value in recipe.items())
     size = "x".join(str(s) for s in config.image_size)
     params = f"{num_parameters / 1e6:.2f} M parameters" if num_parameters else ""
     body = f"""# {model_name}
 
-A {decoder} model (cross-task affinity learning for multitask dense prediction) with a `{config.backbone}` backbone,
+A {decoder} model (cross-task affinity learning for multitask dense prediction) with a `{config.backbone_description}` backbone,
 trained with `examples/train.py` of `ctal_hf` on **{dataset_name}** at {size} pixels. {params}
 
 ## Tasks
@@ -142,7 +131,7 @@ trained with `examples/train.py` of `ctal_hf` on **{dataset_name}** at {size} pi
 Metrics of the whole split (sums over all pixels, not means of per-batch means); fractions in percent. The
 *initial* column scores the deeply supervised initial predictions (before cross-task distillation).
 
-{metrics_table(final, initial)}
+{metrics_table(final, initial, tasks)}
 
 ## Training recipe
 

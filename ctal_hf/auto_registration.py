@@ -1,0 +1,208 @@
+"""How `import ctal_hf` registers CTAL with transformers without importing torch or transformers.
+
+The registrations (`AutoConfig`, `AutoModel`, `AutoImageProcessor`, `pipeline("dense-multitask")`) live in
+transformers modules that are expensive to import (`transformers.pipelines` pulls in every pipeline, the image
+processing modules pull in torchvision). Each registration is therefore made when the transformers module that holds
+its registry is first imported (or at once, when it already is): a small `sys.meta_path` finder runs a callback right
+after that module has executed. Any lookup through a registry therefore sees CTAL, while `import ctal_hf` itself costs
+milliseconds and `ctal-predict --help` answers before torch is imported.
+
+The model class is registered as a deferred entry, imported at the first lookup: `transformers.modeling_utils` (which
+the model class needs) takes seconds to import and may be mid-import when the auto-model module is first imported.
+This module is not part of a saved model folder's code (folders load with `trust_remote_code=True` and register
+themselves through `auto_map`)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import sys
+import threading
+from collections.abc import Callable
+
+_CONFIGURATION_AUTO = "transformers.models.auto.configuration_auto"
+_MODELING_AUTO = "transformers.models.auto.modeling_auto"
+_IMAGE_PROCESSING_AUTO = "transformers.models.auto.image_processing_auto"
+_PIPELINES = "transformers.pipelines"
+
+
+class _Deferred:
+    """A class named by module and attribute, imported when the registry entry holding it is first read."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def load(self) -> type:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __repr__(self) -> str:
+        return f"<deferred {self.module}.{self.name}>"
+
+
+class _DeferredEntries(dict):
+    """The `_extra_content` dict of a transformers auto mapping, whose values may be `_Deferred` (resolved and cached
+    on first read). transformers reads that dict with `[]`, `in`, `keys()`, `values()` and `items()`."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, _Deferred):
+            value = value.load()
+            super().__setitem__(key, value)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def values(self):
+        return [self[key] for key in self]
+
+    def items(self):
+        return [(key, self[key]) for key in self]
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a watched module it asks the other finders for the spec and wraps its loader so that
+    the module's callbacks run once the module has executed. The original loader is put back right after."""
+
+    def __init__(self) -> None:
+        self.callbacks: dict[str, list[Callable[[], None]]] = {}
+        self._lock = threading.RLock()
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.callbacks:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _CallbackLoader(spec.loader, self, fullname)
+        return spec
+
+    def run(self, fullname: str) -> None:
+        with self._lock:
+            callbacks = self.callbacks.pop(fullname, [])
+            if not self.callbacks and self in sys.meta_path:
+                sys.meta_path.remove(self)
+        for callback in callbacks:
+            callback()
+
+    def watch(self, fullname: str, callback: Callable[[], None]) -> None:
+        """Runs `callback` after `fullname` is imported, or now if it already is."""
+        module = sys.modules.get(fullname)
+        if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+            callback()
+            return
+        with self._lock:
+            self.callbacks.setdefault(fullname, []).append(callback)
+            if self not in sys.meta_path:
+                sys.meta_path.insert(0, self)
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    def __init__(self, loader, finder: _PostImportFinder, fullname: str):
+        self._loader, self._finder, self._fullname = loader, finder, fullname
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = self._loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        self._finder.run(self._fullname)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+_FINDER = _PostImportFinder()
+_INSTALLED = False
+
+
+def _config_class() -> type:
+    from .configuration_ctal import CTALConfig
+
+    return CTALConfig
+
+
+def _register_config() -> None:
+    from transformers.models.auto.configuration_auto import AutoConfig
+
+    AutoConfig.register("ctal", _config_class(), exist_ok=True)
+
+
+def _register_model() -> None:
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    if not isinstance(MODEL_MAPPING._extra_content, _DeferredEntries):
+        MODEL_MAPPING._extra_content = _DeferredEntries(MODEL_MAPPING._extra_content)
+    MODEL_MAPPING._extra_content[_config_class()] = _Deferred(f"{__package__}.modeling_ctal", "CTALForDenseMultitask")
+
+
+def _register_image_processor() -> None:
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    from .image_processing_ctal import CTALImageProcessor
+
+    AutoImageProcessor.register(
+        _config_class(), image_processor_classes={"torchvision": CTALImageProcessor}, exist_ok=True
+    )
+
+
+def _register_pipeline() -> None:
+    # Registered here, not in pipeline_ctal.py: the copy of that file a saved folder carries must not register itself
+    # when `pipeline(..., trust_remote_code=True)` loads it, since a registered task hides the folder's
+    # `custom_pipelines`.
+    from transformers.models.auto.modeling_auto import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    from .configuration_ctal import PIPELINE_TASK
+    from .pipeline_ctal import DenseMultitaskPipeline
+
+    if PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK, {}).get("impl") is not DenseMultitaskPipeline:
+        PIPELINE_REGISTRY.register_pipeline(
+            PIPELINE_TASK, pipeline_class=DenseMultitaskPipeline, pt_model=AutoModel, type="image"
+        )
+
+
+def _register_config_for_auto_class() -> None:
+    # Saved folders carry the configuration, modelling and image processing code (`auto_map`), so they load with
+    # `trust_remote_code=True` without this package.
+    _config_class().register_for_auto_class()
+
+
+def _register_model_for_auto_class() -> None:
+    from .modeling_ctal import CTALForDenseMultitask
+
+    CTALForDenseMultitask.register_for_auto_class("AutoModel")
+
+
+def _register_image_processor_for_auto_class() -> None:
+    from .image_processing_ctal import CTALImageProcessor
+
+    CTALImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+
+def install() -> None:
+    """Makes every registration, each when its registry (or CTAL class) is first imported. Idempotent."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _INSTALLED = True
+    _FINDER.watch(f"{__package__}.configuration_ctal", _register_config_for_auto_class)
+    _FINDER.watch(f"{__package__}.modeling_ctal", _register_model_for_auto_class)
+    _FINDER.watch(f"{__package__}.image_processing_ctal", _register_image_processor_for_auto_class)
+    _FINDER.watch(_CONFIGURATION_AUTO, _register_config)
+    _FINDER.watch(_MODELING_AUTO, _register_model)
+    _FINDER.watch(_IMAGE_PROCESSING_AUTO, _register_image_processor)
+    _FINDER.watch(_PIPELINES, _register_pipeline)
+
+
+__all__ = ["install"]
