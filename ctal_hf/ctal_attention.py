@@ -36,9 +36,11 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "factorized")
 # --sections sweep` measured, on a 2-thread CPU in float32, about 1.6-2.4 (inference) and 2.1-2.8 (training);
 # rounded down, so that `auto` leaves the reference form only where the factorised one clearly wins.
 DENSE_FLOP_PENALTY = {"forward": 1.5, "backward": 2.0}
-# The same under bf16 / fp16 autocast (`--dtype bfloat16` of that sweep): both forms' matmuls get faster, the
-# dense form's N x N memory traffic much less so, and its grouped conv runs a slow reduced-precision kernel.
-REDUCED_PRECISION_DENSE_FLOP_PENALTY = {"forward": 1.5, "backward": 2.0}
+# The same under bf16 autocast, measured on a 2-thread AMD EPYC (AVX-512 BF16, no AMX) at 16x16 (T = 5), 32x32
+# (T = 2) and 32x48 (T = 3) maps: inference about 1.0-4.5 (as float32: both forms' matmuls get faster), training
+# 3.0-12 (the grouped conv's backward runs a slow bf16 kernel and the N x N gradients stay memory-bound). Rounded
+# down like the float32 figures; fp16 uses them too.
+REDUCED_PRECISION_DENSE_FLOP_PENALTY = {"forward": 1.5, "backward": 3.0}
 # (device type, arithmetic) -> penalty; others use the CPU float32 figures (a GPU's are measured by
 # benchmarks/gpu_check.sh when one is lent).
 DENSE_FLOP_PENALTIES = {

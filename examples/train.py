@@ -45,6 +45,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
 
     from ctal_hf import CTALImageProcessor
     from ctal_hf.configuration_ctal import DECODER_NAMES
+    from ctal_hf.ctal_attention import resolve_autocast_dtype
     from ctal_hf.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CTALTorchDataset, CTALTransform
     from ctal_hf.training import building, checkpointing, evaluation, hub
     from ctal_hf.training.aggregation import GradientAggregation, check_aggregation_setting
@@ -58,6 +59,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
+        dynamo_backend="inductor" if args.torch_compile else None,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         step_scheduler_with_optimizer=False,  # the scheduler counts optimizer steps of this process
@@ -66,6 +68,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     logging.getLogger("train").setLevel(logging.INFO)
     logging.getLogger("ctal_hf").setLevel(logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    resolve_autocast_dtype(args.mixed_precision, accelerator.device.type)  # bf16 / fp16 the hardware lacks: refused
     verbosity = "warning" if accelerator.is_local_main_process else "error"
     datasets.utils.logging.set_verbosity(getattr(logging, verbosity.upper()))
     transformers.utils.logging.set_verbosity(getattr(logging, verbosity.upper()))
@@ -81,6 +84,8 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     model = building.build_model(args, config, recipe)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.channels_last:  # the model then converts its inputs too
+        model.to(memory_format=torch.channels_last)
     building.check_distributed_setting(accelerator)
     check_aggregation_setting(args.gradient_aggregator, model, accelerator, args.mixed_precision)
     train_transform = CTALTransform(

@@ -2,6 +2,7 @@
 smallest setting, and the table it writes is read back. The numbers are the scripts' business; these tests only
 guard against the scripts rotting while the package changes under them."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,43 @@ def test_ctal_attention_benchmark_writes_its_table(tmp_path):
     )
     text = output.read_text()
     assert "pascal_swin" in text and "dense" in text
+
+
+def test_profile_step_writes_its_table_against_the_baseline(tmp_path):
+    output = tmp_path / "profile.md"
+    args = ["--image_size", "32", "32", "--variants", "fp32", "bf16+cl", "--modes", "train", "--rounds", "1"]
+    _run("profile_step.py", *args, "--repeats", "1", "--threads", "1", "--quick", "--out", str(output))
+    text = output.read_text()
+    assert "AVX-512 BF16" in text and "matmul peak" in text
+    rows = _table_rows(text)
+    assert rows["fp32"][2] == "1.00x" and rows["bf16+cl"][2].endswith("x")  # ratios against the first variant
+    assert {"backbone", "CTAL diffusion", "loss"} <= set(rows)  # the per-component breakdown
+
+
+def test_full_resolution_benchmark_writes_its_table(tmp_path):
+    output = tmp_path / "full.md"
+    args = ["--maps", "8x8", "8x16", "--batch", "2", "--channels", "8", "--repeats", "1", "--threads", "1"]
+    _run("full_resolution.py", *args, "--dtypes", "fp32", "--step_variants", "fp32", "--out", str(output))
+    text = output.read_text()
+    assert "Fitted exponent" in text and "| 32x64 | 8x16 | 128 | fp32 |" in text
+    assert text.count("| factorized | fp32 |") == 2 and "failed" not in text
+
+
+def test_gpu_check_runs_tiny_on_cpu(tmp_path):
+    output = tmp_path / "gpu.md"
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", "--out", str(output)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = output.read_text()
+    for impl in ("dense", "factorized"):
+        assert f"| diffusion | {impl} | bfloat16 | fwd+bwd |" in text
+    assert "| step | auto | bfloat16+cl | train step |" in text
 
 
 def test_backbones_benchmark_writes_its_table(tmp_path):

@@ -275,3 +275,43 @@ def test_pipeline_speed_options_give_the_default_maps():
     assert (result["semseg"] == reference["semseg"]).mean() > 0.9
     with pytest.raises(ValueError, match="Unknown autocast dtype"):
         pipeline("dense-multitask", model=model, device="cpu", autocast_dtype="half-ish")
+
+
+def test_training_example_runs_channels_last_under_bf16(tmp_path):
+    """examples/train.py --channels_last --mixed_precision bf16: trains, checkpoints and saves NCHW-identical weights."""
+    import sys
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import train
+
+    output = tmp_path / "run"
+    argv = ["--image_size", "32", "32", "--num_train_images", "4", "--num_validation_images", "2"]
+    argv += ["--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--num_prediction_images", "0"]
+    argv += ["--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", str(output)]
+    argv += ["--channels_last", "--mixed_precision", "bf16"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        train.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    saved = safetensors.torch.load_file(output / "model.safetensors")
+    assert all(tensor.is_contiguous() and torch.isfinite(tensor).all() for tensor in saved.values())
+    reloaded = CTALForDenseMultitask.from_pretrained(output)
+    assert not reloaded.is_channels_last
+
+
+def test_auto_choice_depends_on_dtype_and_device():
+    # Cityscapes-sized training map (32 x 32, 2 tasks): a tie in float32 (dense kept), but under bf16 the dense
+    # form's grouped-conv backward is slow, so the crossover moves down and the factorised form is chosen
+    assert ctal_attention.choose_attention_impl(32 * 32, 128, 2, 3) == "dense"
+    assert ctal_attention.choose_attention_impl(32 * 32, 128, 2, 3, dtype=torch.bfloat16) == "factorized"
+    assert ctal_attention.dense_flop_penalty(True, torch.float16, "cuda") == ctal_attention.dense_flop_penalty(
+        True, torch.bfloat16, "cpu"
+    )
+    inputs = task_maps(batch=1, num_tasks=2, channels=128, height=32, width=32)
+    with OpLog() as log:
+        diffuse(*inputs, impl="auto", autocast=torch.bfloat16)
+    assert not any("convolution" in name for name, _, _ in log.calls)  # the factorised form ran

@@ -130,7 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--per_device_train_batch_size", type=positive_int, default=None)
     train.add_argument("--per_device_eval_batch_size", type=positive_int, default=None)
     train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    train.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    train.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Autocast (accelerate's): convolutions and the CTAL diffusion's matmuls in bf16 / fp16, float32 "
+        "accumulation and losses; refused on hardware without native support.",
+    )
+    train.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="Weights and activations channels-last (faster convolutions on most CPUs and GPUs; same results).",
+    )
+    train.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile the model (inductor, through accelerate): the first steps compile, for minutes on a CPU.",
+    )
     train.add_argument("--scale_crop", action=argparse.BooleanOptionalAction, default=None, help="MTAN scale-crop.")
     train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="Random horizontal flip.")
     train.add_argument(

@@ -1,0 +1,210 @@
+"""Dense vs factorised CTAL diffusion and the whole NYUv2 CTAL-SS training step at batch 8 (the paper's setting),
+float32 and bf16 autocast: time and peak memory on a GPU (or, with `--tiny`, a seconds-long CPU run that keeps the
+script from rotting). Started by benchmarks/gpu_check.sh; see there.
+
+float32 means float32 arithmetic: TF32 is switched off. Peak memory: `torch.cuda.max_memory_allocated` on a GPU,
+the process's peak RSS growth on a CPU. Times: median of `--repeats` after two warm-ups, with the device
+synchronised. The diffusion needs only torch (`ctal_hf/ctal_attention.py` is loaded on its own); the whole step
+needs the package's dependencies (transformers, timm) and is skipped with a note where they are missing.
+"""
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_attention_module():
+    """ctal_hf/ctal_attention.py alone (it imports only torch), so the diffusion runs without transformers."""
+    spec = importlib.util.spec_from_file_location("ctal_attention_standalone", REPO / "ctal_hf" / "ctal_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Meter:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset(self):
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+            self.base = self._rss("VmRSS")
+
+    def peak_gb(self) -> float:
+        self.sync()
+        if self.device.type == "cuda":
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 1e9
+        return (self._rss("VmHWM") - self.base) / 1e9
+
+    @staticmethod
+    def _rss(field: str) -> int:
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def time(self, step, repeats: int) -> tuple[float, float]:
+        step()
+        step()
+        self.reset()
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            start = time.perf_counter()
+            step()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), self.peak_gb()
+
+
+def autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def diffusion_rows(attention, device, meter, args) -> list[dict]:
+    height, width = args.map
+    n, batch, tasks, channels = height * width, args.batch, 3, args.channels
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(batch, tasks, channels, height, width, generator=generator).to(device).requires_grad_()
+    values = torch.randn(batch, tasks, channels, height, width, generator=generator).to(device).requires_grad_()
+    weight = (torch.randn(n, tasks, 3, 3, generator=generator) / 27).to(device).requires_grad_()
+    bias = torch.zeros(n, device=device, requires_grad=True)
+    grad = torch.randn(batch, tasks, channels, height, width, generator=generator).to(device)
+    rows = []
+    for dtype in args.dtypes:
+        for impl in ("dense", "factorized"):
+            for train in (False, True):
+
+                def step(impl=impl, dtype=dtype, train=train):
+                    with torch.set_grad_enabled(train), autocast(device, dtype):
+                        out = attention.cross_task_diffusion(values, F.normalize(features, dim=2), weight, bias, impl)
+                    if train:
+                        out.backward(grad.to(out.dtype))
+                        for tensor in (features, values, weight, bias):
+                            tensor.grad = None
+
+                row = dict(part="diffusion", impl=impl, dtype=str(dtype or torch.float32).replace("torch.", ""))
+                row["mode"] = "fwd+bwd" if train else "fwd"
+                try:
+                    row["seconds"], row["peak_gb"] = meter.time(step, args.repeats)
+                except (ValueError, torch.OutOfMemoryError) as error:  # the dense form refused up front, or OOM
+                    row["note"] = str(error).splitlines()[0][:140]
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def step_rows(device, meter, args) -> list[dict]:
+    try:
+        sys.path.insert(0, str(REPO))
+        from ctal_hf import CTALConfig, CTALForDenseMultitask
+    except ImportError as error:
+        return [dict(part="step", note=f"skipped: {error} (the whole step needs transformers and timm)")]
+    overrides = {"image_size": [4 * side for side in args.map]}
+    config = CTALConfig.from_preset("nyuv2", decoder="ctal_ss", **overrides)
+    model = CTALForDenseMultitask(config).to(device).train()
+    height, width = config.image_size
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(args.batch, 3, height, width, generator=generator).to(device)
+    labels = {
+        "semseg": torch.randint(0, config.num_semseg_classes, (args.batch, height, width), generator=generator),
+        "depth": torch.rand(args.batch, 1, height, width, generator=generator) + 0.1,
+        "normals": F.normalize(torch.randn(args.batch, 3, height, width, generator=generator), dim=1),
+    }
+    labels = {task: label.to(device) for task, label in labels.items()}
+    rows = []
+    for dtype in args.dtypes:
+        for channels_last in (False, True):
+            model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+            def step(dtype=dtype):
+                with autocast(device, dtype):
+                    loss = model(pixel_values, labels=labels).loss
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+
+            row = dict(part="step", impl=config.attention_impl, mode="train step")
+            row["dtype"] = str(dtype or torch.float32).replace("torch.", "") + ("+cl" if channels_last else "")
+            try:
+                row["seconds"], row["peak_gb"] = meter.time(step, args.repeats)
+            except torch.OutOfMemoryError as error:
+                row["note"] = str(error).splitlines()[0][:140]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="seconds-long CPU-sized run (CI smoke test)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu_check.md")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny:
+        args.map, args.batch, args.channels, args.repeats = (8, 8), 2, 16, args.repeats or 1
+    else:
+        args.map, args.batch, args.channels, args.repeats = (72, 96), 8, 128, args.repeats or 5
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    args.dtypes = [None] + ([torch.bfloat16] if bf16 else [torch.float16])
+    started = datetime.datetime.now(datetime.timezone.utc)
+    meter = Meter(device)
+    rows = diffusion_rows(load_attention_module(), device, meter, args) + step_rows(device, meter, args)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    lines = [
+        "# GPU check: CTAL diffusion and the NYUv2 CTAL-SS training step",
+        "",
+        f"Made by `benchmarks/gpu_check.sh{' --tiny' if args.tiny else ''}` on {started:%Y-%m-%d %H:%M} UTC; device "
+        f"{name} ({device.type}), torch {torch.__version__}, CUDA {torch.version.cuda}; TF32 off. Affinity map "
+        f"{args.map[0]}x{args.map[1]} (images {4 * args.map[0]}x{4 * args.map[1]}), batch {args.batch}, T = 3, "
+        f"C = {args.channels}; median of {args.repeats} after two warm-ups; peak = memory allocated above the "
+        "baseline.",
+        "",
+        "| part | impl | dtype | mode | time (ms) | peak (GB) | note |",
+        "|---|---|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        seconds = f"{1000 * row['seconds']:.1f}" if "seconds" in row else "-"
+        peak = f"{row['peak_gb']:.2f}" if "peak_gb" in row else "-"
+        lines.append(
+            f"| {row['part']} | {row.get('impl', '-')} | {row.get('dtype', '-')} | {row.get('mode', '-')} | {seconds} "
+            f"| {peak} | {row.get('note', '')} |"
+        )
+    text = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    if os.environ.get("OUT"):  # the device tool brings back what is written under $OUT
+        Path(os.environ["OUT"], args.out.name).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
