@@ -99,9 +99,10 @@ def component_probes(model):
         return hook
 
     handles = [model.backbone.register_forward_pre_hook(capture("backbone"), with_kwargs=True)]
-    if getattr(decoder, "fusion", None) is not None:
-        handles.append(decoder.fusion.register_forward_pre_hook(capture("cross-scale fusion"), with_kwargs=True))
-    for task, head in decoder.initial_heads.items():
+    front = getattr(decoder, "neck", decoder)  # the shared CTALNeck (older code: on the decoder itself)
+    if getattr(front, "fusion", None) is not None:
+        handles.append(front.fusion.register_forward_pre_hook(capture("cross-scale fusion"), with_kwargs=True))
+    for task, head in front.initial_heads.items():
         handles.append(head.register_forward_pre_hook(capture(f"initial head {task}"), with_kwargs=True))
     handles.append(decoder.ctal.register_forward_pre_hook(capture("CTAL module (all)"), with_kwargs=True))
     for task, block in decoder.ctal.upsample.items():
