@@ -1,4 +1,4 @@
-"""Backbones: the registry of the paper's named timm backbones, any transformers `AutoBackbone` through
+"""Backbones: the registry of the paper's named backbones (timm and torchvision), any transformers `AutoBackbone` through
 `config.backbone_config`, and `CTALBackbone`, which turns either into a list of NCHW maps, finest first, with their
 channels and strides (read from the built model, never hard-coded). See docs/design.md, "Backbones"."""
 
@@ -23,70 +23,235 @@ def _timm():
     return timm
 
 
+def _check_state_dict(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str, what: str):
+    """Every key of `expected` present with its shape and nothing else, or a `ValueError` naming `source`."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{source!r} does not match {what}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}, "
+            f"size mismatch for {mismatched[:10]}."
+        )
+
+
 @dataclass(frozen=True)
-class CTALBackboneSpec:
-    """A named backbone (`config.backbone`): how timm builds it and what the decoders need to know before it is built.
+class CTALTimmBuilder:
+    """Builds a registry entry with `timm.create_model(name, features_only=True, ...)`.
 
     Args:
-        timm_name: the `timm.create_model` name.
-        display_name: how tables and model cards name it.
-        strides: output stride of each feature map the decoders read, finest first (checked against the built model).
-        timm_kwargs: keyword arguments for `timm.create_model(..., features_only=True)` (which maps, which
-            representation); `config.backbone_kwargs` is added on top.
+        name: the `timm.create_model` name.
+        kwargs: keyword arguments of the features model (which maps, which representation); `config.backbone_kwargs`
+            is added on top.
         pass_image_size: whether timm must be told the input size (`img_size=config.image_size`): windowed
             transformers fix their attention masks to it.
-        channels_last_output: whether timm returns NHWC maps (permuted to NCHW here).
-        head_family: the decoder head family these models use by default (`config.head_family`).
-        normals_loss: the surface-normal loss of the paper's recipe for this backbone (`CTALConfig.from_preset`).
     """
 
-    timm_name: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pass_image_size: bool = False
+    library = "timm"
+
+    @property
+    def description(self) -> str:
+        return f"timm's {self.name}"
+
+    def create_features(self, config: CTALConfig, **overrides) -> nn.Module:
+        kwargs = dict(features_only=True, pretrained=False, **self.kwargs, **config.backbone_kwargs)
+        if self.pass_image_size:
+            kwargs["img_size"] = tuple(config.image_size)
+        kwargs.update(overrides)
+        return _timm().create_model(self.name, **kwargs)
+
+    def create_reference(self, config: CTALConfig) -> nn.Module:
+        kwargs = {"img_size": tuple(config.image_size)} if self.pass_image_size else {}
+        return _timm().create_model(self.name, pretrained=False, **kwargs)
+
+    def download_state_dict(self, config: CTALConfig) -> dict[str, torch.Tensor]:
+        """The full model's ImageNet weights, from the Hub (timm's default checkpoint of `name`)."""
+        return _timm().create_model(self.name, pretrained=True).state_dict()
+
+    def check_state_dict(self, config: CTALConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        try:
+            self.create_reference(config).load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{source!r} does not match timm's {self.name}: {error}") from None
+
+    def features_state_dict(self, config: CTALConfig, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The features model's state dict from the full model's (timm renames and drops keys itself)."""
+        return self.create_features(config, pretrained=True, pretrained_cfg_overlay={"state_dict": full}).state_dict()
+
+
+class CTALTorchvisionFeatures(nn.Module):
+    """torchvision's `features` of a Swin model (NHWC map of the last stage), as a list of one map: the state-dict
+    keys (`features.*`) are those of the full torchvision model."""
+
+    def __init__(self, features: nn.Module):
+        super().__init__()
+        self.features = features
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return [self.features(pixel_values)]
+
+
+@dataclass(frozen=True)
+class CTALTorchvisionBuilder:
+    """Builds a registry entry from a torchvision classification model, keeping its `features` (the authors' release
+    builds its Swin backbones so: `features -> norm -> permute`).
+
+    Args:
+        name: the `torchvision.models` builder, e.g. `"swin_v2_s"`.
+        weights: the ImageNet weights (`torchvision.models.get_weight` name) the training recipes download.
+    """
+
+    name: str
+    weights: str
+    library = "torchvision"
+
+    @property
+    def description(self) -> str:
+        return f"torchvision's {self.name}"
+
+    def create_reference(self, config: CTALConfig) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, self.name)(weights=None)
+
+    def create_features(self, config: CTALConfig, **overrides) -> nn.Module:
+        if overrides or config.backbone_kwargs:
+            raise ValueError(
+                f"`backbone_kwargs` {config.backbone_kwargs or overrides} apply to timm backbones; {self.description} "
+                "takes none."
+            )
+        return CTALTorchvisionFeatures(self.create_reference(config).features)
+
+    def download_state_dict(self, config: CTALConfig) -> dict[str, torch.Tensor]:
+        """The full model's ImageNet weights from torchvision's download path (cached under `$TORCH_HOME`)."""
+        import torchvision
+
+        return torchvision.models.get_weight(self.weights).get_state_dict(progress=False, check_hash=True)
+
+    def check_state_dict(self, config: CTALConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        with torch.device("meta"):
+            expected = self.create_reference(config).state_dict()
+        _check_state_dict(expected, state_dict, source, self.description)
+
+    def features_state_dict(self, config: CTALConfig, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in full.items() if key.startswith("features.")}
+
+
+@dataclass(frozen=True)
+class CTALBackboneSpec:
+    """A named backbone (`config.backbone`): how it is built (`builder`) and what the decoders need to know before it
+    is built.
+
+    Args:
+        builder: builds the features model, the full (classification) model whose state dict ImageNet weight files
+            hold, and downloads those weights (`CTALTimmBuilder`, `CTALTorchvisionBuilder`).
+        display_name: how tables and model cards name it.
+        strides: output stride of each feature map the decoders read, finest first (checked against the built model).
+        channels_last_output: whether the features model returns NHWC maps (permuted to NCHW here).
+        head_family: the decoder head family these models use by default (`config.head_family`).
+        normals_loss: the surface-normal loss of the paper's recipe for this backbone (`CTALConfig.from_preset`).
+        final_norm: whether the full model ends with a LayerNorm `norm` over the last map's channels, which
+            `config.backbone_final_norm` applies to the map (the SwinV2 models).
+        hrnet_fuse_layers: whether the model has HRNet fuse layers, whose upsampling `config.hrnet_fuse_upsampling`
+            chooses.
+    """
+
+    builder: CTALTimmBuilder | CTALTorchvisionBuilder
     display_name: str
     strides: tuple[int, ...]
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    pass_image_size: bool = False
     channels_last_output: bool = False
     head_family: str = "bottleneck"
     normals_loss: str = "cosine"
+    final_norm: bool = False
+    hrnet_fuse_layers: bool = False
 
     @property
     def num_maps(self) -> int:
         return len(self.strides)
 
+    @property
+    def timm_name(self) -> str | None:
+        """The `timm.create_model` name (`None` for a backbone built by another library)."""
+        return self.builder.name if self.builder.library == "timm" else None
+
     def create_model(self, config: CTALConfig, **overrides) -> nn.Module:
-        """The timm feature model (random weights unless `overrides` ask for pretrained ones)."""
-        kwargs = dict(features_only=True, pretrained=False, **self.timm_kwargs, **config.backbone_kwargs)
-        if self.pass_image_size:
-            kwargs["img_size"] = tuple(config.image_size)
-        kwargs.update(overrides)
-        return _timm().create_model(self.timm_name, **kwargs)
+        """The features model (random weights unless `overrides` ask timm for pretrained ones), with the config's
+        fuse-layer upsampling applied (`hrnet_fuse_upsampling`)."""
+        model = self.builder.create_features(config, **overrides)
+        if self.hrnet_fuse_layers:
+            mode, align_corners = HRNET_FUSE_UPSAMPLING[config.hrnet_fuse_upsampling]
+            for upsample in hrnet_fuse_upsamplers(model):
+                upsample.mode, upsample.align_corners = mode, align_corners
+        return model
 
     def create_reference_model(self, config: CTALConfig) -> nn.Module:
-        """The full timm model (classifier included), whose state dict is what ImageNet weight files hold."""
-        kwargs = {"img_size": tuple(config.image_size)} if self.pass_image_size else {}
-        return _timm().create_model(self.timm_name, pretrained=False, **kwargs)
+        """The full model (classifier included), whose state dict is what ImageNet weight files hold."""
+        return self.builder.create_reference(config)
+
+    def uses_final_norm(self, config: CTALConfig) -> bool:
+        return self.final_norm and config.backbone_final_norm
+
+
+# `hrnet_fuse_upsampling` -> (nn.Upsample mode, align_corners): the release's `F.interpolate(mode="bilinear")`
+# leaves align_corners at its default, False.
+HRNET_FUSE_UPSAMPLING: dict[str, tuple[str, bool | None]] = {"nearest": ("nearest", None), "bilinear": ("bilinear", False)}
+
+
+def hrnet_fuse_upsamplers(model: nn.Module) -> list[nn.Upsample]:
+    """The `nn.Upsample` modules of an HRNet's fuse layers (timm's `HighResolutionModule.fuse_layers`), which bring
+    each coarser branch to the finer one's size where the branches are summed."""
+    upsamplers = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "fuse_layers":
+            upsamplers += [m for m in module.modules() if isinstance(m, nn.Upsample)]
+    return upsamplers
+
+
+def _swinv2_timm(name: str, display_name: str) -> CTALBackboneSpec:
+    # The last stage only (768 or 1024 channels at 1/32), NHWC.
+    return CTALBackboneSpec(
+        builder=CTALTimmBuilder(name, kwargs={"out_indices": (3,)}, pass_image_size=True),
+        display_name=display_name,
+        strides=(32,),
+        channels_last_output=True,
+        head_family="deeplab",
+        normals_loss="l1",
+        final_norm=True,
+    )
+
+
+def _swinv2_torchvision(name: str, weights: str, display_name: str) -> CTALBackboneSpec:
+    # torchvision's `features` end with the last stage (NHWC); any input size (windows are padded).
+    return CTALBackboneSpec(
+        builder=CTALTorchvisionBuilder(name, weights),
+        display_name=display_name,
+        strides=(32,),
+        channels_last_output=True,
+        head_family="deeplab",
+        normals_loss="l1",
+        final_norm=True,
+    )
 
 
 BACKBONES: dict[str, CTALBackboneSpec] = {
     # Raw branch outputs 18/36/72/144 at strides 4..32 (`feature_location=""`), not timm's default "incre"
     # 128..1024 channels.
     "hrnet_w18_small_v2": CTALBackboneSpec(
-        timm_name="hrnet_w18_small_v2",
+        builder=CTALTimmBuilder("hrnet_w18_small_v2", kwargs={"feature_location": "", "out_indices": (1, 2, 3, 4)}),
         display_name="HRNet-W18-small-v2",
         strides=(4, 8, 16, 32),
-        timm_kwargs={"feature_location": "", "out_indices": (1, 2, 3, 4)},
+        hrnet_fuse_layers=True,
     ),
-    # The last stage only (768 channels at 1/32).
-    "swinv2_small": CTALBackboneSpec(
-        timm_name="swinv2_small_window8_256",
-        display_name="SwinV2-S",
-        strides=(32,),
-        timm_kwargs={"out_indices": (3,)},
-        pass_image_size=True,
-        channels_last_output=True,
-        head_family="deeplab",
-        normals_loss="l1",
-    ),
+    "swinv2_small": _swinv2_timm("swinv2_small_window8_256", "SwinV2-S"),
+    "swinv2_tiny": _swinv2_timm("swinv2_tiny_window8_256", "SwinV2-T"),
+    "swinv2_base": _swinv2_timm("swinv2_base_window8_256", "SwinV2-B"),
+    # The authors' release: torchvision's models with their IMAGENET1K_V1 weights.
+    "swin_v2_s": _swinv2_torchvision("swin_v2_s", "Swin_V2_S_Weights.IMAGENET1K_V1", "SwinV2-S (torchvision)"),
+    "swin_v2_t": _swinv2_torchvision("swin_v2_t", "Swin_V2_T_Weights.IMAGENET1K_V1", "SwinV2-T (torchvision)"),
+    "swin_v2_b": _swinv2_torchvision("swin_v2_b", "Swin_V2_B_Weights.IMAGENET1K_V1", "SwinV2-B (torchvision)"),
 }
 
 
@@ -165,8 +330,16 @@ class CTALBackbone(nn.Module):
             self.model = spec.create_model(config)
             self.channels_last_output = spec.channels_last_output
             self.name = spec.display_name
+        if config.backbone_bn_momentum is not None:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.momentum = config.backbone_bn_momentum
         self.upsample_factor = 1
         channels, strides = self._measure(config)
+        # The full model's final LayerNorm on the last map (`backbone_final_norm`; SwinV2), weights `norm.*` of the
+        # full model; eps 1e-5 in timm and torchvision.
+        use_norm = not self.uses_backbone_config and BACKBONES[config.backbone].uses_final_norm(config)
+        self.final_norm = nn.LayerNorm(channels[-1], eps=1e-5) if use_norm else None
         if not self.uses_backbone_config and strides != BACKBONES[config.backbone].strides:
             raise RuntimeError(
                 f"BACKBONES[{config.backbone!r}].strides is {BACKBONES[config.backbone].strides}, but the built model "
@@ -289,6 +462,13 @@ class CTALBackbone(nn.Module):
             features = torch.utils.checkpoint.checkpoint(self._raw_maps, pixel_values, use_reentrant=False)
         else:
             features = self._raw_maps(pixel_values)
+        if self.final_norm is not None:
+            last = features[-1]
+            features[-1] = (
+                self.final_norm(last)
+                if self.channels_last_output
+                else self.final_norm(last.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            )
         if self.channels_last_output:
             # NHWC is already the channels-last layout of the NCHW view: copy only for NCHW input.
             channels_last = (
@@ -303,8 +483,9 @@ class CTALBackbone(nn.Module):
         return features
 
     def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copies a state dict of `self.model` (from `pretrained_backbone_state_dict`); every tensor must be used."""
-        self.model.load_state_dict(state_dict, strict=True)
+        """Copies a state dict of this module (`model.*`, and `final_norm.*` with a final norm; from
+        `pretrained_backbone_state_dict`); every tensor must be used."""
+        self.load_state_dict(state_dict, strict=True)
 
 
 # ------------------------------------------------------------------------------------------ pretrained weights
@@ -326,21 +507,20 @@ def _read_state_dict_file(source: str) -> dict[str, torch.Tensor]:
 
 
 def read_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
-    """A named backbone's full timm ImageNet state dict, checked against the architecture.
+    """A named backbone's full ImageNet state dict (timm's or torchvision's classification model), checked against
+    the architecture.
 
-    `source` is `None` (timm's own pretrained weights, from the Hub), a `.safetensors` file, or a torch state dict
-    file. A missing, unexpected or mis-shaped key raises, naming the file."""
+    `source` is `None` (the building library's own pretrained weights: timm's from the Hub, torchvision's from its
+    download path), a `.safetensors` file, or a torch state dict file. A missing, unexpected or mis-shaped key raises,
+    naming the file."""
     spec = BACKBONES[config.backbone]
     if source is None:
-        return _timm().create_model(spec.timm_name, pretrained=True).state_dict()
+        return spec.builder.download_state_dict(config)
     source = os.fspath(source)
     if not os.path.isfile(source):
         raise FileNotFoundError(f"Backbone weights file {source!r} does not exist.")
     state_dict = _read_state_dict_file(source)
-    try:
-        spec.create_reference_model(config).load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{source!r} does not match timm's {spec.timm_name}: {error}") from None
+    spec.builder.check_state_dict(config, state_dict, source)
     return state_dict
 
 
@@ -425,24 +605,33 @@ def _auto_backbone_state_dict(backbone_config, source: str | None) -> dict[str, 
 
 
 def pretrained_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
-    """The state dict of `CTALBackbone.model` holding pretrained weights, read once for every backbone of a model.
+    """The state dict of a `CTALBackbone` (`model.*`, and `final_norm.*` with a final norm) holding pretrained weights,
+    read once for every backbone of a model.
 
-    Named backbones: `source` is `None` (timm's weights from the Hub) or a file of the full timm model. With
+    Named backbones: `source` is `None` (the building library's weights: timm's from the Hub, torchvision's download)
+    or a file of the full timm / torchvision model. With
     `backbone_config`: a timm backbone takes the same, a folder, or a timm Hub id; a transformers backbone a Hub id,
     a folder saved with `save_pretrained`, or a state dict file (`None`: where `backbone_config` was loaded from)."""
     source = None if source is None else os.fspath(source)
     if config.backbone_config is None:
         full = read_backbone_state_dict(config, source)
         spec = BACKBONES[config.backbone]
-        return spec.create_model(config, pretrained=True, pretrained_cfg_overlay={"state_dict": full}).state_dict()
+        state_dict = {f"model.{key}": value for key, value in spec.builder.features_state_dict(config, full).items()}
+        if spec.uses_final_norm(config):
+            state_dict.update({f"final_norm.{name}": full[f"norm.{name}"] for name in ("weight", "bias")})
+        return state_dict
     if _is_timm_backbone_config(config.backbone_config):
-        return _timm_backbone_state_dict(config.backbone_config, source)
-    return _auto_backbone_state_dict(config.backbone_config, source)
+        state_dict = _timm_backbone_state_dict(config.backbone_config, source)
+    else:
+        state_dict = _auto_backbone_state_dict(config.backbone_config, source)
+    return {f"model.{key}": value for key, value in state_dict.items()}
 
 
 __all__ = [
     "BACKBONES",
     "CTALBackboneSpec",
+    "CTALTimmBuilder",
+    "CTALTorchvisionBuilder",
     "CTALFeatureInfo",
     "CTALBackbone",
     "read_backbone_state_dict",

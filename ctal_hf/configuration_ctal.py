@@ -29,6 +29,7 @@ FPM_GROUPINGS: tuple[str, ...] = ("tasks", "consecutive")
 PAPNET_AFFINITY_NORMALIZATIONS: tuple[str, ...] = ("rows", "columns")
 PAPNET_FEATURE_NORMALIZATIONS: tuple[str, ...] = ("channels", "pixels")
 DECODER_INITS: tuple[str, ...] = ("he", "pytorch")
+HRNET_FUSE_UPSAMPLINGS: tuple[str, ...] = ("nearest", "bilinear")
 
 # What `from_preset` sets for every dataset: the release's behaviour.
 RELEASE_BEHAVIOUR: dict[str, Any] = {
@@ -37,6 +38,9 @@ RELEASE_BEHAVIOUR: dict[str, Any] = {
     "papnet_feature_normalization": "pixels",
     "aspp_dropout": 0.5,
     "decoder_init": "pytorch",
+    "hrnet_fuse_upsampling": "bilinear",
+    "backbone_bn_momentum": 0.01,
+    "backbone_final_norm": True,
 }
 
 # The pipeline a saved folder declares in config.json (`custom_pipelines`) and carries the code of, for
@@ -128,9 +132,10 @@ class CTALConfig(PreTrainedConfig):
     num_parts_classes (`int`, *optional*, defaults to 7):
         Number of human-part classes, background included (PASCAL-Context 7).
     backbone (`str`, *optional*, defaults to `"hrnet_w18_small_v2"`):
-        A named backbone of the paper (`BACKBONES`): `"hrnet_w18_small_v2"` (four maps, strides 4-32, timm) or
-        `"swinv2_small"` (timm `swinv2_small_window8_256`, one map at 1/32). Set to `None` when `backbone_config`
-        is given.
+        A named backbone (`BACKBONES`): `"hrnet_w18_small_v2"` (four maps, strides 4-32, timm), `"swinv2_small"`
+        (timm `swinv2_small_window8_256`, one map at 1/32), `"swinv2_tiny"` / `"swinv2_base"` (timm's window-8
+        SwinV2-T / -B), or the authors' release's torchvision models `"swin_v2_s"`, `"swin_v2_t"`, `"swin_v2_b"`
+        (`features`, one map at 1/32). Set to `None` when `backbone_config` is given.
     backbone_config (`dict` or `PreTrainedConfig`, *optional*):
         Any transformers backbone instead of a named one, built with `transformers.backbone_utils.load_backbone`
         (random weights; see `from_config_with_backbone_weights`): a backbone config such as
@@ -207,6 +212,19 @@ class CTALConfig(PreTrainedConfig):
         `initializer_range`) prediction convs, zero biases) or `"pytorch"` (PyTorch's default initialisation of
         every layer, as the release). The backbone is He-initialised in both (ImageNet weights replace it in the
         paper recipes). `from_preset` sets `"pytorch"`.
+    hrnet_fuse_upsampling (`str`, *optional*, defaults to `"nearest"`):
+        HRNet backbones: how the fuse layers bring a coarser branch to the finer one's size before the branches are
+        summed: `"nearest"` (timm's, as the ImageNet classification model) or `"bilinear"` (`align_corners=False`,
+        the authors' release). The weights are the same either way. `from_preset` sets `"bilinear"`; other backbones
+        ignore it.
+    backbone_bn_momentum (`float`, *optional*):
+        Momentum of every BatchNorm of the backbone's running statistics; `None` keeps the backbone's own (timm's
+        HRNet: 0.1). The authors' release uses 0.01, which `from_preset` sets; backbones without BatchNorm (SwinV2)
+        are unaffected.
+    backbone_final_norm (`bool`, *optional*, defaults to `False`):
+        Named backbones that end with a LayerNorm (the SwinV2 ones): apply it to the last map, with the ImageNet
+        weights of the full model's `norm` (as the authors' release's `features -> norm -> permute`). `from_preset`
+        sets `True`; HRNet ignores it.
 
     Examples:
 
@@ -259,6 +277,9 @@ class CTALConfig(PreTrainedConfig):
     papnet_feature_normalization: str = "channels"
     aspp_dropout: float = 0.0
     decoder_init: str = "he"
+    hrnet_fuse_upsampling: str = "nearest"
+    backbone_bn_momentum: float | None = None
+    backbone_final_norm: bool = False
 
     def __post_init__(self, **kwargs):
         self.tasks = list(self.tasks)
@@ -317,9 +338,16 @@ class CTALConfig(PreTrainedConfig):
             ("papnet_affinity_normalization", PAPNET_AFFINITY_NORMALIZATIONS),
             ("papnet_feature_normalization", PAPNET_FEATURE_NORMALIZATIONS),
             ("decoder_init", DECODER_INITS),
+            ("hrnet_fuse_upsampling", HRNET_FUSE_UPSAMPLINGS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown `{name}` {getattr(self, name)!r}; choose from {list(allowed)}.")
+        momentum = self.backbone_bn_momentum
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
+            raise ValueError(
+                f"`backbone_bn_momentum` is a BatchNorm momentum in (0, 1] or None (the backbone's own), got "
+                f"{momentum!r}."
+            )
         if not 0.0 <= self.aspp_dropout < 1.0:
             raise ValueError(f"`aspp_dropout` is a dropout probability in [0, 1), got {self.aspp_dropout}.")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
@@ -523,7 +551,7 @@ class CTALConfig(PreTrainedConfig):
 
     @property
     def timm_model_name(self) -> str | None:
-        """The timm model name of a named backbone (`None` with `backbone_config`)."""
+        """The timm model name of a named backbone (`None` with `backbone_config` or a torchvision backbone)."""
         return None if self.backbone is None else BACKBONES[self.backbone].timm_name
 
     def get_tasks(self) -> dict[str, CTALTask]:
@@ -548,7 +576,7 @@ class CTALConfig(PreTrainedConfig):
         """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`), or NYUv2 / Cityscapes at
         full resolution (`"nyuv2_full"` 480 x 640, `"cityscapes_full"` 512 x 1024, CTAL at 1/4, factorised), with the
         authors' release's behaviours (`RELEASE_BEHAVIOUR`); keyword arguments override any field, e.g.
-        `decoder="ctal_ms"`, `backbone="swinv2_small"`, `backbone_config=...` or `decoder_init="he"`."""
+        `decoder="ctal_ms"`, `backbone="swin_v2_s"`, `backbone_config=...` or `decoder_init="he"`."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
         fields = {**RELEASE_BEHAVIOUR, **PRESETS[name], **kwargs}

@@ -89,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--pretrained_backbone",
         default=None,
-        help="ImageNet weights for the backbone: 'timm' (timm's own, from the Hub), a local .safetensors / torch "
-        "file, a Hub model id holding model.safetensors (e.g. timm/hrnet_w18_small_v2.ms_in1k), or 'none' (random "
-        "weights). Default: the recipe's ('timm' for the paper recipes, as the authors' release; none for synthetic).",
+        help="ImageNet weights for the backbone: 'timm' (timm's own, from the Hub) or 'torchvision' (torchvision's "
+        "download, for the swin_v2_* backbones), a local .safetensors / torch file of the full classification model, "
+        "a Hub model id holding model.safetensors (e.g. timm/hrnet_w18_small_v2.ms_in1k), or 'none' (random "
+        "weights). Default: the recipe's (the backbone library's own weights for the paper recipes, as the authors' "
+        "release; none for synthetic).",
     )
     model.add_argument("--tasks", nargs="+", default=None, help="Default: the preset's (e.g. semseg depth normals).")
     model.add_argument("--image_size", nargs=2, type=positive_int, default=None, metavar=("HEIGHT", "WIDTH"))

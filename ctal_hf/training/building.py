@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..configuration_ctal import PRESETS, CTALConfig
+from ..configuration_ctal import BACKBONES, PRESETS, CTALConfig
 from ..modeling_ctal import CTALForDenseMultitask
 from .arguments import read_json_file
 from .recipes import RECIPES, SCHEDULERS, CTALRecipe, get_recipe
@@ -43,9 +43,14 @@ def resolve_recipe(args: argparse.Namespace) -> CTALRecipe:
     return recipe.replace(**overrides)
 
 
+# `--pretrained_backbone` words for "the building library's own ImageNet weights" (timm's from the Hub, torchvision's
+# from its download path).
+LIBRARY_WEIGHTS: tuple[str, ...] = ("timm", "torchvision")
+
+
 def backbone_weights_file(source: str) -> str | None:
-    """`--pretrained_backbone` -> what `from_config_with_backbone_weights` takes (None = timm's Hub weights)."""
-    if source == "timm":
+    """`--pretrained_backbone` -> what `from_config_with_backbone_weights` takes (None = the library's own weights)."""
+    if source in LIBRARY_WEIGHTS:
         return None
     if os.path.isfile(source):
         return source
@@ -111,6 +116,10 @@ def build_config(args: argparse.Namespace, recipe: CTALRecipe) -> CTALConfig:
     return CTALConfig.from_preset(recipe.preset, **fields)
 
 
+# Fields whose default is None that `--config_overrides` sets to a number (or back to `none`).
+OPTIONAL_NUMBER_FIELDS: dict[str, type] = {"decoder_stride": int, "backbone_bn_momentum": float}
+
+
 def parse_config_overrides(text: str | None) -> dict:
     """`"key=value,key=value"` -> typed `CTALConfig` fields (int, float, bool or str); names a bad key or value."""
     if not text:
@@ -125,6 +134,11 @@ def parse_config_overrides(text: str | None) -> dict:
                 f"{', '.join(sorted(CTALConfig.__annotations__))}."
             )
         default = getattr(defaults, key)
+        if default is None and key in OPTIONAL_NUMBER_FIELDS:
+            if value.lower() == "none":
+                fields[key] = None
+                continue
+            default = OPTIONAL_NUMBER_FIELDS[key]()
         try:
             if isinstance(default, bool):
                 if value.lower() not in ("true", "false"):
@@ -152,6 +166,17 @@ def build_model(args: argparse.Namespace, config: CTALConfig, recipe: CTALRecipe
     source = pretrained_backbone_source(args, recipe)
     if source is None:
         return CTALForDenseMultitask(config)
+    library = "timm" if config.backbone is None else BACKBONES[config.backbone].builder.library
+    if args.pretrained_backbone in LIBRARY_WEIGHTS and args.pretrained_backbone != library:
+        raise ValueError(
+            f"--pretrained_backbone {args.pretrained_backbone}: the {config.backbone_description} backbone is built "
+            f"by {library}; pass --pretrained_backbone {library} (its own ImageNet weights), a weights file or none."
+        )
+    what = (
+        "a full timm state dict of the backbone"
+        if config.backbone is None
+        else f"a state dict of {BACKBONES[config.backbone].builder.description} classification model"
+    )
     try:
         weights = backbone_weights_file(source)
         return CTALForDenseMultitask.from_config_with_backbone_weights(config, weights)
@@ -161,7 +186,7 @@ def build_model(args: argparse.Namespace, config: CTALConfig, recipe: CTALRecipe
         raise RuntimeError(
             f"Could not obtain ImageNet weights {source!r} for the {config.backbone} backbone ({origin}): "
             f"{type(error).__name__}: {reason}. Offline, pass "
-            "--pretrained_backbone /path/to/weights.safetensors (a full timm state dict of the backbone), or "
+            f"--pretrained_backbone /path/to/weights.safetensors ({what}), or "
             "--pretrained_backbone none to train from random weights."
         ) from error
 
