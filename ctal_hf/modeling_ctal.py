@@ -179,15 +179,16 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
     ) -> "CTALForDenseMultitask":
         """Builds a randomly initialised model, then loads pretrained weights into its backbone(s).
 
-        Named backbones: `backbone_weights` is `None` (timm's pretrained weights from the Hub), a `.safetensors` file
-        or a torch state dict file of the full timm model (`timm.create_model(name).state_dict()`). With
+        Named backbones: `backbone_weights` is `None` (the building library's pretrained weights: timm's from the Hub,
+        torchvision's from its download path), a `.safetensors` file or a torch state dict file of the full timm /
+        torchvision model (`timm.create_model(name).state_dict()`, `torchvision.models.swin_v2_s().state_dict()`). With
         `backbone_config`: a timm backbone takes the same, a folder holding such a file or a timm Hub id
         (`"timm/resnet50.a1_in1k"`); a transformers backbone a Hub id or folder (`AutoBackbone.from_pretrained`), or a
         state dict file of the backbone (`None`: where `backbone_config` was loaded from, if it was). Loading happens
         after `post_init()`, so the weights are not re-initialised; every backbone tensor must be found, or a
         `ValueError` names the missing ones."""
+        state_dict = pretrained_backbone_state_dict(config, backbone_weights)  # first: a bad source fails fast
         model = cls(config)
-        state_dict = pretrained_backbone_state_dict(config, backbone_weights)
         for module in model.modules():
             if isinstance(module, CTALBackbone):
                 module.load_pretrained(state_dict)

@@ -304,6 +304,30 @@ def test_the_registries_carry_the_behaviour():
 
 
 @pytest.mark.parametrize(
+    "name, library, channels",
+    [
+        ("swinv2_tiny", "timm", 768),
+        ("swinv2_base", "timm", 1024),
+        ("swin_v2_s", "torchvision", 768),
+        ("swin_v2_b", "torchvision", 1024),
+    ],
+)
+def test_swinv2_entries_are_built_by_their_library_and_measured_like_the_others(name, library, channels):
+    spec = BACKBONES[name]
+    assert spec.builder.library == library and spec.final_norm and spec.head_family == "deeplab"
+    config = CTALConfig.from_preset(
+        "pascal_context", backbone=name, image_size=[64, 96], tasks=["semseg"], loss_weights=None
+    )
+    with torch.device("meta"):  # shapes only: channels and strides are measured on a meta forward pass
+        backbone = CTALBackbone(config)
+    assert backbone.channels == [channels] and backbone.strides == [32]
+    assert backbone.final_norm.normalized_shape == (channels,)
+    assert CTALConfig(backbone=name, image_size=[64, 96]).head_family == "deeplab"
+    with pytest.raises(ValueError, match="not divisible"):
+        CTALConfig(backbone=name, image_size=[64, 80])
+
+
+@pytest.mark.parametrize(
     "preset, decoder, parameters",
     [
         ("nyuv2", "ctal_ss", 6_056_946),

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask
@@ -29,6 +30,7 @@ def test_presets_carry_the_release_behaviour_and_plain_configs_keep_ours(preset)
         "channels",
     )
     assert (plain.aspp_dropout, plain.decoder_init) == (0.0, "he")
+    assert (plain.hrnet_fuse_upsampling, plain.backbone_bn_momentum, plain.backbone_final_norm) == ("nearest", None, False)
     # A keyword argument still overrides the release's value.
     assert CTALConfig.from_preset(preset, decoder_init="he").decoder_init == "he"
 
@@ -40,6 +42,7 @@ def test_presets_carry_the_release_behaviour_and_plain_configs_keep_ours(preset)
         ("papnet_affinity_normalization", "both", "columns"),
         ("papnet_feature_normalization", "none", "pixels"),
         ("decoder_init", "xavier", "pytorch"),
+        ("hrnet_fuse_upsampling", "bicubic", "bilinear"),
     ],
 )
 def test_unknown_values_name_the_field_and_the_allowed_values(field, value, allowed):
@@ -47,9 +50,152 @@ def test_unknown_values_name_the_field_and_the_allowed_values(field, value, allo
         CTALConfig(**{field: value})
 
 
-def test_aspp_dropout_must_be_a_probability():
+def test_aspp_dropout_and_bn_momentum_must_be_in_range():
     with pytest.raises(ValueError, match="aspp_dropout"):
         CTALConfig(aspp_dropout=1.0)
+    for momentum in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"`backbone_bn_momentum`.*\(0, 1\]"):
+            CTALConfig(backbone_bn_momentum=momentum)
+
+
+# ------------------------------------------------------------------------------------------------ backbones
+def _hrnet_fuse_reference(module, inputs):
+    """A timm `HighResolutionModule` as the release computes it: branches, then each output the sum of the finer
+    branches downsampled, its own, and the coarser ones (1x1 conv + BN) bilinearly interpolated to its size."""
+    x = [branch(value) for branch, value in zip(module.branches, inputs, strict=True)]
+    outputs = []
+    for i, fuse in enumerate(module.fuse_layers):
+        y = x[0] if i == 0 else fuse[0](x[0])
+        for j in range(1, len(x)):
+            if j == i:
+                y = y + x[j]
+            elif j > i:
+                coarse = fuse[j][1](fuse[j][0](x[j]))  # conv, BatchNorm (timm's third module is the upsampling)
+                y = y + F.interpolate(coarse, size=x[i].shape[-2:], mode="bilinear", align_corners=False)
+            else:
+                y = y + fuse[j](x[j])
+        outputs.append(torch.relu(y))
+    return outputs
+
+
+def test_hrnet_fuse_layers_interpolate_bilinearly_and_bn_momentum_follows_the_config():
+    from timm.models.hrnet import HighResolutionModule
+
+    from ctal_hf.backbones import CTALBackbone
+
+    torch.manual_seed(0)
+    release = CTALBackbone(CTALConfig.from_preset("nyuv2", **TINY, loss_weights=None)).double().eval()
+    plain = CTALBackbone(CTALConfig(**TINY)).double().eval()
+    # Same tensors under the same names: timm's ImageNet files load into either.
+    assert {k: v.shape for k, v in release.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    plain.load_state_dict(release.state_dict())
+    fused = [m for m in release.modules() if isinstance(m, HighResolutionModule) and len(m.branches) == 4]
+    assert fused, "no four-branch HRNet module"
+    module = fused[-1]
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(2, c, 16 // 2**k, 16 // 2**k, generator=generator, dtype=torch.float64)
+              for k, c in enumerate((18, 36, 72, 144))]  # fmt: skip
+    with torch.no_grad():
+        expected = _hrnet_fuse_reference(module, [t.clone() for t in inputs])
+        actual = module([t.clone() for t in inputs])
+        nearest = [m for m in plain.modules() if isinstance(m, HighResolutionModule) and len(m.branches) == 4][-1]
+        timm_default = nearest([t.clone() for t in inputs])
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert (timm_default[0] - expected[0]).abs().max() > 1e-3  # nearest upsampling is not the same
+    # The whole backbone differs too, from the same weights.
+    pixels = torch.randn(1, 3, 64, 64, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        assert (release(pixels)[0] - plain(pixels)[0]).abs().max() > 1e-3
+    momenta = {m.momentum for m in release.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert momenta == {0.01}
+    assert {m.momentum for m in plain.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}  # timm's own
+
+
+def _swin_recipe(*extra: str):
+    return _recipe_config(
+        "pascal_context", "ctal_ss", "--backbone", "swin_v2_t", "--image_size", "64", "64", "--tasks", "semseg", *extra
+    )
+
+
+def test_torchvision_swin_is_features_norm_permute_with_weights_from_a_torchvision_file(tmp_path):
+    """The release's backbone (`features -> norm -> permute` of torchvision's model) through the training recipe's
+    `--pretrained_backbone FILE` path."""
+    import torchvision
+
+    from ctal_hf.training import building
+
+    torch.manual_seed(0)
+    reference = torchvision.models.swin_v2_t().eval()
+    with torch.no_grad():
+        reference.norm.weight.normal_()
+        reference.norm.bias.normal_()
+    torch.save(reference.state_dict(), tmp_path / "swin_v2_t.pth")
+    args, recipe, config = _swin_recipe("--pretrained_backbone", str(tmp_path / "swin_v2_t.pth"))
+    assert config.backbone_final_norm and config.timm_model_name is None
+    model = building.build_model(args, config, recipe).eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = nn.Sequential(reference.features, reference.norm, reference.permute)(pixels)
+        torch.testing.assert_close(model.backbone(pixels)[0], expected, rtol=1e-5, atol=1e-5)
+        # Without the final norm the map is the last stage's, not normalised.
+        unnormalised = reference.features(pixels).permute(0, 3, 1, 2)
+        model.backbone.final_norm = None
+        torch.testing.assert_close(model.backbone(pixels)[0], unnormalised, rtol=1e-5, atol=1e-5)
+    # A file missing a tensor is refused before the model is built, naming the file and the key.
+    del reference, model
+    broken = torch.load(tmp_path / "swin_v2_t.pth")
+    broken.pop("norm.weight")
+    torch.save(broken, tmp_path / "broken.pth")
+    args, recipe, config = _swin_recipe("--pretrained_backbone", str(tmp_path / "broken.pth"))
+    with pytest.raises(ValueError, match=r"(?s)broken\.pth.*norm\.weight"):
+        building.build_model(args, config, recipe)
+
+
+def test_torchvision_swin_recipe_offline_names_the_flag_and_a_wrong_library_is_refused(monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api
+
+    from ctal_hf.training import building
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    args, recipe, config = _swin_recipe()  # the paper recipe's default: the library's own ImageNet weights
+    with pytest.raises(RuntimeError, match=r"(?s)torchvision's swin_v2_t.*--pretrained_backbone .*none"):
+        building.build_model(args, config, recipe)
+    args, recipe, config = _swin_recipe("--pretrained_backbone", "timm")
+    with pytest.raises(ValueError, match="pass --pretrained_backbone torchvision"):
+        building.build_model(args, config, recipe)
+
+
+def test_timm_swin_final_norm_is_the_full_model_norm_loaded_from_its_file(tmp_path):
+    import timm
+
+    from ctal_hf.backbones import CTALBackbone, pretrained_backbone_state_dict
+
+    torch.manual_seed(0)
+    config = CTALConfig.from_preset(
+        "pascal_context", backbone="swinv2_tiny", image_size=[64, 64], tasks=["semseg"], loss_weights=None
+    )
+    full = timm.create_model("swinv2_tiny_window8_256", img_size=(64, 64)).eval()
+    with torch.no_grad():
+        full.norm.weight.normal_()
+        full.norm.bias.normal_()
+    torch.save(full.state_dict(), tmp_path / "swinv2_tiny.pth")
+    backbone = CTALBackbone(config).eval()
+    backbone.load_pretrained(pretrained_backbone_state_dict(config, tmp_path / "swinv2_tiny.pth"))
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            backbone(pixels)[0], full.forward_features(pixels).permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5
+        )
+    with torch.device("meta"):
+        plain = CTALBackbone(CTALConfig(backbone="swinv2_tiny", image_size=[64, 64], tasks=["semseg"]))
+    assert plain.final_norm is None
+    assert sum(p.numel() for p in backbone.parameters()) - sum(p.numel() for p in plain.parameters()) == 2 * 768
 
 
 def _propagation_mask(module: CTALFeaturePropagation, features: dict[str, torch.Tensor]) -> torch.Tensor:
