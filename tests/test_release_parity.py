@@ -112,6 +112,22 @@ def test_hrnet_fuse_layers_interpolate_bilinearly_and_bn_momentum_follows_the_co
     assert {m.momentum for m in plain.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}  # timm's own
 
 
+def test_backbone_behaviours_switch_from_the_command_line():
+    *_, config = _recipe_config(
+        "nyuv2",
+        "ctal_ss",
+        "--config_overrides",
+        "hrnet_fuse_upsampling=nearest,backbone_bn_momentum=none,backbone_final_norm=false",
+    )
+    assert (config.hrnet_fuse_upsampling, config.backbone_bn_momentum, config.backbone_final_norm) == (
+        "nearest",
+        None,
+        False,
+    )
+    *_, config = _recipe_config("cityscapes", "ctal_ss", "--config_overrides", "backbone_bn_momentum=0.05")
+    assert config.backbone_bn_momentum == 0.05 and config.hrnet_fuse_upsampling == "bilinear"
+
+
 def _swin_recipe(*extra: str):
     return _recipe_config(
         "pascal_context", "ctal_ss", "--backbone", "swin_v2_t", "--image_size", "64", "64", "--tasks", "semseg", *extra
