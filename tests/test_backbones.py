@@ -312,7 +312,15 @@ def test_the_registries_carry_the_behaviour():
         ("swin_v2_b", "torchvision", 1024),
     ],
 )
-def test_swinv2_entries_are_built_by_their_library_and_measured_like_the_others(name, library, channels):
+def test_swinv2_entries_are_built_by_their_library_and_measured_like_the_others(monkeypatch, name, library, channels):
+    import huggingface_hub
+    import torchvision.models._api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted while building a model")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
     spec = BACKBONES[name]
     assert spec.builder.library == library and spec.final_norm and spec.head_family == "deeplab"
     config = CTALConfig.from_preset(
