@@ -13,8 +13,42 @@ class CTALClassifier(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1)
 
 
+def folds_into_conv(norm: nn.Module) -> bool:
+    """Whether `norm` is a BatchNorm that normalises with its running statistics now (eval mode), so that it is
+    one per-channel affine map that `conv_bn` can fold into the preceding convolution."""
+    return isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_mean is not None
+
+
+def conv_bn(conv: nn.Conv2d | nn.ConvTranspose2d, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`norm(conv(hidden))`. With a BatchNorm in eval mode (`folds_into_conv`) the normalisation is folded into the
+    convolution (weight scaled per output channel, bias shifted), so that one convolution replaces a convolution
+    and a full pass over its output; the parameters and buffers stay as they are (what is saved is unchanged) and
+    the result equals the two-step one up to float rounding (docs/design.md, "Inference: BatchNorm folded").
+    In training mode, or after any other norm, the two steps run as written."""
+    if not folds_into_conv(norm):
+        return norm(conv(hidden))
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    if isinstance(conv, nn.ConvTranspose2d):  # weight (in, out / groups, k, k): out channels on dim 1
+        if conv.groups != 1 or conv.output_padding != (0, 0):
+            return norm(conv(hidden))
+        weight = conv.weight * scale.reshape(1, -1, 1, 1)
+        return F.conv_transpose2d(
+            hidden, weight, shift, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation
+        )
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)  # keeps the weight's memory format
+    return conv._conv_forward(hidden, weight, shift)
+
+
 class CTALConvBnAct(nn.Sequential):
-    """Conv -> BatchNorm -> ReLU, the unit most heads are made of."""
+    """Conv -> BatchNorm -> ReLU, the unit most heads are made of (in eval mode the BatchNorm is folded into the
+    conv, see `conv_bn`)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1):
         padding = dilation * (kernel_size // 2)
@@ -23,6 +57,17 @@ class CTALConvBnAct(nn.Sequential):
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        conv, norm, act = self
+        return act(conv_bn(conv, norm, hidden))
+
+
+def _shortcut(shortcut: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A residual block's shortcut: the identity, or a (conv, BatchNorm) projection (folded in eval mode)."""
+    if isinstance(shortcut, nn.Sequential) and len(shortcut) == 2:
+        return conv_bn(shortcut[0], shortcut[1], hidden)
+    return shortcut(hidden)
 
 
 class CTALBasicBlock(nn.Module):
@@ -41,9 +86,9 @@ class CTALBasicBlock(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(hidden)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(hidden), inplace=True)
+        out = F.relu(conv_bn(self.conv1, self.bn1, hidden), inplace=True)
+        out = conv_bn(self.conv2, self.bn2, out)
+        return F.relu(out + _shortcut(self.shortcut, hidden), inplace=True)
 
 
 class CTALBottleneck(nn.Module):
@@ -65,10 +110,10 @@ class CTALBottleneck(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(hidden)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(hidden), inplace=True)
+        out = F.relu(conv_bn(self.conv1, self.bn1, hidden), inplace=True)
+        out = F.relu(conv_bn(self.conv2, self.bn2, out), inplace=True)
+        out = conv_bn(self.conv3, self.bn3, out)
+        return F.relu(out + _shortcut(self.shortcut, hidden), inplace=True)
 
 
 def upsample_to(hidden: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -151,6 +196,8 @@ class CTALResidualHead(nn.Module):
 
 
 __all__ = [
+    "conv_bn",
+    "folds_into_conv",
     "CTALClassifier",
     "CTALConvBnAct",
     "CTALBasicBlock",
