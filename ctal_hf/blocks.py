@@ -19,6 +19,54 @@ def folds_into_conv(norm: nn.Module) -> bool:
     return isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_mean is not None
 
 
+def is_patch_transposed_conv(conv: nn.Module) -> bool:
+    """Whether `conv` is a transposed conv whose kernel equals its stride (no padding, groups or dilation): each
+    input pixel then writes its own k x k output patch, so the layer is a 1x1 conv to `k * k * out` channels
+    followed by `pixel_shuffle` (depth to space), the same products and sums."""
+    return (
+        isinstance(conv, nn.ConvTranspose2d)
+        and conv.kernel_size == conv.stride
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.padding == (0, 0)
+        and conv.output_padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def patch_transposed_conv(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.conv_transpose2d(hidden, weight, bias, stride=k)` for a (in, out, k, k) weight, as a 1x1 conv to k*k*out
+    channels and `pixel_shuffle`: output channel o at offset (a, b) of a patch is 1x1 channel o*k*k + a*k + b, the
+    same sum over the input channels (docs/design.md, "Transposed conv as 1x1 conv + pixel shuffle"). oneDNN's
+    transposed-conv kernels (forward in NCHW, backward in both layouts) are slower than its 1x1 convs on CPUs;
+    channels-last inference, and other devices, keep the transposed conv (oneDNN's channels-last transposed-conv
+    forward is the faster one there)."""
+    channels_last_inference = not torch.is_grad_enabled() and hidden.is_contiguous(memory_format=torch.channels_last)
+    if hidden.device.type != "cpu" or channels_last_inference:
+        return F.conv_transpose2d(hidden, weight, bias, stride=weight.shape[-1])
+    in_channels, out_channels, kernel, _ = weight.shape
+    pointwise = weight.permute(1, 2, 3, 0).reshape(out_channels * kernel * kernel, in_channels, 1, 1)
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        pointwise = pointwise.contiguous(memory_format=torch.channels_last)
+    patch_bias = bias.repeat_interleave(kernel * kernel) if bias is not None else None
+    return F.pixel_shuffle(F.conv2d(hidden, pointwise, patch_bias), kernel)
+
+
+def run_conv(conv: nn.Conv2d | nn.ConvTranspose2d, hidden: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+    """`conv(hidden)`, optionally with another weight and bias (a folded BatchNorm), patch transposed convs as
+    `patch_transposed_conv`."""
+    weight = conv.weight if weight is None else weight
+    bias = conv.bias if bias is None else bias
+    if is_patch_transposed_conv(conv):
+        return patch_transposed_conv(hidden, weight, bias)
+    if isinstance(conv, nn.ConvTranspose2d):
+        return F.conv_transpose2d(
+            hidden, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation
+        )
+    return conv._conv_forward(hidden, weight, bias)
+
+
 def conv_bn(conv: nn.Conv2d | nn.ConvTranspose2d, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """`norm(conv(hidden))`. With a BatchNorm in eval mode (`folds_into_conv`) the normalisation is folded into the
     convolution (weight scaled per output channel, bias shifted), so that one convolution replaces a convolution
@@ -26,7 +74,7 @@ def conv_bn(conv: nn.Conv2d | nn.ConvTranspose2d, norm: nn.Module, hidden: torch
     the result equals the two-step one up to float rounding (docs/design.md, "Inference: BatchNorm folded").
     In training mode, or after any other norm, the two steps run as written."""
     if not folds_into_conv(norm):
-        return norm(conv(hidden))
+        return norm(run_conv(conv, hidden))
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
@@ -36,14 +84,10 @@ def conv_bn(conv: nn.Conv2d | nn.ConvTranspose2d, norm: nn.Module, hidden: torch
     if norm.bias is not None:
         shift = shift + norm.bias
     if isinstance(conv, nn.ConvTranspose2d):  # weight (in, out / groups, k, k): out channels on dim 1
-        if conv.groups != 1 or conv.output_padding != (0, 0):
-            return norm(conv(hidden))
-        weight = conv.weight * scale.reshape(1, -1, 1, 1)
-        return F.conv_transpose2d(
-            hidden, weight, shift, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation
-        )
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)  # keeps the weight's memory format
-    return conv._conv_forward(hidden, weight, shift)
+        if conv.groups != 1:
+            return norm(run_conv(conv, hidden))
+        return run_conv(conv, hidden, conv.weight * scale.reshape(1, -1, 1, 1), shift)
+    return run_conv(conv, hidden, conv.weight * scale.reshape(-1, 1, 1, 1), shift)  # keeps the weight's layout
 
 
 class CTALConvBnAct(nn.Sequential):
@@ -197,6 +241,8 @@ class CTALResidualHead(nn.Module):
 
 __all__ = [
     "conv_bn",
+    "patch_transposed_conv",
+    "run_conv",
     "folds_into_conv",
     "CTALClassifier",
     "CTALConvBnAct",

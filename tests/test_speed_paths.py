@@ -362,3 +362,32 @@ def test_eval_batchnorm_folded_into_convs_gives_the_same_outputs(monkeypatch, la
     with torch.no_grad(), OpLog() as train_log:
         model(pixel_values.expand(2, -1, -1, -1))
     assert batchnorm_calls(train_log) == batchnorm_calls(reference_log)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_block_transposed_conv_as_pixel_shuffle_matches_conv_transpose(layout):
+    """The CTAL upsampling's 2x2 stride-2 transposed conv runs as a 1x1 conv + pixel_shuffle: outputs and every
+    gradient equal `nn.ConvTranspose2d`'s, in both layouts, training (batch statistics) and inference."""
+    from ctal_hf.ctal_module import CTALUpsampleBlock
+
+    torch.manual_seed(0)
+    block = CTALUpsampleBlock(8).to(memory_format=layout)
+    hidden = torch.randn(2, 8, 5, 6).contiguous(memory_format=layout).requires_grad_()
+
+    def reference(x):
+        return block.conv(F.relu(block.norm(block.deconv(x))))
+
+    for train in (True, False):
+        block.train(train)
+        expected = reference(hidden)
+        expected_grads = torch.autograd.grad(expected.square().sum(), [hidden, *block.parameters()])
+        with OpLog() as log:
+            out = block(hidden)
+        grads = torch.autograd.grad(out.square().sum(), [hidden, *block.parameters()])
+        assert not any("convolution" in name and "transpose" in name for name, _, _ in log.calls)
+        assert out.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        for actual, ref in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(actual, ref, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(block(hidden), expected, rtol=1e-5, atol=1e-5)
