@@ -5,9 +5,14 @@ down per component).
 
     python benchmarks/interleaved_step.py --baseline_ref b7ad3a7 --rounds 5 --out benchmarks/results/interleaved_step.md
 
-`today` is this model with the CTAL diffusion of `--baseline_ref` (`ctal_hf/ctal_attention.py` at that ref, which
-imports only torch) and its `torch.stack` of the task maps: the NCHW float32 eager path as it ran then (the rest of
-that path is unchanged). float32 means float32 arithmetic (matmul precision "highest").
+`today` is the whole package as it was at `--baseline_ref` (`git archive`, imported under another name without its
+`__init__`, so nothing is registered twice), NCHW float32 eager: today's path, every module of it, not only the
+diffusion. Its model is built with the same seed (its parameter names may differ, so weights are not copied; the
+timings do not depend on the values). float32 means float32 arithmetic (matmul precision "highest").
+
+On a loaded machine, `--clock cpu --threads 1` times each step by this process's CPU time (`time.process_time`), which
+time slices taken by other jobs do not inflate (cache and memory-bandwidth sharing still do, a little); the targets
+are wall-clock figures with 2 threads on a quiet machine (`--clock wall`, the default).
 """
 
 import argparse
@@ -19,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,16 +35,15 @@ VARIANTS = {"today": (None, False), "fp32": (None, False), "fp32+cl": (None, Tru
 VARIANTS["bf16+cl"] = ("bf16", True)
 
 
-def load_baseline_diffusion(ref: str, folder: Path):
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{ref}:ctal_hf/ctal_attention.py"], capture_output=True, check=True
-    ).stdout
-    path = folder / "ctal_attention_today.py"
-    path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location("ctal_attention_today", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.cross_task_diffusion
+def load_baseline_package(ref: str, folder: Path, name: str = "ctal_hf_today"):
+    """`ctal_hf` as it was at `ref`, importable as `name` (its modules use relative imports); the package's
+    `__init__` (Auto class and pipeline registration) is skipped. Returns the package's `modeling_ctal` module."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "ctal_hf"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    package = types.ModuleType(name)
+    package.__path__ = [str(folder / "ctal_hf")]
+    sys.modules[name] = package
+    return importlib.import_module(f"{name}.modeling_ctal")
 
 
 def main(argv=None) -> None:
@@ -51,6 +56,14 @@ def main(argv=None) -> None:
     parser.add_argument("--infer_batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: time.perf_counter (the targets' measure, meaningful on a quiet machine); cpu: this process's CPU "
+        "time (time.process_time), which time slices taken by other jobs do not inflate: with --threads 1, the "
+        "robust measure of a variant's cost on a loaded machine",
+    )
     parser.add_argument("--baseline_ref", default="HEAD")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "interleaved_step.md")
     args = parser.parse_args(argv)
@@ -58,9 +71,10 @@ def main(argv=None) -> None:
     import torch
     from profile_step import machine_line, make_batch
 
-    from ctal_hf import CTALConfig, CTALForDenseMultitask, ctal_module
+    from ctal_hf import CTALConfig, CTALForDenseMultitask
 
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_float32_matmul_precision("highest")
     torch.manual_seed(0)
     command = "python benchmarks/interleaved_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -68,10 +82,14 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     overrides = {"image_size": args.image_size} if args.image_size else {}
     config = CTALConfig.from_preset(args.preset, decoder="ctal_ss", **overrides)
-    model = CTALForDenseMultitask(config)
-    current_diffusion, current_stack = ctal_module.cross_task_diffusion, ctal_module.stack_task_maps
-    with tempfile.TemporaryDirectory() as tmp:
-        today_diffusion = load_baseline_diffusion(args.baseline_ref, Path(tmp))
+    current_model = CTALForDenseMultitask(config)
+    tmp = tempfile.TemporaryDirectory()
+    today_models = {}
+    if "today" in args.variants:
+        today = load_baseline_package(args.baseline_ref, Path(tmp.name))
+        torch.manual_seed(0)
+        today_config = today.CTALConfig.from_preset(args.preset, decoder="ctal_ss", **overrides)
+        today_models["today"] = today.CTALForDenseMultitask(today_config)
     times = {(mode, variant): [] for mode in args.modes for variant in args.variants}
     batches = {
         mode: make_batch(config, args.train_batch if mode == "train" else args.infer_batch) for mode in args.modes
@@ -79,14 +97,12 @@ def main(argv=None) -> None:
 
     def step(mode: str, variant: str) -> float:
         dtype, channels_last = VARIANTS[variant]
-        today = variant == "today"
-        ctal_module.cross_task_diffusion = today_diffusion if today else current_diffusion
-        ctal_module.stack_task_maps = (lambda maps: torch.stack(maps, dim=1)) if today else current_stack
+        model = today_models.get(variant, current_model)
         model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         model.train(mode == "train")
         pixel_values, labels = batches[mode]
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None)
-        start = time.perf_counter()
+        start = clock()
         if mode == "train":
             with autocast:
                 loss = model(pixel_values, labels=labels).loss
@@ -95,7 +111,7 @@ def main(argv=None) -> None:
         else:
             with torch.inference_mode(), autocast:
                 model(pixel_values)
-        return time.perf_counter() - start
+        return clock() - start
 
     for mode in args.modes:
         for variant in args.variants:
@@ -106,7 +122,7 @@ def main(argv=None) -> None:
                 times[mode, variant].append(step(mode, variant))
                 print(f"round {round_index} {mode} {variant}: {times[mode, variant][-1]:.2f} s", flush=True)
         write(args, command, started, load_before, times, machine_line(args.threads), round_index + 1)
-    ctal_module.cross_task_diffusion, ctal_module.stack_task_maps = current_diffusion, current_stack
+    tmp.cleanup()
 
 
 def write(args, command, started, load_before, times, machine, rounds_done) -> None:
@@ -121,8 +137,13 @@ def write(args, command, started, load_before, times, machine, rounds_done) -> N
         f"{args.threads} means contended timings); the variants step in turn, one step each per round, so the "
         "ratios (of medians) are the meaningful figures.",
         "",
-        "`today` = NCHW float32 eager with the CTAL diffusion of "
-        f"`{args.baseline_ref}`; `fp32` = the same path with this code; `cl` = channels-last; `bf16` = autocast.",
+        f"`today` = the package at `{args.baseline_ref}`, NCHW float32 eager; `fp32` = this code, NCHW float32 "
+        "eager; `cl` = channels-last; `bf16` = autocast. "
+        + (
+            "Times are this process's CPU seconds (`--clock cpu`), not wall-clock."
+            if args.clock == "cpu"
+            else "Times are wall-clock seconds."
+        ),
         "",
         "| mode | batch | variant | median step (s) | vs today | all steps (s) |",
         "|---|---:|---|---:|---:|---|",

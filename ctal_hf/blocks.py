@@ -13,8 +13,86 @@ class CTALClassifier(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1)
 
 
+def folds_into_conv(norm: nn.Module) -> bool:
+    """Whether `norm` is a BatchNorm that normalises with its running statistics now (eval mode), so that it is
+    one per-channel affine map that `conv_bn` can fold into the preceding convolution."""
+    return isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_mean is not None
+
+
+def is_patch_transposed_conv(conv: nn.Module) -> bool:
+    """Whether `conv` is a transposed conv whose kernel equals its stride (no padding, groups or dilation): each
+    input pixel then writes its own k x k output patch, so the layer is a 1x1 conv to `k * k * out` channels
+    followed by `pixel_shuffle` (depth to space), the same products and sums."""
+    return (
+        isinstance(conv, nn.ConvTranspose2d)
+        and conv.kernel_size == conv.stride
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.padding == (0, 0)
+        and conv.output_padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def patch_transposed_conv(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.conv_transpose2d(hidden, weight, bias, stride=k)` for a (in, out, k, k) weight, as a 1x1 conv to k*k*out
+    channels and `pixel_shuffle`: output channel o at offset (a, b) of a patch is 1x1 channel o*k*k + a*k + b, the
+    same sum over the input channels (docs/design.md, "Transposed conv as 1x1 conv + pixel shuffle"). oneDNN's
+    transposed-conv kernels (forward in NCHW, backward in both layouts) are slower than its 1x1 convs on CPUs;
+    channels-last inference, and other devices, keep the transposed conv (oneDNN's channels-last transposed-conv
+    forward is the faster one there)."""
+    channels_last_inference = not torch.is_grad_enabled() and hidden.is_contiguous(memory_format=torch.channels_last)
+    if hidden.device.type != "cpu" or channels_last_inference:
+        return F.conv_transpose2d(hidden, weight, bias, stride=weight.shape[-1])
+    in_channels, out_channels, kernel, _ = weight.shape
+    pointwise = weight.permute(1, 2, 3, 0).reshape(out_channels * kernel * kernel, in_channels, 1, 1)
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        pointwise = pointwise.contiguous(memory_format=torch.channels_last)
+    patch_bias = bias.repeat_interleave(kernel * kernel) if bias is not None else None
+    return F.pixel_shuffle(F.conv2d(hidden, pointwise, patch_bias), kernel)
+
+
+def run_conv(conv: nn.Conv2d | nn.ConvTranspose2d, hidden: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+    """`conv(hidden)`, optionally with another weight and bias (a folded BatchNorm), patch transposed convs as
+    `patch_transposed_conv`."""
+    weight = conv.weight if weight is None else weight
+    bias = conv.bias if bias is None else bias
+    if is_patch_transposed_conv(conv):
+        return patch_transposed_conv(hidden, weight, bias)
+    if isinstance(conv, nn.ConvTranspose2d):
+        return F.conv_transpose2d(
+            hidden, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation
+        )
+    return conv._conv_forward(hidden, weight, bias)
+
+
+def conv_bn(conv: nn.Conv2d | nn.ConvTranspose2d, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`norm(conv(hidden))`. With a BatchNorm in eval mode (`folds_into_conv`) the normalisation is folded into the
+    convolution (weight scaled per output channel, bias shifted), so that one convolution replaces a convolution
+    and a full pass over its output; the parameters and buffers stay as they are (what is saved is unchanged) and
+    the result equals the two-step one up to float rounding (docs/design.md, "Inference: BatchNorm folded").
+    In training mode, or after any other norm, the two steps run as written."""
+    if not folds_into_conv(norm):
+        return norm(run_conv(conv, hidden))
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    if isinstance(conv, nn.ConvTranspose2d):  # weight (in, out / groups, k, k): out channels on dim 1
+        if conv.groups != 1:
+            return norm(run_conv(conv, hidden))
+        return run_conv(conv, hidden, conv.weight * scale.reshape(1, -1, 1, 1), shift)
+    return run_conv(conv, hidden, conv.weight * scale.reshape(-1, 1, 1, 1), shift)  # keeps the weight's layout
+
+
 class CTALConvBnAct(nn.Sequential):
-    """Conv -> BatchNorm -> ReLU, the unit most heads are made of."""
+    """Conv -> BatchNorm -> ReLU, the unit most heads are made of (in eval mode the BatchNorm is folded into the
+    conv, see `conv_bn`)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1):
         padding = dilation * (kernel_size // 2)
@@ -23,6 +101,17 @@ class CTALConvBnAct(nn.Sequential):
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        conv, norm, act = self
+        return act(conv_bn(conv, norm, hidden))
+
+
+def _shortcut(shortcut: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A residual block's shortcut: the identity, or a (conv, BatchNorm) projection (folded in eval mode)."""
+    if isinstance(shortcut, nn.Sequential) and len(shortcut) == 2:
+        return conv_bn(shortcut[0], shortcut[1], hidden)
+    return shortcut(hidden)
 
 
 class CTALBasicBlock(nn.Module):
@@ -41,9 +130,9 @@ class CTALBasicBlock(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(hidden)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(hidden), inplace=True)
+        out = F.relu(conv_bn(self.conv1, self.bn1, hidden), inplace=True)
+        out = conv_bn(self.conv2, self.bn2, out)
+        return F.relu(out + _shortcut(self.shortcut, hidden), inplace=True)
 
 
 class CTALBottleneck(nn.Module):
@@ -65,10 +154,10 @@ class CTALBottleneck(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(hidden)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(hidden), inplace=True)
+        out = F.relu(conv_bn(self.conv1, self.bn1, hidden), inplace=True)
+        out = F.relu(conv_bn(self.conv2, self.bn2, out), inplace=True)
+        out = conv_bn(self.conv3, self.bn3, out)
+        return F.relu(out + _shortcut(self.shortcut, hidden), inplace=True)
 
 
 def upsample_to(hidden: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -151,6 +240,10 @@ class CTALResidualHead(nn.Module):
 
 
 __all__ = [
+    "conv_bn",
+    "patch_transposed_conv",
+    "run_conv",
+    "folds_into_conv",
     "CTALClassifier",
     "CTALConvBnAct",
     "CTALBasicBlock",

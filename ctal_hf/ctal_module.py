@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import conv_bn
 from .ctal_attention import check_dense_fits, cross_task_diffusion
 from .heads import HEAD_FAMILIES
 
@@ -39,7 +40,7 @@ class CTALTaskProjection(nn.Module):
         self.act = nn.ReLU(inplace=True) if with_norm else nn.Identity()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(hidden)))
+        return self.act(conv_bn(self.conv, self.norm, hidden))
 
 
 class CTALUpsampleBlock(nn.Module):
@@ -52,7 +53,7 @@ class CTALUpsampleBlock(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.relu(self.norm(self.deconv(hidden)), inplace=True))
+        return self.conv(F.relu(conv_bn(self.deconv, self.norm, hidden), inplace=True))
 
 
 class CTALAffinityModule(nn.Module):

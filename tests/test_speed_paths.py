@@ -315,3 +315,79 @@ def test_auto_choice_depends_on_dtype_and_device():
     with OpLog() as log:
         diffuse(*inputs, impl="auto", autocast=torch.bfloat16)
     assert not any("convolution" in name for name, _, _ in log.calls)  # the factorised form ran
+
+
+# ---------------------------------------------------------------------------------------------- inference fast paths
+def randomise_batchnorm_statistics(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            channels = module.num_features
+            module.running_mean.copy_(0.1 * torch.randn(channels, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(channels, generator=generator))
+    return model
+
+
+def batchnorm_calls(log):
+    return sum("batch_norm" in name for name, _, _ in log.calls)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_eval_batchnorm_folded_into_convs_gives_the_same_outputs(monkeypatch, layout):
+    """In eval mode the decoder's conv -> BatchNorm pairs (heads, CTAL projections and upsampling, its transposed
+    conv included) run as one conv with the statistics folded in: the same outputs as conv then BN, fewer BN ops,
+    and the parameters and buffers untouched."""
+    from ctal_hf import blocks
+
+    model = randomise_batchnorm_statistics(conditioned_model(head_family="bottleneck")).to(memory_format=layout)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pixel_values = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), OpLog() as log:
+        folded = model(pixel_values)
+    with monkeypatch.context() as patch:
+        patch.setattr(blocks, "folds_into_conv", lambda norm: False)
+        with torch.no_grad(), OpLog() as reference_log:
+            reference = model(pixel_values)
+    for task in model.config.tasks:
+        torch.testing.assert_close(folded.predictions[task], reference.predictions[task], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            folded.initial_predictions[task], reference.initial_predictions[task], rtol=1e-4, atol=1e-5
+        )
+    decoder_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())
+    assert batchnorm_calls(log) <= batchnorm_calls(reference_log) - decoder_norms
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # training mode keeps batch statistics: no folding
+    model.train()
+    with torch.no_grad(), OpLog() as train_log:
+        model(pixel_values.expand(2, -1, -1, -1))
+    assert batchnorm_calls(train_log) == batchnorm_calls(reference_log)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_block_transposed_conv_as_pixel_shuffle_matches_conv_transpose(layout):
+    """The CTAL upsampling's 2x2 stride-2 transposed conv runs as a 1x1 conv + pixel_shuffle: outputs and every
+    gradient equal `nn.ConvTranspose2d`'s, in both layouts, training (batch statistics) and inference."""
+    from ctal_hf.ctal_module import CTALUpsampleBlock
+
+    torch.manual_seed(0)
+    block = CTALUpsampleBlock(8).to(memory_format=layout)
+    hidden = torch.randn(2, 8, 5, 6).contiguous(memory_format=layout).requires_grad_()
+
+    def reference(x):
+        return block.conv(F.relu(block.norm(block.deconv(x))))
+
+    for train in (True, False):
+        block.train(train)
+        expected = reference(hidden)
+        expected_grads = torch.autograd.grad(expected.square().sum(), [hidden, *block.parameters()])
+        with OpLog() as log:
+            out = block(hidden)
+        grads = torch.autograd.grad(out.square().sum(), [hidden, *block.parameters()])
+        assert not any("convolution" in name and "transpose" in name for name, _, _ in log.calls)
+        assert out.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        for actual, ref in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(actual, ref, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(block(hidden), expected, rtol=1e-5, atol=1e-5)
