@@ -247,8 +247,10 @@ def _export_fp32(model, processor, spec, folder: Path, opset: int, dynamic: bool
         program, dynamic_used, dynamic_note = trace_model(wrapper, config.image_size, dynamic)
     options = CTALExportOptions(tuple(config.tasks), tuple(config.image_size), opset, dynamic_used)
     format_info = spec.export(program, folder, options)
-    config.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    # The JSON files only: `save_pretrained` would also copy the model's Python files (remote code), which an
+    # exported folder does not run.
+    config.to_json_file(folder / "config.json")
+    processor.to_json_file(folder / "preprocessor_config.json")
     height, width = (int(side) for side in config.image_size)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
