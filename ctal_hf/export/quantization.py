@@ -118,6 +118,30 @@ def openvino_op_scopes(ov_model, onnx_scopes: dict[str, str] | None = None) -> d
     return scopes
 
 
+def tag_openvino_scopes(ov_model, program) -> int:
+    """Prefixes the friendly names of the ops `openvino.convert_model(program)` made from a `torch.export` program
+    with their module path (`__module.<path>/<name>`, the names OpenVINO gives ops converted from an `nn.Module`), read
+    from the program's `nn_module_stack`, so that `float_scopes` find them in the IR. Returns how many ops were
+    tagged; call it before saving the IR."""
+    paths = {}
+    # OpenVINO converts the program after decomposing it to core ATen ops: its op names follow the decomposed graph.
+    for graph_program in (program, program.run_decompositions()):
+        for node in graph_program.graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                paths.setdefault(node.name, list(stack.values())[-1][0])
+    tagged = 0
+    for op in ov_model.get_ordered_ops():
+        name = op.get_friendly_name()
+        if name.startswith("__module."):
+            continue
+        path = paths.get(name.split("/", 1)[0])
+        if path is not None:
+            op.set_friendly_name(f"__module.{path}/{name}")
+            tagged += 1
+    return tagged
+
+
 # ------------------------------------------------------------------------------------------------------ helpers
 def _copy_companions(fp32_dir: Path, output_dir: Path, skip: Sequence[str]) -> None:
     for item in fp32_dir.iterdir():
@@ -363,4 +387,5 @@ __all__ = [
     "quantize_onnx",
     "quantize_openvino",
     "scope_matches",
+    "tag_openvino_scopes",
 ]
