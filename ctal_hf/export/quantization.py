@@ -217,9 +217,11 @@ def quantize_onnx(
         raise ValueError(f"calibrate_method {calibrate_method!r}: choose from {sorted(methods)}.")
     with tempfile.TemporaryDirectory(prefix="ctal-quantize-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)  # folds and infers shapes
+        # Shape inference only: ORT's optimisation pass would drop the node metadata that holds the module scopes
+        # (the session fuses Conv + QDQ at load time anyway).
+        quant_pre_process(str(fp32_path), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
         model = onnx.load(str(prepared))
-        scopes = onnx_node_scopes(model)
+        scopes = onnx_node_scopes(model) or onnx_node_scopes(onnx.load(str(fp32_path), load_external_data=False))
         if not scopes and float_scopes:
             logger.warning(
                 f"{fp32_path} carries no module scopes (not written by torch.onnx.export(dynamo=True)): every "
