@@ -6,6 +6,10 @@ maps as `.npy`.
 Writes `predictions/<stem>_panel.png`, `predictions/<stem>_<task>.npy` (the pipeline's maps at the image's size)
 and `predictions/<stem>_<task>.png` (the colour-coded map of each task).
 
+`--model` may also be a folder written by `ctal-export`: it then runs with its runtime (ONNX Runtime, OpenVINO or
+ExecuTorch; `--runtime` chooses where several can run it, e.g. OpenVINO for an ONNX file) and writes the same files,
+through the same pre- and post-processing as the PyTorch pipeline.
+
 Every argument is checked before torch, transformers or the model are loaded (`--help` and argument mistakes answer
 at once, with exit code 2 like argparse and the transformers / accelerate CLIs). The files are written to a temporary
 folder next to `--output_dir` and moved into place at the end, so a failure leaves nothing behind."""
@@ -42,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no_panel", action="store_true", help="Do not write the panel PNGs.")
     parser.add_argument("--dpi", type=int, default=100, help="Resolution of the panel PNGs.")
+    parser.add_argument(
+        "--runtime",
+        default=None,
+        help="For a folder written by ctal-export: onnxruntime, openvino or executorch (default: the one it was "
+        "validated with).",
+    )
     return parser
 
 
@@ -178,6 +188,36 @@ def _load_pipeline(parser: argparse.ArgumentParser, args: argparse.Namespace, co
     return pipeline("dense-multitask", model=model, image_processor=image_processor, device=args.device)
 
 
+def _check_runtime(parser: argparse.ArgumentParser, args: argparse.Namespace, local: bool) -> bool:
+    """Whether `--model` is a folder written by `ctal-export`; checks `--runtime` (known, able to run the folder's
+    file, installed) and `--device` against it, before anything is loaded."""
+    from .export.runtime import choose_runtime, is_exported_folder, read_manifest
+
+    if not (local and is_exported_folder(args.model)):
+        if args.runtime is not None:
+            parser.error(
+                f"--runtime {args.runtime} applies to folders written by ctal-export; --model {args.model!r} is a "
+                "PyTorch model (choose its device with --device)."
+            )
+        return False
+    if args.device not in (None, "cpu"):
+        parser.error(f"--device {args.device}: an exported folder runs on the CPU with its runtime (use --runtime).")
+    try:
+        args.runtime = choose_runtime(read_manifest(args.model), args.runtime)
+    except (ValueError, ImportError) as error:
+        parser.error(str(error))
+    return True
+
+
+def _load_exported(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    from .export.runtime import CTALExportedPredictor, load_exported
+
+    try:
+        return CTALExportedPredictor(load_exported(args.model, runtime=args.runtime))
+    except (OSError, ValueError) as error:
+        parser.error(f"cannot load the exported --model {args.model!r}: {error}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ctal-predict` console script; returns the exit code."""
     args = parse_args(argv)
@@ -185,11 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_images(parser, args.images)
     config = _local_config(parser, args.model)
     _check_tasks(parser, args.tasks, None if config is None else config.get("tasks"))
+    exported = _check_runtime(parser, args, config is not None)
     output_dir = Path(args.output_dir).expanduser().absolute()
     staging = _check_output_dir(parser, args.output_dir)
     try:
-        _check_device(parser, args.device)
-        predictor = _load_pipeline(parser, args, config)
+        if exported:
+            predictor = _load_exported(parser, args)
+        else:
+            _check_device(parser, args.device)
+            predictor = _load_pipeline(parser, args, config)
         written = _predict(predictor, args, staging)
         _move_into_place(staging, output_dir)
     except BaseException:

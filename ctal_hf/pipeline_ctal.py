@@ -163,13 +163,29 @@ class DenseMultitaskPipeline(Pipeline):
         self, model_outputs: dict[str, Any], tasks: Sequence[str] | None = None, visualize: bool = True
     ) -> dict[str, Any]:
         predictions = {task: value for task, value in model_outputs.items() if task in self.task_objects}
-        maps = self.image_processor.post_process_multitask(
-            predictions, target_sizes=[model_outputs["target_size"]], tasks=tasks, task_specs=self.task_objects
-        )[0]
-        result: dict[str, Any] = {task: value.cpu().numpy() for task, value in maps.items()}
-        if visualize:
-            result["visualizations"] = visualize_predictions(result, task_specs=self.task_objects)
-        return result
+        return postprocess_predictions(
+            predictions, model_outputs["target_size"], self.image_processor, self.task_objects, tasks, visualize
+        )
 
 
-__all__ = ["DenseMultitaskPipeline", "PIPELINE_TASK"]
+def postprocess_predictions(
+    predictions: dict[str, torch.Tensor],
+    target_size: tuple[int, int],
+    image_processor: CTALImageProcessor,
+    task_objects: dict[str, Any],
+    tasks: Sequence[str] | None = None,
+    visualize: bool = True,
+) -> dict[str, Any]:
+    """One image's final predictions (`{task: (1, C, h, w)}`, the model's layout) -> the pipeline's result: each
+    task's decoded map at `target_size` as a numpy array, and with `visualize` its PIL image under
+    `"visualizations"`. Shared by the pipeline and the runners of exported models (`ctal_hf.export`)."""
+    maps = image_processor.post_process_multitask(
+        predictions, target_sizes=[target_size], tasks=tasks, task_specs=task_objects
+    )[0]
+    result: dict[str, Any] = {task: value.cpu().numpy() for task, value in maps.items()}
+    if visualize:
+        result["visualizations"] = visualize_predictions(result, task_specs=task_objects)
+    return result
+
+
+__all__ = ["DenseMultitaskPipeline", "PIPELINE_TASK", "postprocess_predictions"]

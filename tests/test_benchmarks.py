@@ -201,3 +201,26 @@ def test_startup_benchmark_writes_its_table(tmp_path):
     rows = {name: cells for name, cells in _table_rows(output.read_text()).items() if name.startswith("`")}
     assert set(rows) == {"`import ctal_hf`", "`ctal-predict --help`"}
     assert all(float(cells[1]) > 0 for cells in rows.values())
+
+
+def test_inference_benchmark_times_exported_runtimes_against_eager(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    output = tmp_path / "inference.md"
+    _run(
+        "inference.py",
+        *("--tiny", "--runtimes", "onnx", "--repeats", "2", "--warmup", "1", "--calibration_images", "2"),
+        *("--profile", "--profile_runs", "1", "--output", str(output)),
+    )
+    text = output.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| runtime")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    rows = {(row[0], row[1]): row for row in cells if len(row) == 7}
+    assert set(rows) == {("eager PyTorch", "fp32"), ("ONNX Runtime", "fp32"), ("ONNX Runtime", "int8")}
+    assert rows[("eager PyTorch", "fp32")][3].startswith("1.00x")
+    for row in rows.values():
+        assert float(row[2]) > 0 and float(row[3].split("x")[0]) > 0  # median ms, ratio to eager
+    assert float(rows[("ONNX Runtime", "int8")][6]) < float(rows[("ONNX Runtime", "fp32")][6])  # int8 file smaller
+    # --profile: where the time goes, per op type of ONNX Runtime's profiler (convolutions dominate a CNN)
+    assert "ONNX Runtime fp32 (per op type)" in text and "| Conv |" in text and "| QLinearConv |" in text
+    assert "avx512_bf16" in text and "intra_op_num_threads=2" in text
