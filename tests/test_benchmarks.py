@@ -201,3 +201,17 @@ def test_startup_benchmark_writes_its_table(tmp_path):
     rows = {name: cells for name, cells in _table_rows(output.read_text()).items() if name.startswith("`")}
     assert set(rows) == {"`import ctal_hf`", "`ctal-predict --help`"}
     assert all(float(cells[1]) > 0 for cells in rows.values())
+
+
+def test_interleaved_step_times_todays_package_from_a_git_ref(tmp_path):
+    """interleaved_step.py builds `today` from the whole package at a git ref (here HEAD) and, with `--clock cpu`,
+    reports CPU seconds."""
+    if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    output = tmp_path / "interleaved.md"
+    args = ["--image_size", "32", "32", "--variants", "today", "fp32", "--modes", "infer", "--rounds", "1"]
+    _run("interleaved_step.py", *args, "--threads", "1", "--clock", "cpu", "--baseline_ref", "HEAD", "--out", str(output))
+    text = output.read_text()
+    assert "CPU seconds" in text and "AVX-512 BF16" in text
+    rows = [line for line in text.splitlines() if line.startswith("| inference")]
+    assert [row.split("|")[3].strip() for row in rows] == ["today", "fp32"]
