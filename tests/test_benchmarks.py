@@ -224,3 +224,17 @@ def test_inference_benchmark_times_exported_runtimes_against_eager(tmp_path):
     # --profile: where the time goes, per op type of ONNX Runtime's profiler (convolutions dominate a CNN)
     assert "ONNX Runtime fp32 (per op type)" in text and "| Conv |" in text and "| QLinearConv |" in text
     assert "avx512_bf16" in text and "intra_op_num_threads=2" in text
+
+
+def test_interleaved_step_times_todays_package_from_a_git_ref(tmp_path):
+    """interleaved_step.py builds `today` from the whole package at a git ref (here HEAD) and, with `--clock cpu`,
+    reports CPU seconds."""
+    if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    output = tmp_path / "interleaved.md"
+    args = ["--image_size", "32", "32", "--variants", "today", "fp32", "--modes", "infer", "--rounds", "1"]
+    _run("interleaved_step.py", *args, "--threads", "1", "--clock", "cpu", "--baseline_ref", "HEAD", "--out", str(output))
+    text = output.read_text()
+    assert "CPU seconds" in text and "AVX-512 BF16" in text
+    rows = [line for line in text.splitlines() if line.startswith("| inference")]
+    assert [row.split("|")[3].strip() for row in rows] == ["today", "fp32"]
