@@ -152,17 +152,36 @@ def test_int8_onnx_export_runs_with_finite_outputs_and_keeps_ctal_in_float(tiny_
         assert 0 < error < 0.5, (task, error)
 
 
-def test_int8_openvino_export_runs_with_finite_outputs(tiny_model, calibration_folder, tmp_path):
-    pytest.importorskip("openvino")
+def test_int8_openvino_keeps_the_ctal_block_in_float_and_gives_finite_outputs(tiny_model, tmp_path):
+    """NNCF int8 of an IR converted from the torch.export program (as `ctal-export --format openvino` converts it),
+    with its ops tagged by module scope (`tag_openvino_scopes`), so `=decoder.ctal` stays float."""
+    ov = pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from ctal_hf.export import export_model, load_exported
+    from ctal_hf.export.exportable import CTALExportWrapper, export_attention, trace_model
+    from ctal_hf.export.openvino import name_ports
+    from ctal_hf.export.quantization import openvino_op_scopes, quantize_exported, scope_matches, tag_openvino_scopes
 
-    result = export_model(
-        tiny_model, tmp_path / "ov-int8", format="openvino", quantize="int8",
-        calibration_dataset=str(calibration_folder), num_calibration_images=3,
-    )  # fmt: skip
-    report = result.quantization
-    assert report["format"] == "openvino" and report["quantized_nodes"] > 0 and report["float_nodes"] > 0
-    outputs = load_exported(result.output_dir)(np.zeros((1, 3, *IMAGE_SIZE), np.float32))
-    assert set(outputs) == set(tiny_model.config.tasks)
-    assert all(np.isfinite(value).all() for value in outputs.values())
+    config = tiny_model.config
+    wrapper = CTALExportWrapper(tiny_model).eval()
+    with export_attention(tiny_model, False):
+        program, _, _ = trace_model(wrapper, config.image_size, False)
+    ov_model = ov.convert_model(program)
+    assert tag_openvino_scopes(ov_model, program) > 0
+    scopes = openvino_op_scopes(ov_model)
+    kinds = {op.get_type_name() for op in ov_model.get_ordered_ops()
+             if scope_matches(scopes.get(op.get_friendly_name(), "?"), ["=decoder.ctal"])}  # fmt: skip
+    assert {"MatMul", "GroupConvolution"} <= kinds  # the affinities / diffusion and the fusion over them
+    name_ports(ov_model, config.tasks)
+    fp32 = tmp_path / "fp32"
+    fp32.mkdir()
+    ov.save_model(ov_model, str(fp32 / "model.xml"), compress_to_fp16=False)
+    config.save_pretrained(fp32)
+
+    rng = np.random.default_rng(0)
+    calibration = load_calibration_data(rng.standard_normal((3, 3, *IMAGE_SIZE), dtype=np.float32), config, None, 3)
+    report = quantize_exported("openvino", fp32, tmp_path / "int8", calibration, config)
+    assert report["quantized_nodes"] > 0 and report["float_nodes"] > 0
+    assert any("decoder.ctal/" in name for name in report["float_node_names"])
+    assert (tmp_path / "int8" / "config.json").is_file()
+    for task, entry in report["per_task"].items():  # int8 against the fp32 IR on the calibration images
+        assert entry["finite"] and 0 < entry["max_abs_diff"] < entry["scale"], task
