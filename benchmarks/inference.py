@@ -121,10 +121,10 @@ def exported_runner(folder: Path, runtime: str, threads: int):
     return exported
 
 
-def export_all(model, work: Path, runtimes: list[str], calibration, every_node: bool) -> dict[str, Path]:
+def export_all(model, work: Path, runtimes: list[str], calibration, ctal_float: bool) -> dict[str, Path]:
     """fp32 exports through `export_model` (validated against eager), int8 ones through `quantize_exported` on them
-    (the step `export_model(quantize="int8")` runs), with their manifests; `every_node`: also ONNX int8 with nothing
-    kept in float."""
+    (the step `export_model(quantize="int8")` runs), with their manifests; `ctal_float`: also ONNX int8 with the CTAL
+    block's own operations kept in float (`float_scopes=["=decoder.ctal"]`)."""
     from ctal_hf.export import export_model
     from ctal_hf.export.quantization import quantize_exported
 
@@ -137,7 +137,7 @@ def export_all(model, work: Path, runtimes: list[str], calibration, every_node: 
         folders[(fmt, "fp32")] = fp32
         if fmt == "executorch":
             continue
-        variants = {"int8": None, "int8, every node": ()} if every_node and fmt == "onnx" else {"int8": None}
+        variants = {"int8": None, "int8, CTAL block float": ("=decoder.ctal",)} if ctal_float and fmt == "onnx" else {"int8": None}
         for precision, float_scopes in variants.items():
             int8 = work / f"{fmt}-{precision.replace(', ', '-').replace(' ', '-')}"
             report = quantize_exported(fmt, fp32, int8, calibration, model.config, float_scopes=float_scopes)
@@ -222,7 +222,7 @@ def measure(name: str, fields: dict, args, work: Path) -> dict:
     calibration = load_calibration_data(calibration_images, config, None, args.calibration_images)
     start = time.time()
     folder = work / "".join(c if c.isalnum() else "_" for c in name)
-    folders = export_all(model, folder, args.runtimes, calibration, args.every_node and not args.tiny)
+    folders = export_all(model, folder, args.runtimes, calibration, args.ctal_float and not args.tiny)
     export_seconds = time.time() - start
     attention = json.loads((next(iter(folders.values())) / "export_manifest.json").read_text()).get("attention")
     params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -269,7 +269,7 @@ def measure(name: str, fields: dict, args, work: Path) -> dict:
     if args.profile:
         profiles = {"eager PyTorch fp32 (self CPU time per op)": profile_eager(model, pixel_values, 3, args.top)}
         for (fmt, precision), folder in folders.items():
-            if fmt == "onnx" and precision != "int8, every node":
+            if fmt == "onnx" and precision != "int8, CTAL block float":
                 profiles[f"ONNX Runtime {precision} (per op type)"] = profile_onnxruntime(
                     folder, args.threads, pixel_values, args.profile_runs, args.top
                 )
@@ -370,8 +370,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (compiles slowly)")
     parser.add_argument("--profile", action="store_true", help="also write where the time goes, per op type")
     parser.add_argument("--profile_runs", type=int, default=5)
-    parser.add_argument("--no_every_node", dest="every_node", action="store_false",
-                        help="skip the ONNX int8 row with nothing kept in float")
+    parser.add_argument("--no_ctal_float", dest="ctal_float", action="store_false",
+                        help="skip the ONNX int8 row with the CTAL block kept in float")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--work_dir", default=None)
     parser.add_argument("--output", default=str(OUTPUT))

@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num_calibration_images", type=int, default=None, help="How many calibration images (default: 64)."
     )
+    parser.add_argument(
+        "--float_scopes",
+        nargs="+",
+        default=None,
+        help="int8: module scopes kept in float, e.g. `=decoder.ctal` (the CTAL affinities, fusion and diffusion) or "
+        "`backbone` (default: none, every node int8).",
+    )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18).")
     parser.add_argument("--static_batch", action="store_true", help="Fix the batch at 1 instead of a dynamic batch.")
     parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists and is not empty.")
@@ -61,6 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_export_arguments(
             args.format, args.quantize, args.calibration_dataset, num_images, args.opset, calibration_given
         )
+        if args.float_scopes is not None and args.quantize is None:
+            raise ValueError("--float_scopes only applies with --quantize int8 (add it, or drop --float_scopes).")
         read_model_config(args.model)
         check_output_dir(args.output, args.overwrite)
     except (ValueError, ImportError) as error:
@@ -84,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             quantize=args.quantize,
             calibration_dataset=args.calibration_dataset,
             num_calibration_images=args.num_calibration_images,
+            float_scopes=args.float_scopes,
             validate=not args.no_validate,
             opset=args.opset,
             dynamic_batch=False if args.static_batch else None,

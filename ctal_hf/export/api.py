@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,7 @@ def export_model(
     quantize: str | None = None,
     calibration_dataset: Any = None,
     num_calibration_images: int = 64,
+    float_scopes: Sequence[str] | None = None,
     validate: bool = True,
     opset: int = 18,
     dynamic_batch: bool | None = None,
@@ -189,6 +191,8 @@ def export_model(
         calibration_dataset: images of the TRAINING split to calibrate int8 on (a dataset folder, a Hub id,
             `"synthetic"`, a `datasets.Dataset`, or prepared `pixel_values`); see `calibration.load_calibration_data`.
         num_calibration_images: how many calibration images to read.
+        float_scopes: int8 only: module scopes kept in float (`"backbone"`, `"decoder.ctal"` with its submodules,
+            `"=decoder.ctal"` for its own operations only); default `quantization.DEFAULT_FLOAT_SCOPES` (none).
         validate: run the exported model on a dummy input and a synthetic scene and compare every task with eager
             PyTorch (fp32: within 1e-4 x the output's scale; int8: reported, fails only on non-finite outputs).
         opset: ONNX opset (>= 18).
@@ -224,7 +228,9 @@ def export_model(
         with _inference_copy(loaded) as inference_model:
             manifest = _export_fp32(inference_model, processor, spec, fp32_dir, opset, dynamic, validate, source)
             if quantize is not None:
-                manifest = _quantize(inference_model, processor, spec, fp32_dir, staging, calibration, manifest)
+                manifest = _quantize(
+                    inference_model, processor, spec, fp32_dir, staging, calibration, manifest, float_scopes
+                )
         (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _move_into_place(staging, target)
     except BaseException:
@@ -286,13 +292,15 @@ def _export_fp32(model, processor, spec, folder: Path, opset: int, dynamic: bool
     return manifest
 
 
-def _quantize(model, processor, spec, fp32_dir: Path, staging: Path, calibration, manifest: dict) -> dict:
+def _quantize(
+    model, processor, spec, fp32_dir: Path, staging: Path, calibration, manifest: dict, float_scopes=None
+) -> dict:
     from .exportable import CTALExportWrapper
     from .quantization import quantize_exported
     from .validation import validate_export, validation_inputs
 
     config = model.config
-    report = quantize_exported(spec.name, fp32_dir, staging, calibration, config)
+    report = quantize_exported(spec.name, fp32_dir, staging, calibration, config, float_scopes=float_scopes)
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy2(fp32_dir / name, staging / name)
     manifest = {**manifest, "precision": "int8", "fp32_validation": manifest["validation"], "quantization": report}

@@ -20,7 +20,10 @@ FP32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 def export_openvino(program, folder: Path, options: CTALExportOptions) -> dict:
     import openvino as ov
 
+    from .quantization import tag_openvino_scopes
+
     ov_model = ov.convert_model(program)
+    tag_openvino_scopes(ov_model, program)  # module paths in the op names, so int8 can keep scopes in float
     name_ports(ov_model, options.tasks)
     ov.save_model(ov_model, str(Path(folder) / "model.xml"), compress_to_fp16=False)
     return {"converter": f"openvino.convert_model (OpenVINO {ov.get_version()})", "weights": "float32"}
