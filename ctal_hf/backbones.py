@@ -211,10 +211,11 @@ def hrnet_fuse_upsamplers(model: nn.Module) -> list[nn.Upsample]:
     return upsamplers
 
 
-def _swinv2_timm(name: str, display_name: str) -> CTALBackboneSpec:
-    # The last stage only (768 or 1024 channels at 1/32), NHWC.
+def _swinv2(builder, display_name: str) -> CTALBackboneSpec:
+    # The last stage only (768 or 1024 channels at 1/32), NHWC, with the full model's final LayerNorm. timm fixes
+    # its attention windows to the input size (`pass_image_size`); torchvision pads them (any input size).
     return CTALBackboneSpec(
-        builder=CTALTimmBuilder(name, kwargs={"out_indices": (3,)}, pass_image_size=True),
+        builder=builder,
         display_name=display_name,
         strides=(32,),
         channels_last_output=True,
@@ -222,19 +223,14 @@ def _swinv2_timm(name: str, display_name: str) -> CTALBackboneSpec:
         normals_loss="l1",
         final_norm=True,
     )
+
+
+def _swinv2_timm(name: str, display_name: str) -> CTALBackboneSpec:
+    return _swinv2(CTALTimmBuilder(name, kwargs={"out_indices": (3,)}, pass_image_size=True), display_name)
 
 
 def _swinv2_torchvision(name: str, weights: str, display_name: str) -> CTALBackboneSpec:
-    # torchvision's `features` end with the last stage (NHWC); any input size (windows are padded).
-    return CTALBackboneSpec(
-        builder=CTALTorchvisionBuilder(name, weights),
-        display_name=display_name,
-        strides=(32,),
-        channels_last_output=True,
-        head_family="deeplab",
-        normals_loss="l1",
-        final_norm=True,
-    )
+    return _swinv2(CTALTorchvisionBuilder(name, weights), display_name)
 
 
 BACKBONES: dict[str, CTALBackboneSpec] = {
