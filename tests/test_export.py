@@ -233,6 +233,7 @@ def test_cli_argument_errors_leave_nothing_and_need_no_torch(tmp_path, exported_
         "quantize without data": (["--quantize", "int8"], "needs calibration images"),
         "unknown quantization": (["--quantize", "int4", "--calibration_dataset", "synthetic"], "Unknown quantization"),
         "old opset": (["--opset", "13"], "opset must be an integer >= 18"),
+        "float scopes without quantize": (["--float_scopes", "=decoder.ctal"], "only applies with --quantize int8"),
         "an exported folder as model": (["--model", str(exported)], "already an exported folder"),
     }
     script = (

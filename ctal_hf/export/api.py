@@ -208,6 +208,8 @@ def export_model(
         nothing behind.
     """
     check_export_arguments(format, quantize, calibration_dataset, num_calibration_images, opset)
+    if float_scopes is not None and quantize is None:
+        raise ValueError("float_scopes only applies with quantize='int8' (add it, or drop float_scopes).")
     spec = get_format(format)
     if isinstance(model, (str, os.PathLike)):
         read_model_config(model)
