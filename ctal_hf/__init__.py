@@ -4,10 +4,10 @@ Importing the package registers the model and its image processor with the trans
 `pipeline("dense-multitask")` task. The import is cheap: the classes below are imported when first used, and each
 registration is made when transformers first imports the registry it goes into (see `auto_registration`)."""
 
-import importlib
 from typing import TYPE_CHECKING
 
 from . import auto_registration
+from .lazy_imports import lazy_module_attributes
 
 # Public name -> the submodule that defines it, imported on first access (PEP 562 module `__getattr__`).
 _LAZY_ATTRIBUTES = {
@@ -38,17 +38,7 @@ auto_registration.install()
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    module = _LAZY_ATTRIBUTES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+__getattr__, __dir__ = lazy_module_attributes(__name__, globals(), _LAZY_ATTRIBUTES)
 
 
 __all__ = [

@@ -279,7 +279,7 @@ def test_ddp_on_cpu_evaluation_equals_single_process(tmp_path):
     result = _ddp_run(args)
     if result.returncode != 0 and not (ddp_dir / "README.md").is_file():
         # torch 2.14's gloo sometimes aborts at exit ("terminate called without an active exception", about one
-        # run in ten, STACK-NOTES.md); a run that failed before writing its outputs is retried once.
+        # run in ten, README "Tests"); a run that failed before writing its outputs is retried once.
         result = _ddp_run(args)
     # A nonzero exit is accepted only when every output was written (the known abort happens after that).
     assert (ddp_dir / "README.md").is_file(), f"exit {result.returncode}\n{result.stderr[-5000:]}"

@@ -8,8 +8,9 @@ exported folder (`ctal-export`, `ctal-predict --model EXPORTED`).
 
 Not carried by saved model folders. The import is cheap (no torch, no runtime): names load on first use."""
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy_imports import lazy_module_attributes
 
 _LAZY_ATTRIBUTES = {
     "export_model": "api",
@@ -33,17 +34,7 @@ if TYPE_CHECKING:
     from .validation import FP32_RELATIVE_TOLERANCE, CTALExportValidationError
 
 
-def __getattr__(name: str):
-    module = _LAZY_ATTRIBUTES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+__getattr__, __dir__ = lazy_module_attributes(__name__, globals(), _LAZY_ATTRIBUTES)
 
 
 __all__ = [
