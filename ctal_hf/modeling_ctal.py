@@ -23,6 +23,7 @@ from .input_checks import (
     weights_file_error,
 )
 from .losses import CTALCriterion
+from .registry import check_affinity_stride
 
 logger = logging.get_logger(__name__)
 
@@ -146,13 +147,7 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
                 raise ValueError(
                     f"decoder {config.decoder!r} needs a multi-scale backbone; {self.backbone.name} gives one map."
                 )
-            affinity_stride = feature_info.affinity_stride(config.affinity_scale)
-            if min(config.image_size) < affinity_stride:
-                raise ValueError(
-                    f"The affinity map does not fit: `image_size` {list(config.image_size)} is smaller than its "
-                    f"stride {affinity_stride} (max of `affinity_scale` {config.affinity_scale} and the finest "
-                    f"backbone map's stride {feature_info.finest_stride})."
-                )
+            check_affinity_stride(config.image_size, config.affinity_scale, feature_info.finest_stride)
             self.decoder = spec.decoder_class(config, feature_info)
         self.criterion = CTALCriterion(config)
         self.post_init()
