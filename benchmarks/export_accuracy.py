@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 DEFAULT_MODEL = REPO / "outputs" / "ctal-synthetic"
 OUTPUT = REPO / "benchmarks" / "results" / "export_accuracy.md"
@@ -238,12 +238,6 @@ def render_rows(results: list[tuple[str, dict, str]], config, reference: dict) -
         cells.append(note)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def machine_line(threads: int) -> str:
-    from backbones import cpu_description
-
-    return f"{cpu_description()}, {os.cpu_count()} CPUs visible, {threads} threads"
 
 
 # ------------------------------------------------------------------------------------------------ main

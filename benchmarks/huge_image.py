@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import cpu_description
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -63,21 +65,6 @@ maps = sum(value.nbytes for key, value in result.items() if key != "visualizatio
 print(json.dumps({"seconds": seconds, "peak_gb": (max(peak[0], rss()) - baseline) / 1e9, "maps_gb": maps / 1e9,
                   "baseline_gb": baseline / 1e9, "shape": list(result["semseg"].shape)}))
 """
-
-
-def cpu_description() -> str:
-    cpu, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    marks = [flag for flag in ("avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
-    return f"{cpu} (bf16/AMX flags: {', '.join(marks) or 'none'}), {os.cpu_count()} logical CPUs"
 
 
 def run(side: int, tiny: bool, visualize: bool, threads: int) -> dict:

@@ -27,9 +27,10 @@ import time
 import types
 from pathlib import Path
 
+from _common import machine_line, make_batch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 VARIANTS = {"today": (None, False), "fp32": (None, False), "fp32+cl": (None, True), "bf16": ("bf16", False)}
 VARIANTS["bf16+cl"] = ("bf16", True)
@@ -69,7 +70,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import torch
-    from profile_step import machine_line, make_batch
 
     from ctal_hf import CTALConfig, CTALForDenseMultitask
 
