@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import cpu_description
+from _common import cpu_description, write_table
 
 
 def _cases() -> dict:
@@ -112,10 +112,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = args.output.with_suffix(args.output.suffix + ".tmp")
-        temporary.write_text(text)
-        temporary.replace(args.output)
+        write_table(args.output, [text])
     print(text)
 
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import cpu_description
+from _common import cpu_description, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     print(text)
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(text)
+        write_table(args.table, [text])
     print(f"epochs={epochs}")
     return 0
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine_line, reset_peak_rss, status_kib
+from _common import machine_line, reset_peak_rss, status_kib, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ctal_attention.md"
@@ -264,7 +264,7 @@ def main(argv=None):
         "(the CPU is shared; a load above the thread count means contended timings).",
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(header) + "\n\n" + "\n\n".join(bodies) + "\n")
+    write_table(args.output, ["\n".join(header), "", "\n\n".join(bodies)])
     print(f"wrote {args.output}", file=sys.stderr)
 
 

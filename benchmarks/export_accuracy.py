@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine_line
+from _common import machine_line, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -355,7 +355,7 @@ def _write(args, config, model_dir, calibration, load, started, lines, lines_sen
     if reports:
         text += ["## Reports of `quantize_exported`", "", "```json", json.dumps(reports, indent=1), "```", ""]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("\n".join(text))
+    write_table(args.output, text)
 
 
 if __name__ == "__main__":

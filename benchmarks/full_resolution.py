@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import make_batch, reset_peak_rss, status_kib
+from _common import make_batch, reset_peak_rss, status_kib, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
         f"CPU: times are noisy). Median of {args.repeats} runs after a warm-up (whole steps: one run).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n")
+    write_table(args.out, ["\n".join(header), "", "\n\n".join(sections)])
     print(args.out.read_text())
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import make_batch, peak_rss_bytes, reset_peak_rss, rss_bytes
+from _common import make_batch, peak_rss_bytes, reset_peak_rss, rss_bytes, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
         )
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_table(args.out, [text])
     if os.environ.get("OUT"):  # the device tool brings back what is written under $OUT
         Path(os.environ["OUT"], args.out.name).write_text(text)
     print(text)

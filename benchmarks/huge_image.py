@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import cpu_description
+from _common import cpu_description, write_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     lines.append("")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n".join(lines))
+    write_table(output, lines)
     print(f"Wrote {output}")
 
 

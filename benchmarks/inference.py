@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from _common import machine_line, reset_peak_rss, status_kib
+from _common import machine_line, reset_peak_rss, status_kib, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -381,7 +381,7 @@ def main(argv=None) -> None:
             results.append(measure(name, fields, args, work))
             meta.update(seconds=time.time() - started, load_end=" / ".join(f"{v:.1f}" for v in os.getloadavg()))
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(render(results, meta))  # after every model: a cut-short run keeps its rows
+            write_table(args.output, [render(results, meta)])  # after every model: a cut-short run keeps its rows
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine_line, make_batch
+from _common import machine_line, make_batch, write_table
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask  # noqa: E402
 from ctal_hf.training.aggregation import AGGREGATORS, GradientAggregation, make_aggregator  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv=None) -> str:
     print(text)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+        write_table(args.output, [text])
     return text
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from _common import machine_line as common_machine_line
-from _common import make_batch
+from _common import make_batch, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name: (autocast dtype or None, channels-last, compiled)
@@ -301,10 +301,10 @@ def main(argv=None) -> None:
                     runs.setdefault((mode, variant), []).append(result)
                     print(f"{mode} {variant}: {', '.join(f'{t:.2f}' for t in result['times'])} s", flush=True)
     load_after = os.getloadavg()
-    print("\n".join(write_table(args, command, started, load_before, load_after, runs)))
+    print("\n".join(table_lines(args, command, started, load_before, load_after, runs)))
 
 
-def write_table(args, command, started, load_before, load_after, runs) -> list[str]:
+def table_lines(args, command, started, load_before, load_after, runs) -> list[str]:
     lines = [
         f"# Where the time goes: CTAL-SS, preset `{args.preset}`",
         "",
@@ -378,7 +378,7 @@ def write_table(args, command, started, load_before, load_after, runs) -> list[s
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {flops / 1e9:.1f} |")
         lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_table(args.out, lines)
     return lines
 
 

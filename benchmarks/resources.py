@@ -27,7 +27,7 @@ import time
 import traceback
 from pathlib import Path
 
-from _common import reset_peak_rss, status_kib
+from _common import reset_peak_rss, status_kib, write_table
 
 from ctal_hf.configuration_ctal import DECODER_NAMES
 
@@ -654,7 +654,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps({"meta": meta, "results": all_results}, indent=1))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(all_results, meta))
+    write_table(args.output, [render(all_results, meta)])
     print(f"wrote {args.output}", file=sys.stderr)
 
 

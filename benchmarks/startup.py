@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine_line
+from _common import machine_line, write_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HELP = "import sys; from ctal_hf.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     ]
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n".join(lines))
+    write_table(output, lines)
     print(f"Wrote {output}")
 
 

@@ -17,7 +17,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _common import cpu_description  # noqa: E402
+from _common import cpu_description, write_table  # noqa: E402
 
 from dataset_scripts.synthetic import SyntheticScenes, render_scene  # noqa: E402
 
@@ -75,7 +75,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        write_table(args.output, [text])
     print(text)
 
 

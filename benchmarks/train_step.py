@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import peak_rss_bytes, reset_peak_rss
+from _common import peak_rss_bytes, reset_peak_rss, write_table
 
 
 def run_case(preset: str, decoder: str, attention_impl: str, batch: int, threads: int, repeats: int) -> dict:
@@ -106,7 +106,7 @@ def main() -> None:
             f"| {r['peak_gb']:.2f} |"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_table(args.out, lines)
     print("\n".join(lines))
 
 
