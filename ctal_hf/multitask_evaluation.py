@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .metric_base import CTALMetric, Reducer
-from .tasks import LOWER_IS_BETTER, as_tasks, resolve_tasks
+from .tasks import CLASS_COUNT_FIELDS, LOWER_IS_BETTER, as_tasks, resolve_tasks
 
 
 class MultiTaskEvaluator:
@@ -56,9 +56,10 @@ class MultiTaskEvaluator:
             if isinstance(config, Sequence):
                 tasks, specs = list(config), task_specs
                 config = None
-                for name, given in (("semseg", num_semseg_classes), ("parts", num_parts_classes)):
-                    if name in tasks and given is None:
-                        raise ValueError(f"{name}: pass num_{name}_classes (or a config) to evaluate it.")
+                given = {"num_semseg_classes": num_semseg_classes, "num_parts_classes": num_parts_classes}
+                for name, field in CLASS_COUNT_FIELDS.items():
+                    if name in tasks and given[field] is None:
+                        raise ValueError(f"{name}: pass {field} (or a config) to evaluate it.")
             else:
                 tasks, specs = (
                     list(config.tasks),

@@ -44,6 +44,9 @@ from .registry import BUILTIN_TASK_NAMES, REGRESSION_LOSSES
 from .task_base import SPEC_FIELDS, TASK_KINDS, CTALTask
 from .task_kinds import CTALBinaryTask, CTALClassificationTask, CTALNormalsTask, CTALRegressionTask
 
+# The config field that sets the class count of each built-in classification task (`builtin_task_specs`).
+CLASS_COUNT_FIELDS: dict[str, str] = {"semseg": "num_semseg_classes", "parts": "num_parts_classes"}
+
 
 def builtin_task_specs(
     num_semseg_classes: int = 13,
@@ -180,6 +183,7 @@ __all__ = [
     "SPEC_FIELDS",
     "REGRESSION_LOSSES",
     "BUILTIN_TASK_NAMES",
+    "CLASS_COUNT_FIELDS",
     "builtin_task_specs",
     "resolve_tasks",
     "as_tasks",
