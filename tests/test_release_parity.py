@@ -13,8 +13,6 @@ from ctal_hf.blocks import CTALASPP, CTALClassifier
 from ctal_hf.configuration_ctal import PRESETS, RELEASE_BEHAVIOUR
 from ctal_hf.heads import CTALFeaturePropagation
 
-torch.set_num_threads(2)
-
 TINY = dict(tasks=["semseg", "depth"], image_size=[64, 64], num_semseg_classes=5)
 
 

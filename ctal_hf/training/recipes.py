@@ -4,8 +4,9 @@ authors' release) and a small CPU recipe for the offline synthetic dataset.
 A recipe fixes what the paper fixes (optimizer, learning rate, weight decay, epochs, scheduler, batch size,
 augmentation, the model preset with its loss weights); every field can be overridden on the command line. Where the
 paper and the authors' release differ, the paper recipes follow the release, which produced the paper's numbers
-(README "Parity with the authors' release"): schedulers stepped once per epoch, `drop_last`, [0, 1] inputs for the
-HRNet recipes, the PASCAL-Context augmentation, the loss weights per decoder and ImageNet backbone weights."""
+(docs/reproducing-the-paper.md, "Parity with the authors' release"): schedulers stepped once per epoch,
+`drop_last`, [0, 1] inputs for the HRNet recipes, the PASCAL-Context augmentation, the loss weights per decoder and
+ImageNet backbone weights."""
 
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
