@@ -327,6 +327,6 @@ def test_named_paper_backbones_keep_their_parameter_counts(preset, decoder, para
 def test_the_configuration_module_imports_first_in_a_fresh_process():
     # `ctal_hf` registers its Auto classes when transformers' Auto modules load: the configuration module must not
     # load them itself while it is being imported (what `train.py` does first).
-    script = "from ctal_hf.configuration_ctal import BACKBONES, DECODERS, CTALConfig; print(CTALConfig().head_family)"
+    script = "from ctal_hf.configuration_ctal import CTALConfig; print(CTALConfig().head_family)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.stdout.strip().endswith("bottleneck"), result.stderr[-2000:]
