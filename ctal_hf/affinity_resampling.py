@@ -102,7 +102,9 @@ def resize_fusion_conv(
 ) -> None:
     """Replaces, in place, the parameters of a grouped fusion conv (`CTALAffinityModule.fusion`) built for affinity
     size `size` by their resampling to `new_size`, and updates its channel and group counts."""
-    weight, bias = resample_fusion(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), size, new_size, method)
+    weight, bias = resample_fusion(
+        conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), size, new_size, method
+    )
     num_pixels, num_tasks = weight.shape[0], weight.shape[1]
     conv.weight = nn.Parameter(weight.clone(), requires_grad=conv.weight.requires_grad)
     if bias is not None:
@@ -118,7 +120,9 @@ def check_input_size(
     than its own for a backbone fixed to its input size at creation (`fixed_reason`)."""
     if fixed_reason is not None:
         raise ValueError(f"{what} cannot run at another size than its image_size: {fixed_reason}")
-    bad = [(name, side) for name, side in zip(("height", "width"), size, strict=True) if side % stride or side < stride]
+    bad = [
+        (name, side) for name, side in zip(("height", "width"), size, strict=True) if side % stride or side < stride
+    ]
     if bad:
 
         def nearest(side: int) -> str:

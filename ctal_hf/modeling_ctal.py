@@ -188,10 +188,12 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         image_size = tuple(int(side) for side in image_size)
         if image_size == tuple(self.config.image_size):
             return
-        backbones = self._backbones
-        reasons = [backbone.fixed_size_reason for backbone in backbones if backbone.fixed_size_reason]
-        stride = max(backbone.max_stride for backbone in backbones)
-        check_input_size(image_size, stride, reasons[0] if reasons else None, what="This CTAL model")
+        check_input_size(image_size, self.input_stride, self.fixed_size_reason, what="This CTAL model")
+
+    @property
+    def fixed_size_reason(self) -> str | None:
+        """Why the model cannot run at another input size than its `image_size` (None when it can)."""
+        return next((backbone.fixed_size_reason for backbone in self._backbones if backbone.fixed_size_reason), None)
 
     @property
     def input_stride(self) -> int:
