@@ -96,6 +96,7 @@ def test_resampling_keeps_smooth_maps_and_their_total():
     torch.testing.assert_close(scaled_bias.sum(), bias.sum())
 
 
+@pytest.mark.slow
 def test_both_routes_agree_and_the_resized_model_saves_and_reloads(model, saved, tmp_path):
     pixels = _images(LARGE, batch=2)
     with torch.no_grad():
@@ -181,8 +182,8 @@ def test_sliding_windows_blend_over_a_larger_image(model):
         last = model(pixels[..., 64:]).predictions
     for task in sliding:
         assert sliding[task].shape[-2:] == (64, 160)
-        torch.testing.assert_close(sliding[task][..., :64], first[task][..., :64])  # one window covers these
-        torch.testing.assert_close(sliding[task][..., 96:], last[task][..., 32:])
+        torch.testing.assert_close(sliding[task][..., :64], first[task][..., :64], rtol=1e-4, atol=1e-4)  # one window
+        torch.testing.assert_close(sliding[task][..., 96:], last[task][..., 32:], rtol=1e-4, atol=1e-4)
         # The overlap is a per-pixel convex combination of the two windows.
         low = torch.minimum(first[task][..., 64:], last[task][..., :32])
         high = torch.maximum(first[task][..., 64:], last[task][..., :32])
@@ -193,6 +194,7 @@ def test_sliding_windows_blend_over_a_larger_image(model):
         assert sliding_window_predictions(model, small)["depth"].shape == (1, 1, 48, 80)
 
 
+@pytest.mark.slow
 def test_pipeline_resolutions(model, saved):
     predictor = pipeline("dense-multitask", model=str(saved))
     image = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
@@ -220,6 +222,7 @@ def test_pipeline_resolutions(model, saved):
         predictor([image, image], resolution="sliding", batch_size=2)
 
 
+@pytest.mark.slow
 def test_cli_resolution_options(saved, tmp_path, capsys):
     import PIL.Image
 
