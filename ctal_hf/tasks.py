@@ -71,7 +71,21 @@ SPEC_FIELDS: tuple[str, ...] = (
     "value_range",
     "title",
     "hub_task_type",
+    "class_names",
+    "unit",
 )
+
+# Spec keys that describe a task without changing the model (names in pictures, pipelines and model cards): the only
+# keys `task_specs` may set for a built-in task, on top of the spec the config's fields give it.
+DESCRIPTIVE_FIELDS: tuple[str, ...] = ("title", "class_names", "unit")
+
+# The stock transformers task each per-task view of a checkpoint serves (`CTALForDepthEstimation`, ...) -> which of
+# the model's tasks it serves: the first (in `config.tasks` order) whose `field` equals `value`.
+STOCK_TASK_VIEWS: dict[str, tuple[str, str]] = {
+    "depth-estimation": ("hub_task_type", "depth-estimation"),
+    "semantic-segmentation": ("hub_task_type", "image-segmentation"),
+    "normal-estimation": ("kind", "normals"),
+}
 
 
 def _spec_error(name: str, field: str, problem: str) -> ValueError:
@@ -98,6 +112,10 @@ class CTALTask(ABC):
         value_range: regression only: (low, high) mapped to the colour range in pictures (default: per image).
         title: human-readable name (model cards, figures).
         hub_task_type: the Hub task type of its results in model cards.
+        class_names: classification only: the name of each class, in class-id order (`id2label` of the segmentation
+            task a stock pipeline serves; legends; model cards). `None`: unnamed.
+        unit: regression only: the unit of the values (`"metres"`, `"disparity"`, ...), for model cards and
+            pictures. `None`: unstated.
     """
 
     name: str
@@ -113,6 +131,8 @@ class CTALTask(ABC):
     value_range: tuple[float, float] | None = None
     title: str = ""
     hub_task_type: str | None = None
+    class_names: tuple[str, ...] | None = None
+    unit: str | None = None
 
     kind: ClassVar[str] = ""
     # Losses this kind accepts (the first is the default), headline metrics (-> lower is better; the first is the
@@ -213,6 +233,24 @@ class CTALTask(ABC):
         hub_task_type = spec.get("hub_task_type", cls._default_hub_task_type(name))
         if not isinstance(hub_task_type, str):
             raise _spec_error(name, "hub_task_type", f"must be a string, got {hub_task_type!r}.")
+        class_names = spec.get("class_names")
+        if class_names is not None:
+            if (
+                not isinstance(class_names, (list, tuple))
+                or not all(isinstance(c, str) and c for c in class_names)
+                or len(class_names) != num_channels
+                or len(set(class_names)) != len(class_names)
+            ):
+                raise _spec_error(
+                    name,
+                    "class_names",
+                    f"must list {num_channels} distinct non-empty names (one per class, in class-id order), got "
+                    f"{class_names!r}.",
+                )
+            class_names = tuple(class_names)
+        unit = spec.get("unit")
+        if unit is not None and (not isinstance(unit, str) or not unit):
+            raise _spec_error(name, "unit", f"must be a non-empty string such as 'metres', got {unit!r}.")
         task = cls(
             name=name,
             num_channels=int(num_channels),
@@ -227,6 +265,8 @@ class CTALTask(ABC):
             value_range=value_range,
             title=title,
             hub_task_type=hub_task_type,
+            class_names=class_names,
+            unit=unit,
         )
         task._check_combination()
         return task
@@ -309,16 +349,22 @@ class CTALTask(ABC):
         """A fresh streaming metric (`ctal_hf.metrics.CTALMetric`) for this task; `kwargs` go to its class."""
 
     def card_line(self) -> str:
-        """The task's line in a model card."""
+        """The task's line in a model card (with its unit and class names where the spec states them)."""
         if self.name in BUILTIN_TASK_NAMES:
-            return (
+            line = (
                 f"- `{self.name}`: {self.title} ({self.num_channels} output channel(s), headline metric {self.metric})"
             )
-        direction = "lower is better" if self.lower_is_better else "higher is better"
-        return (
-            f"- `{self.name}`: {self.title} ({self.kind} task, {self.num_channels} output channel(s), {self.loss} "
-            f"loss, headline metric {self.metric}, {direction})"
-        )
+        else:
+            direction = "lower is better" if self.lower_is_better else "higher is better"
+            line = (
+                f"- `{self.name}`: {self.title} ({self.kind} task, {self.num_channels} output channel(s), {self.loss} "
+                f"loss, headline metric {self.metric}, {direction})"
+            )
+        if self.unit is not None:
+            line += f"; unit: {self.unit}"
+        if self.class_names is not None:
+            line += "; classes: " + ", ".join(f"{index} {name}" for index, name in enumerate(self.class_names))
+        return line
 
     # --------------------------------------------------------------------------------------- post-processing
     def decode(self, prediction: torch.Tensor) -> torch.Tensor:
@@ -382,7 +428,7 @@ class CTALClassificationTask(CTALTask):
     losses: ClassVar[tuple[str, ...]] = ("cross_entropy",)
     metrics: ClassVar[dict[str, bool]] = {"mIoU": False, "pixel_acc": False}
     allowed_fields: ClassVar[frozenset[str]] = frozenset(
-        {"num_channels", "loss", "ignore_value", "metric", "lower_is_better", "title", "hub_task_type"}
+        {"num_channels", "loss", "ignore_value", "metric", "lower_is_better", "title", "hub_task_type", "class_names"}
     )
     default_ignore_value: ClassVar[str | float | None] = "config"
     label_layout: ClassVar[str] = "(batch, height, width) integer class ids"
@@ -497,6 +543,7 @@ class CTALRegressionTask(CTALTask):
             "value_range",
             "title",
             "hub_task_type",
+            "unit",
         }
     )
 
@@ -773,16 +820,19 @@ def resolve_tasks(
     task and field for a bad spec."""
     task_specs = dict(task_specs or {})
     builtin = builtin_task_specs(num_semseg_classes, num_parts_classes, ignore_index, normals_loss, edge_pos_weight)
-    redefined = sorted(set(task_specs) & set(builtin))
-    if redefined:
-        raise ValueError(
-            f"task_specs[{redefined[0]!r}]: {redefined[0]!r} is a built-in task, set by the config fields "
-            "(num_semseg_classes, num_parts_classes, ignore_index, normals_loss, edge_pos_weight); give your task "
-            "another name."
-        )
+    for name in sorted(set(task_specs) & set(builtin)):
+        spec = task_specs[name]
+        architectural = sorted(set(spec) - set(DESCRIPTIVE_FIELDS)) if isinstance(spec, Mapping) else ["(not a dict)"]
+        if architectural:
+            raise ValueError(
+                f"task_specs[{name!r}]: {name!r} is a built-in task, set by the config fields (num_semseg_classes, "
+                "num_parts_classes, ignore_index, normals_loss, edge_pos_weight); its spec may only describe it "
+                f"({list(DESCRIPTIVE_FIELDS)}), not set {architectural}. Give your own task another name."
+            )
+        builtin[name] = {**builtin[name], **spec}
     resolved = {}
     for name in tasks:
-        spec = task_specs.get(name, builtin.get(name))
+        spec = builtin.get(name) if name in builtin else task_specs.get(name)
         if spec is None:
             raise ValueError(
                 f"Unknown task {name!r}: not a built-in task ({list(BUILTIN_TASK_NAMES)}) and not defined in "
@@ -814,6 +864,15 @@ def as_tasks(tasks: Any, task_specs: Mapping[str, Any] | None = None) -> dict[st
     return resolve_tasks(list(tasks), task_specs)
 
 
+def serving_task(tasks: Mapping[str, CTALTask], view: str) -> str | None:
+    """The name of the task a stock view (`STOCK_TASK_VIEWS`: `"depth-estimation"`, `"semantic-segmentation"`,
+    `"normal-estimation"`) of a model with `tasks` serves, or `None` when the model has no such task."""
+    if view not in STOCK_TASK_VIEWS:
+        raise ValueError(f"Unknown stock view {view!r}; choose from {list(STOCK_TASK_VIEWS)}.")
+    field, value = STOCK_TASK_VIEWS[view]
+    return next((name for name, task in tasks.items() if getattr(task, field) == value), None)
+
+
 # The built-in tasks with the config's default settings (class counts of NYUv2 and PASCAL-Context parts).
 TASKS: dict[str, CTALTask] = resolve_tasks(BUILTIN_TASK_NAMES)
 
@@ -827,6 +886,9 @@ __all__ = [
     "CTALBinaryTask",
     "TASK_KINDS",
     "SPEC_FIELDS",
+    "DESCRIPTIVE_FIELDS",
+    "STOCK_TASK_VIEWS",
+    "serving_task",
     "REGRESSION_LOSSES",
     "BUILTIN_TASK_NAMES",
     "builtin_task_specs",

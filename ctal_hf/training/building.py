@@ -8,6 +8,7 @@ import os
 import torch
 
 from ..configuration_ctal import BACKBONES, PRESETS, CTALConfig
+from ..dataset_classes import CITYSCAPES_7_CLASSES
 from ..modeling_ctal import CTALForDenseMultitask
 from .arguments import read_json_file
 from .recipes import RECIPES, SCHEDULERS, CTALRecipe, get_recipe
@@ -102,12 +103,13 @@ def build_config(args: argparse.Namespace, recipe: CTALRecipe) -> CTALConfig:
         fields["image_size"] = list(args.image_size)
     if (args.dataset or recipe.dataset) == "cityscapes" and args.dataset_config == "7class":
         fields.setdefault("num_semseg_classes", 7)
+        fields["task_specs"] = {"semseg": {"class_names": CITYSCAPES_7_CLASSES}}
     if args.tasks is not None:
         fields["tasks"] = list(dict.fromkeys(args.tasks))
     if getattr(args, "backbone_config", None) is not None:
         fields["backbone_config"] = load_backbone_config(args.backbone_config)
     if getattr(args, "task_specs", None) is not None:
-        fields["task_specs"] = read_json_file("task_specs", args.task_specs)
+        fields["task_specs"] = {**fields.get("task_specs", {}), **read_json_file("task_specs", args.task_specs)}
     weights = dict(PRESETS[recipe.preset].get("loss_weights", {}))
     tasks = fields.get("tasks", PRESETS[recipe.preset]["tasks"])
     weights = {task: weight for task, weight in weights.items() if task in tasks}

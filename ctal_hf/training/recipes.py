@@ -10,6 +10,8 @@ HRNet recipes, the PASCAL-Context augmentation, the loss weights per decoder and
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..dataset_classes import DATASET_TASK_DESCRIPTIONS
+
 # How a recipe derives each decoder's loss weights from the preset's (`CTALRecipe.loss_weights_for`).
 LOSS_WEIGHT_RULES: tuple[str, ...] = ("preset", "release")
 
@@ -146,7 +148,12 @@ RECIPES: dict[str, CTALRecipe] = {
         name="synthetic",
         dataset="synthetic",
         preset="nyuv2",
-        model_overrides={"num_semseg_classes": 7, "image_size": [64, 96], "backbone_bn_momentum": None},
+        model_overrides={
+            "num_semseg_classes": 7,
+            "image_size": [64, 96],
+            "backbone_bn_momentum": None,
+            "task_specs": DATASET_TASK_DESCRIPTIONS["synthetic"],
+        },
         learning_rate=1e-3,
         weight_decay=1e-4,
         num_train_epochs=6,
