@@ -228,9 +228,7 @@ def load_calibration_data(
     if prepared_column:  # already prepared: check, do not process again
         array = np.stack([np.asarray(v, dtype=np.float32) for v in read(indices)])
         if array.ndim != 4 or array.shape[1] != 3:
-            raise ValueError(
-                f"Calibration dataset {name!r}: 'pixel_values' rows must be (3, H, W), got {array.shape}."
-            )
+            raise ValueError(f"Calibration dataset {name!r}: 'pixel_values' rows must be (3, H, W), got {array.shape}.")
         if tuple(array.shape[-2:]) != expected:
             raise _size_error(name, array.shape[-2:], expected, image_processor, "pixel_values")
         return CTALCalibrationData(array, name, split, batch_size)

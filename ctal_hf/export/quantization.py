@@ -165,9 +165,7 @@ def _compare(run_fp32: Callable, run_int8: Callable, calibration: CTALCalibratio
         reference, quantized = run_fp32(batch), run_int8(batch)
         for task, ref in reference.items():
             got = quantized[task]
-            entry = per_task.setdefault(
-                task, {"max_abs_diff": 0.0, "mean_abs_diff": 0.0, "scale": 0.0, "finite": True}
-            )
+            entry = per_task.setdefault(task, {"max_abs_diff": 0.0, "mean_abs_diff": 0.0, "scale": 0.0, "finite": True})
             entry["finite"] = bool(entry["finite"] and np.isfinite(got).all())
             diff = np.abs(got.astype(np.float64) - ref)
             entry["max_abs_diff"] = max(entry["max_abs_diff"], float(np.nanmax(diff)))
@@ -359,9 +357,7 @@ def quantize_exported(
     else:
         source = fp32_dir / OPENVINO_FILES[0]
         if not source.is_file():
-            raise FileNotFoundError(
-                f"{fp32_dir} has no {OPENVINO_FILES[0]} to quantise (an OpenVINO export writes it)."
-            )
+            raise FileNotFoundError(f"{fp32_dir} has no {OPENVINO_FILES[0]} to quantise (an OpenVINO export writes it).")
         onnx_scopes = None
         if (fp32_dir / ONNX_FILE).is_file():  # an IR converted from the ONNX file keeps its node names
             import onnx
