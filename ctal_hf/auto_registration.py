@@ -1,6 +1,8 @@
 """How `import ctal_hf` registers CTAL with transformers without importing torch or transformers.
 
-The registrations (`AutoConfig`, `AutoModel`, `AutoImageProcessor`, `pipeline("dense-multitask")`) live in
+The registrations (`AutoConfig`, `AutoModel`, the per-task `AutoModelForDepthEstimation`,
+`AutoModelForSemanticSegmentation` and `AutoModelForNormalEstimation`, `AutoImageProcessor`,
+`pipeline("dense-multitask")`) live in
 transformers modules that are expensive to import (`transformers.pipelines` pulls in every pipeline, the image
 processing modules pull in torchvision). Each registration is therefore made when the transformers module that holds
 its registry is first imported (or at once, when it already is): a small `sys.meta_path` finder runs a callback right
@@ -138,12 +140,27 @@ def _register_config() -> None:
     AutoConfig.register("ctal", _config_class(), exist_ok=True)
 
 
-def _register_model() -> None:
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+# Auto model mapping (in `transformers.models.auto.modeling_auto`) -> the CTAL class it maps `CTALConfig` to: the
+# dense multitask model, and one view per stock task of the same checkpoint (`modeling_ctal.AUTO_CLASSES`). Each
+# entry is what `AutoModel.register(CTALConfig, CTALForDenseMultitask)`, `AutoModelForDepthEstimation.register(
+# CTALConfig, CTALForDepthEstimation)`, `AutoModelForSemanticSegmentation.register(CTALConfig,
+# CTALForSemanticSegmentation)` and `AutoModelForNormalEstimation.register(CTALConfig, CTALForNormalEstimation)`
+# would make, deferred so that the model module is imported at the first lookup.
+MODEL_MAPPINGS: dict[str, str] = {
+    "MODEL_MAPPING": "CTALForDenseMultitask",
+    "MODEL_FOR_DEPTH_ESTIMATION_MAPPING": "CTALForDepthEstimation",
+    "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING": "CTALForSemanticSegmentation",
+    "MODEL_FOR_NORMAL_ESTIMATION_MAPPING": "CTALForNormalEstimation",
+}
 
-    if not isinstance(MODEL_MAPPING._extra_content, _DeferredEntries):
-        MODEL_MAPPING._extra_content = _DeferredEntries(MODEL_MAPPING._extra_content)
-    MODEL_MAPPING._extra_content[_config_class()] = _Deferred(f"{__package__}.modeling_ctal", "CTALForDenseMultitask")
+
+def _register_model() -> None:
+    modeling_auto = sys.modules[_MODELING_AUTO]
+    for mapping_name, class_name in MODEL_MAPPINGS.items():
+        mapping = getattr(modeling_auto, mapping_name)
+        if not isinstance(mapping._extra_content, _DeferredEntries):
+            mapping._extra_content = _DeferredEntries(mapping._extra_content)
+        mapping._extra_content[_config_class()] = _Deferred(f"{__package__}.modeling_ctal", class_name)
 
 
 def _register_image_processor() -> None:
@@ -179,9 +196,10 @@ def _register_config_for_auto_class() -> None:
 
 
 def _register_model_for_auto_class() -> None:
-    from .modeling_ctal import CTALForDenseMultitask
+    from .modeling_ctal import AUTO_CLASSES
 
-    CTALForDenseMultitask.register_for_auto_class("AutoModel")
+    for auto_class, model_class in AUTO_CLASSES.items():
+        model_class.register_for_auto_class(auto_class)
 
 
 def _register_image_processor_for_auto_class() -> None:
