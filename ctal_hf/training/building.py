@@ -11,6 +11,7 @@ from ..configuration_ctal import BACKBONES, PRESETS, CTALConfig
 from ..dataset_classes import CITYSCAPES_7_CLASSES
 from ..modeling_ctal import CTALForDenseMultitask
 from .arguments import read_json_file
+from .hub_datasets import HUB_DATASETS
 from .recipes import RECIPES, SCHEDULERS, CTALRecipe, get_recipe
 
 RECIPE_FLAGS: tuple[str, ...] = (
@@ -33,8 +34,11 @@ RECIPE_FLAGS: tuple[str, ...] = (
 
 
 def resolve_recipe(args: argparse.Namespace) -> CTALRecipe:
-    """The recipe (by name, else the dataset's, else synthetic) with the command-line overrides applied."""
+    """The recipe (by name, else the dataset's or the known Hub copy's, else synthetic) with the command-line overrides
+    applied."""
     name = args.recipe
+    if name is None and args.dataset in HUB_DATASETS:
+        name = HUB_DATASETS[args.dataset].recipe  # a known Hub copy trains with its dataset's recipe
     if name is None:
         name = args.dataset if args.dataset in RECIPES else "synthetic"
     recipe = get_recipe(name)
