@@ -10,7 +10,6 @@ needs the package's dependencies (transformers, timm) and is skipped with a note
 """
 
 import argparse
-import contextlib
 import datetime
 import importlib.util
 import json
@@ -23,16 +22,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import make_batch, peak_rss_bytes, reset_peak_rss, rss_bytes, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_attention_module():
-    """ctal_hf/ctal_attention.py alone (it imports only torch), so the diffusion runs without transformers."""
-    spec = importlib.util.spec_from_file_location("ctal_attention_standalone", REPO / "ctal_hf" / "ctal_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """`ctal_hf.ctal_attention` (it imports torch and the torch-free `ctal_hf.registry` only), so the diffusion runs
+    without transformers."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module("ctal_hf.ctal_attention")
 
 
 class Meter:
@@ -49,23 +49,14 @@ class Meter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")
-            self.base = self._rss("VmRSS")
+            reset_peak_rss()
+            self.base = rss_bytes()
 
     def peak_gb(self) -> float:
         self.sync()
         if self.device.type == "cuda":
             return (torch.cuda.max_memory_allocated(self.device) - self.base) / 1e9
-        return (self._rss("VmHWM") - self.base) / 1e9
-
-    @staticmethod
-    def _rss(field: str) -> int:
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return (peak_rss_bytes() - self.base) / 1e9
 
     def time(self, step, repeats: int) -> tuple[float, float]:
         step()
@@ -130,13 +121,8 @@ def step_rows(device, meter, args) -> list[dict]:
     config = CTALConfig.from_preset("nyuv2", decoder="ctal_ss", **overrides)
     model = CTALForDenseMultitask(config).to(device).train()
     height, width = config.image_size
-    generator = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(args.batch, 3, height, width, generator=generator).to(device)
-    labels = {
-        "semseg": torch.randint(0, config.num_semseg_classes, (args.batch, height, width), generator=generator),
-        "depth": torch.rand(args.batch, 1, height, width, generator=generator) + 0.1,
-        "normals": F.normalize(torch.randn(args.batch, 3, height, width, generator=generator), dim=1),
-    }
+    pixel_values, labels = make_batch(config, args.batch)
+    pixel_values = pixel_values.to(device)
     labels = {task: label.to(device) for task, label in labels.items()}
     rows = []
     for dtype in args.dtypes:
@@ -294,7 +280,7 @@ def main(argv=None) -> None:
         )
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_table(args.out, [text])
     if os.environ.get("OUT"):  # the device tool brings back what is written under $OUT
         Path(os.environ["OUT"], args.out.name).write_text(text)
     print(text)

@@ -8,12 +8,13 @@ ratio to `import torch` measured in the same run, since a shared machine's load 
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import machine_line, write_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HELP = "import sys; from ctal_hf.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
@@ -39,21 +40,6 @@ def time_command(code: str, repeats: int) -> list[float]:
     return times
 
 
-def cpu_description() -> str:
-    cpu, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu == (platform.processor() or "unknown CPU"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    marks = [flag for flag in ("avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
-    return f"{cpu} (bf16/AMX flags: {', '.join(marks) or 'none'}), {os.cpu_count()} logical CPUs"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="fresh interpreters per command")
@@ -71,7 +57,7 @@ def main(argv=None) -> None:
     lines = [
         "# Startup time",
         "",
-        f"Machine: {cpu_description()}; Python {platform.python_version()}. Median of {args.repeats} fresh "
+        f"Machine: {machine_line()}. Median of {args.repeats} fresh "
         "interpreters per row; the ratio column divides by `import torch` measured in the same run (a shared "
         "machine's load moves the absolute figures).",
         "",
@@ -92,7 +78,7 @@ def main(argv=None) -> None:
     ]
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n".join(lines))
+    write_table(output, lines)
     print(f"Wrote {output}")
 
 

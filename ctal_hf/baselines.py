@@ -25,6 +25,7 @@ from .backbones import CTALBackbone
 from .blocks import CTALHighResolutionHead, upsample_to
 from .ctal_module import CTALTaskProjection
 from .heads import HEAD_FAMILIES, CTALMultiScaleInitialHeads, CTALNeck, build_final_head, build_task_head
+from .registry import PAPNET_AFFINITY_NORMALIZATIONS, PAPNET_FEATURE_NORMALIZATIONS, check_choice
 
 if TYPE_CHECKING:
     from .backbones import CTALFeatureInfo
@@ -147,14 +148,8 @@ class CTALPatternAffinityDiffusion(nn.Module):
         feature_normalization: str = "channels",
     ):
         super().__init__()
-        if affinity_normalization not in ("rows", "columns"):
-            raise ValueError(
-                f"Unknown `papnet_affinity_normalization` {affinity_normalization!r}; choose from ['rows', 'columns']."
-            )
-        if feature_normalization not in ("channels", "pixels"):
-            raise ValueError(
-                f"Unknown `papnet_feature_normalization` {feature_normalization!r}; choose from ['channels', 'pixels']."
-            )
+        check_choice("papnet_affinity_normalization", affinity_normalization, PAPNET_AFFINITY_NORMALIZATIONS)
+        check_choice("papnet_feature_normalization", feature_normalization, PAPNET_FEATURE_NORMALIZATIONS)
         self.tasks = list(tasks)
         self.beta = beta
         self.diffusion_steps = diffusion_steps

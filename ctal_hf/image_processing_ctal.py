@@ -17,14 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
-from transformers.image_utils import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    ChannelDimension,
-    PILImageResampling,
-)
+from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.utils import logging
 
+from .registry import IMAGENET_MEAN, IMAGENET_STD
 from .tasks import BUILTIN_TASK_NAMES, as_tasks
 
 logger = logging.get_logger(__name__)
@@ -192,8 +188,8 @@ class CTALImageProcessor(TorchvisionBackend):
 
     model_input_names = ["pixel_values"]
     resample = PILImageResampling.BILINEAR
-    image_mean = IMAGENET_DEFAULT_MEAN
-    image_std = IMAGENET_DEFAULT_STD
+    image_mean = list(IMAGENET_MEAN)
+    image_std = list(IMAGENET_STD)
     size = {"height": 288, "width": 384}
     default_to_square = True
     do_resize = True

@@ -11,7 +11,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import DepthEstimatorOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, logging
 
-from .backbones import CTALBackbone, pretrained_backbone_state_dict
+from .backbone_weights import pretrained_backbone_state_dict
+from .backbones import CTALBackbone
 from .blocks import CTALClassifier, upsample_to
 from .configuration_ctal import CTALConfig
 from .ctal_module import CTALAffinityModule
@@ -24,6 +25,7 @@ from .input_checks import (
     weights_file_error,
 )
 from .losses import CTALCriterion
+from .registry import check_affinity_stride
 from .tasks import serving_task
 
 logger = logging.get_logger(__name__)
@@ -171,17 +173,9 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         else:
             self.backbone = CTALBackbone(config)
             feature_info = self.backbone.feature_info
-            if spec.needs_multi_scale and not feature_info.is_multi_scale:
-                raise ValueError(
-                    f"decoder {config.decoder!r} needs a multi-scale backbone; {self.backbone.name} gives one map."
-                )
-            affinity_stride = feature_info.affinity_stride(config.affinity_scale)
-            if min(config.image_size) < affinity_stride:
-                raise ValueError(
-                    f"The affinity map does not fit: `image_size` {list(config.image_size)} is smaller than its "
-                    f"stride {affinity_stride} (max of `affinity_scale` {config.affinity_scale} and the finest "
-                    f"backbone map's stride {feature_info.finest_stride})."
-                )
+            # `CTALConfig` refuses a multi-scale decoder on a single map (`needs_multi_scale`) for every backbone; the
+            # affinity map is checked here for backbones measured only now (named ones when the config is made).
+            check_affinity_stride(config.image_size, config.affinity_scale, feature_info.finest_stride)
             self.decoder = spec.decoder_class(config, feature_info)
         self.criterion = CTALCriterion(config)
         self.post_init()

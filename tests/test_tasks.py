@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import calibrate_batch_norm, random_labels  # each kind's random labels are valid labels
 from transformers import pipeline
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor, MultiTaskEvaluator, delta_m
 from ctal_hf.data import CTALTransform, collate_samples, fit_to_size, hflip, random_scale_crop, row_to_sample
 from ctal_hf.tasks import LOWER_IS_BETTER, TASK_KINDS, TASKS, CTALTask, resolve_tasks
 from ctal_hf.visualization import colorize, make_figure, visualize_predictions
-
-torch.set_num_threads(2)
 
 SIZE = (32, 32)
 # One custom task of each kind, with non-default optional fields.
@@ -37,25 +36,10 @@ def custom_config(**kwargs) -> CTALConfig:
     return CTALConfig(**fields)
 
 
-def random_labels(config: CTALConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    labels = {name: task.random_label(batch, *SIZE, generator) for name, task in config.get_tasks().items()}
-    for name, task in config.get_tasks().items():  # each kind's random labels are valid labels
-        task.check_label(labels[name], batch, SIZE)
-    return labels
-
-
 @pytest.fixture(scope="module")
 def model() -> CTALForDenseMultitask:
     torch.manual_seed(0)
-    model = CTALForDenseMultitask(custom_config())
-    for module in model.modules():  # batch statistics of one batch: O(1) outputs from a random model
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(4, 3, *SIZE, generator=torch.Generator().manual_seed(0)))
-    return model.eval()
+    return calibrate_batch_norm(CTALForDenseMultitask(custom_config()), batch=4)
 
 
 # ------------------------------------------------------------------------------------------------- config / specs

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_labels
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask
 from ctal_hf.tasks import DESCRIPTIVE_FIELDS
@@ -23,16 +24,6 @@ sys.path.insert(0, str(REPO / "examples"))
 import train  # noqa: E402
 
 TINY = CTALConfig.from_preset("nyuv2", num_semseg_classes=5, image_size=[32, 64])
-
-
-def _labels(batch: int = 2, size=(32, 64)) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    normals = torch.nn.functional.normalize(torch.randn(batch, 3, *size, generator=generator), dim=1)
-    return {
-        "semseg": torch.randint(0, 5, (batch, *size), generator=generator),
-        "depth": torch.rand(batch, 1, *size, generator=generator) + 0.1,
-        "normals": normals,
-    }
 
 
 # ------------------------------------------------------------------------------------------------------ arguments
@@ -172,7 +163,7 @@ def test_famo_update_and_state_round_trip():
 
 def test_fixed_weighting_is_the_models_loss():
     model = CTALForDenseMultitask(TINY).train()
-    outputs = model(pixel_values=torch.randn(2, 3, 32, 64), labels=_labels())
+    outputs = model(pixel_values=torch.randn(2, 3, 32, 64), labels=random_labels(TINY))
     terms = loss_weighting.build_loss_weighting("fixed", TINY)(outputs.task_losses)
     assert torch.equal(torch.stack(list(terms.values())).sum(), outputs.loss)
 
@@ -188,7 +179,7 @@ def test_torchjd_sum_aggregation_equals_plain_backward(decoder):
     config = CTALConfig.from_preset("nyuv2", num_semseg_classes=5, image_size=[32, 64], decoder=decoder)
     torch.manual_seed(0)
     model = CTALForDenseMultitask(config).train()
-    pixels, labels = torch.randn(2, 3, 32, 64), _labels()
+    pixels, labels = torch.randn(2, 3, 32, 64), random_labels(TINY)
     model(pixel_values=pixels, labels=labels).loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)

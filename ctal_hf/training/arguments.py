@@ -8,21 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..registry import BACKBONE_INFO, DECODER_INFO, GRADIENT_AGGREGATORS, LOSS_WEIGHTINGS
 from .recipes import RECIPES, SCHEDULER_INTERVALS, SCHEDULERS
-
-# Loss weighting methods (`ctal_hf.training.loss_weighting`) and TorchJD aggregators
-# (`ctal_hf.training.aggregation`), by command-line name. The modules that implement them check these names too.
-LOSS_WEIGHTINGS: tuple[str, ...] = ("fixed", "uncertainty", "dwa", "famo")
-GRADIENT_AGGREGATORS: tuple[str, ...] = (
-    "none",
-    "upgrad",
-    "mgda",
-    "cagrad",
-    "nashmtl",
-    "pcgrad",
-    "imtl_g",
-    "aligned_mtl",
-)
 
 
 def column_mapping(text: str) -> dict[str, str]:
@@ -273,14 +260,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
 
 def check_registry_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Decoder and backbone names, checked against the model registries (imports the model configuration)."""
-    from ..configuration_ctal import BACKBONES, DECODERS
-
-    if args.decoder not in DECODERS:
-        parser.error(f"argument --decoder: invalid choice: {args.decoder!r} (choose from {', '.join(DECODERS)})")
-    if args.backbone is not None and args.backbone not in BACKBONES:
+    """Decoder and backbone names, checked against the registry (`ctal_hf.registry`, torch-free)."""
+    if args.decoder not in DECODER_INFO:
+        parser.error(f"argument --decoder: invalid choice: {args.decoder!r} (choose from {', '.join(DECODER_INFO)})")
+    if args.backbone is not None and args.backbone not in BACKBONE_INFO:
         parser.error(
-            f"argument --backbone: invalid choice: {args.backbone!r} (choose from {', '.join(sorted(BACKBONES))})"
+            f"argument --backbone: invalid choice: {args.backbone!r} (choose from {', '.join(sorted(BACKBONE_INFO))})"
         )
     return args
 

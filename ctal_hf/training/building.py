@@ -7,9 +7,10 @@ import os
 
 import torch
 
-from ..configuration_ctal import BACKBONES, PRESETS, CTALConfig
+from ..configuration_ctal import PRESETS, CTALConfig
 from ..dataset_classes import CITYSCAPES_7_CLASSES
 from ..modeling_ctal import CTALForDenseMultitask
+from ..registry import BACKBONE_INFO
 from .arguments import read_json_file
 from .hub_datasets import HUB_DATASETS
 from .recipes import RECIPES, SCHEDULERS, CTALRecipe, get_recipe
@@ -172,7 +173,7 @@ def build_model(args: argparse.Namespace, config: CTALConfig, recipe: CTALRecipe
     source = pretrained_backbone_source(args, recipe)
     if source is None:
         return CTALForDenseMultitask(config)
-    library = "timm" if config.backbone is None else BACKBONES[config.backbone].builder.library
+    library = "timm" if config.backbone is None else BACKBONE_INFO[config.backbone].library
     if args.pretrained_backbone in LIBRARY_WEIGHTS and args.pretrained_backbone != library:
         raise ValueError(
             f"--pretrained_backbone {args.pretrained_backbone}: the {config.backbone_description} backbone is built "
@@ -181,7 +182,7 @@ def build_model(args: argparse.Namespace, config: CTALConfig, recipe: CTALRecipe
     what = (
         "a full timm state dict of the backbone"
         if config.backbone is None
-        else f"a state dict of {BACKBONES[config.backbone].builder.description} classification model"
+        else f"a state dict of {BACKBONE_INFO[config.backbone].description} classification model"
     )
     try:
         weights = backbone_weights_file(source)

@@ -53,7 +53,7 @@ def load_splits(args: argparse.Namespace, recipe: CTALRecipe, tasks: list[str], 
         if not args.data_dir:
             raise ValueError(
                 f"--dataset {name} is built from the public preprocessed files: pass --data_dir <folder> "
-                "(README section 'Datasets'), or a published Parquet copy as --dataset <hub id or folder>."
+                "(docs/datasets.md), or a published Parquet copy as --dataset <hub id or folder>."
             )
         data_dir = Path(args.data_dir).expanduser()
         if not data_dir.is_dir():

@@ -8,7 +8,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..configuration_ctal import DECODER_NAMES
+from ..registry import decoder_display_name
 from ..tasks import TASKS, as_tasks, serving_task
 
 # Metrics that are fractions in [0, 1]; cards and tables print them in percent, as the paper does.
@@ -62,6 +62,11 @@ def metrics_table(
                 row += f" {display_value(metric, initial.get(task, {}).get(metric))} |"
             lines.append(row)
     return "\n".join(lines)
+
+
+def _pipeline_tag(tasks: Mapping[str, Any]) -> str | None:
+    """The card's Hub pipeline tag: image segmentation when a task is scored as one (the paper's `semseg`)."""
+    return "image-segmentation" if any(task.hub_task_type == "image-segmentation" for task in tasks.values()) else None
 
 
 def _eval_results(final, tasks, dataset_name: str, dataset_type: str, split: str) -> list[EvalResult]:
@@ -127,7 +132,7 @@ def make_model_card(
     split: str = "validation",
 ) -> ModelCard:
     """The card of a trained model; `recipe` is the flat dict of training settings (optimizer, lr, ...)."""
-    decoder = DECODER_NAMES.get(config.decoder, config.decoder)
+    decoder = decoder_display_name(config.decoder)
     tasks = config.get_tasks()
     shown = {m for name, values in final.items() for m in _display_metrics(tasks, name, values)}
     dataset_type = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset_name).strip("-")
