@@ -58,6 +58,10 @@ class DisplayInfo:
 
 
 # ------------------------------------------------------------------------------------------------------- input
+def _megapixels(pixels: float) -> str:
+    return f"{pixels / 1e6:.2g} megapixels"
+
+
 def check_upload(path: str | os.PathLike | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> PIL.Image.Image:
     """Opens an uploaded file as an image, or raises `DemoInputError` with a sentence for the page: no file, not an
     image, too many pixels (checked from the header, before the pixels are decoded), corrupt."""
@@ -70,14 +74,14 @@ def check_upload(path: str | os.PathLike | None, max_pixels: int = DEFAULT_MAX_P
     except PIL.Image.DecompressionBombError:
         raise DemoInputError(
             f"{name} is far too large (Pillow refuses it as a possible decompression bomb); upload an image of at "
-            f"most {max_pixels / 1e6:.0f} megapixels."
+            f"most {_megapixels(max_pixels)}."
         ) from None
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise DemoInputError(f"{name} is not an image this demo can read; upload a PNG, JPEG or WebP photo.") from None
     if width * height > max_pixels:
         raise DemoInputError(
-            f"{name} is {width}x{height} ({width * height / 1e6:.1f} megapixels); this demo takes up to "
-            f"{max_pixels / 1e6:.1f} megapixels. Resize it and upload it again."
+            f"{name} is {width}x{height} ({_megapixels(width * height)}); this demo takes up to "
+            f"{_megapixels(max_pixels)}. Resize it and upload it again."
         )
     from ..image_processing_ctal import load_image
 
