@@ -237,7 +237,12 @@ def test_the_page_in_a_real_browser(demo_server, tmp_path):
         return page.locator(status).inner_text()
 
     def upload(page, path: Path) -> None:
-        page.locator("#upload input[type=file]").set_input_files(str(path))
+        """As a person does: remove the file shown (the cross), then choose the new one."""
+        field = page.locator("#upload input[type=file]")
+        if field.count() == 0:
+            page.locator("#upload button[aria-label='Clear'], #upload button[title='Clear']").first.click()
+            wait_for_status(page, "Upload an image to start")
+        field.set_input_files(str(path))
 
     def assert_no_error_shown(page) -> None:
         text = page.locator("body").inner_text()
