@@ -82,16 +82,24 @@ def make_photos(folder: Path, count: int, size: tuple[int, int]) -> None:
         PIL.Image.fromarray(pixels).save(folder / f"photo{index:04d}.jpg", quality=90)
 
 
-def run_setting(model: Path, photos: Path, work: Path, processes: int, batch: int, cores: int) -> dict:
-    out, summary_file = work / f"out-{processes}-{batch}", work / f"summary-{processes}-{batch}.json"
+def run_setting(model: Path, photos: Path, work: Path, processes: int, threads: int, batch: int) -> dict:
+    name = f"{processes}-{threads}-{batch}"
+    out, summary_file = work / f"out-{name}", work / f"summary-{name}.json"
     shutil.rmtree(out, ignore_errors=True)
     summary_file.unlink(missing_ok=True)
-    threads = str(max(1, cores // processes))
+    threads = str(threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "ACCELERATE_USE_CPU": "1"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="0")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-    command += ["--master_port", str(29500 + processes * 10 + batch), "-m", "ctal_hf.bulk", "--model", str(model)]
+    command += [
+        "--master_port",
+        str(29500 + processes * 100 + int(threads) * 10 + batch),
+        "-m",
+        "ctal_hf.bulk",
+        "--model",
+        str(model),
+    ]
     command += [str(photos), "--output_dir", str(out), "--batch_size", str(batch), "--no_progress"]
     command += ["--summary_file", str(summary_file)]
     start = time.perf_counter()
@@ -108,31 +116,40 @@ def run_setting(model: Path, photos: Path, work: Path, processes: int, batch: in
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="A tiny model and few small photos (a smoke test).")
-    parser.add_argument("--num_images", type=int, default=None, help="Photos per run (default 32; tiny: 8).")
-    parser.add_argument("--repeats", type=int, default=None, help="Rounds over the settings (default 2; tiny: 1).")
+    parser.add_argument("--num_images", type=int, default=None, help="Photos per run (default 16; tiny: 8).")
+    parser.add_argument("--repeats", type=int, default=1, help="Rounds over the settings (default 1).")
     parser.add_argument("--cores", type=int, default=2, help="Cores the processes share (threads = cores / P).")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--no_single_thread",
+        action="store_true",
+        help="Leave out 1 process with 1 thread (a control: same "
+        "threads per process as the multi-process settings, half the cores).",
+    )
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
-    count = args.num_images or (8 if args.tiny else 32)
-    repeats = args.repeats or (1 if args.tiny else 2)
+    count = args.num_images or (8 if args.tiny else 16)
+    repeats = args.repeats
     size = (48, 64) if args.tiny else (480, 640)
-    settings = [(p, b) for p in args.processes for b in args.batch_sizes]
+    # (processes, threads per process, batch); the first is the baseline of the ratios.
+    settings = [(p, max(1, args.cores // p), b) for p in args.processes for b in args.batch_sizes]
+    if not args.no_single_thread and args.cores > 1 and 1 in args.processes:
+        settings[len(args.batch_sizes) : len(args.batch_sizes)] = [(1, 1, b) for b in args.batch_sizes]
     work = Path(tempfile.mkdtemp(prefix="bulk-bench-"))
     try:
         model_name = build_model(work / "model", args.tiny)
         make_photos(work / "photos", count, size)
         cpu, load_before = cpu_description(), load_average()
         print(f"CPU: {cpu}; {os.cpu_count()} logical CPUs visible, load average {load_before}", flush=True)
-        results: dict[tuple[int, int], list[dict]] = {setting: [] for setting in settings}
+        results: dict[tuple[int, int, int], list[dict]] = {setting: [] for setting in settings}
         for round_index in range(repeats):
             order = settings[round_index % len(settings) :] + settings[: round_index % len(settings)]
-            for processes, batch in order:
-                measured = run_setting(work / "model", work / "photos", work, processes, batch, args.cores)
-                results[(processes, batch)].append(measured)
+            for processes, threads, batch in order:
+                measured = run_setting(work / "model", work / "photos", work, processes, threads, batch)
+                results[(processes, threads, batch)].append(measured)
                 print(
-                    f"round {round_index + 1}: {processes} process(es), batch {batch}: "
+                    f"round {round_index + 1}: {processes} process(es) x {threads} thread(s), batch {batch}: "
                     f"{measured['images_per_second']:.2f} images/s, {measured['wall']:.1f} s wall",
                     flush=True,
                 )
@@ -147,7 +164,8 @@ def main(argv=None) -> int:
         f"`python benchmarks/bulk_prediction.py{' --tiny' if args.tiny else ''}` on "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. {model_name}, random weights; "
         f"{count} photos of {size[1]}x{size[0]} per run, `.npy` maps of every task written; {repeats} round(s), "
-        f"medians. Processes share {args.cores} cores (`OMP_NUM_THREADS` = {args.cores} / processes).",
+        f"medians. Processes share {args.cores} cores (`OMP_NUM_THREADS` = {args.cores} / processes; the "
+        "1 process x 1 thread rows are a control that uses half the cores).",
         "",
         f"CPU: {cpu}; torch threads as above, float32.",
         "",
@@ -155,20 +173,21 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} logical CPUs): other jobs took CPU time during every run, so absolute figures are low "
         "and noisy; compare the ratios, measured in the same rounds.",
         "",
-        "| processes | batch | images/s (loop) | ratio to 1 process, batch 1 | wall time of the command (s) |",
+        "| processes x threads | batch | images/s (loop) | ratio to the first row | wall time of the command (s) |",
         "|---|---|---|---|---|",
     ]
     base_rounds = [r["images_per_second"] for r in results[base]]
-    for processes, batch in settings:
-        rounds = results[(processes, batch)]
+    for processes, threads, batch in settings:
+        rounds = results[(processes, threads, batch)]
         speed = statistics.median(r["images_per_second"] for r in rounds)
         ratio = statistics.median(r["images_per_second"] / b for r, b in zip(rounds, base_rounds, strict=True))
         wall = statistics.median(r["wall"] for r in rounds)
-        lines.append(f"| {processes} | {batch} | {speed:.2f} | {ratio:.2f} | {wall:.1f} |")
+        lines.append(f"| {processes} x {threads} | {batch} | {speed:.2f} | {ratio:.2f} | {wall:.1f} |")
     lines += [
         "",
         "Images/s counts the prediction loop of each process (reading, preprocessing, forward pass, resizing the "
-        "maps back to 480x640, writing `.npy`), over the slowest process; the wall time adds interpreter start, "
+        f"maps back to {size[1]}x{size[0]}, writing `.npy`), over the slowest process; the wall time adds interpreter "
+        "start, "
         "process-group setup and model loading.",
     ]
     text = "\n".join(lines) + "\n"
