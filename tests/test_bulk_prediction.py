@@ -320,3 +320,16 @@ def test_a_killed_run_resumed_gives_every_output_exactly_once(saved_model, tmp_p
     reference = tmp_path / "reference"
     assert run([*common, "--output_dir", reference], capsys)[0] == 0
     assert_same_outputs(reference, out)
+
+
+@pytest.mark.slow
+def test_benchmark_script_writes_its_table(tmp_path):
+    output = tmp_path / "bulk_prediction.md"
+    command = [sys.executable, str(REPO / "benchmarks" / "bulk_prediction.py"), "--tiny", "--num_images", "2"]
+    command += ["--batch_sizes", "1", "--no_single_thread", "--output", str(output)]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    text = output.read_text()
+    assert "CPU: " in text and "avx512_bf16" in text and "shared and loaded" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 x 2 |") or line.startswith("| 2 x 1 |")]
+    assert len(rows) == 2 and all(float(row.split("|")[3]) > 0 for row in rows), text

@@ -130,6 +130,32 @@ def test_raw_maps_npz_round_trip(tmp_path):
         assert loaded["depth"].dtype == np.float32
 
 
+def test_page_callback_without_a_browser(saved_model, tmp_path):
+    """The page's callback as the page calls it: statuses, pictures, the .npz; and the page builds."""
+    gr = pytest.importorskip("gradio", reason="gradio not installed: pip install -e '.[demo]'")
+    from transformers import pipeline
+
+    from ctal_hf.demo.app import DemoPredictor, build_demo
+
+    predictor = pipeline("dense-multitask", model=str(saved_model), device="cpu")
+    assert isinstance(build_demo(predictor, examples=[]), gr.Blocks)
+    callback = DemoPredictor(predictor, DisplayInfo.from_config(predictor.model.config), workdir=tmp_path / "work")
+    photo = tmp_path / "photo.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(photo)
+    status, preview, archive, *pictures = callback(str(photo), ["depth", "semseg"])
+    assert status.startswith("Predicted 2 task(s) for a 120x90 image"), status
+    assert preview.size == (120, 90)
+    with np.load(archive) as maps:
+        assert sorted(maps.files) == ["depth", "semseg"] and maps["depth"].shape == (90, 120)
+    shown = {task: picture for task, picture in zip(TASKS, pictures, strict=True) if picture.visible}
+    assert sorted(shown) == ["depth", "semseg"]
+    text = tmp_path / "x.txt"
+    text.write_text("no")
+    for path, chosen, message in ((text, TASKS, "x.txt is not an image"), (photo, [], "Choose at least one task")):
+        status, preview, archive, *pictures = callback(str(path), chosen)
+        assert status.startswith("**Error:**") and message in status and preview is None and archive is None
+
+
 # ---------------------------------------------------------------------------------------------------- command line
 def run_python(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -291,7 +317,9 @@ def test_the_page_in_a_real_browser(demo_server, tmp_path):
             large = tmp_path / "large.png"
             PIL.Image.new("RGB", (2000, 1500)).save(large)
             upload(page, large)
-            assert "large.png is 2000x1500 (3 megapixels); this demo takes up to 2 megapixels" in wait_for_status(page, "large.png")
+            assert "large.png is 2000x1500 (3 megapixels); this demo takes up to 2 megapixels" in wait_for_status(
+                page, "large.png"
+            )
             assert "Traceback" not in page.locator("body").inner_text()
             page.screenshot(path=str(tmp_path / "demo_bad_input.png"), full_page=True)
 

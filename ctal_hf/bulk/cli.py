@@ -99,7 +99,7 @@ def open_source(args: argparse.Namespace, state):
         with state.main_process_first():  # one process prepares the dataset cache, the others read it
             dataset = load_dataset_split(args.dataset, args.dataset_config, args.split, args.revision)
         return DatasetSource(dataset, args.image_column, args.split, args.id_column)
-    except (ValueError, OSError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # datasets' not-found errors are FileNotFoundError
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         parser.error(f"--dataset {args.dataset!r}: {first_line}")
 

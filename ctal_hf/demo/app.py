@@ -35,6 +35,7 @@ class DemoPredictor:
         self.info = info
         self.max_pixels = int(max_pixels)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ctal-demo-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, path: str | None, chosen: Sequence[str] | None):
         hidden = [gr.Image(value=None, visible=task in (chosen or [])) for task in self.tasks]
@@ -104,8 +105,9 @@ def build_demo(
                             label = _task_title(callback.tasks[name])
                             pictures.append(gr.Image(label=label, interactive=False, elem_id=f"map-{name}"))
         outputs = [status, preview, download, *pictures]
-        button.click(callback, inputs=[upload, chosen], outputs=outputs)
-        upload.change(callback, inputs=[upload, chosen], outputs=outputs)  # an upload or an example
+        # One queue for both events: the pipeline runs one image at a time.
+        button.click(callback, inputs=[upload, chosen], outputs=outputs, concurrency_id="predict")
+        upload.change(callback, inputs=[upload, chosen], outputs=outputs, concurrency_id="predict")  # upload, example
     return demo
 
 

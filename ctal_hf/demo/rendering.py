@@ -44,11 +44,11 @@ class DisplayInfo:
         tasks = config.get_tasks()
         names = {}
         id2label = {int(key): str(value) for key, value in (getattr(config, "id2label", None) or {}).items()}
+        generic = all(label.startswith("LABEL_") for label in id2label.values())  # transformers' placeholders
         for name, task in tasks.items():
             if task.kind != "classification":
                 continue
             count = task.num_channels
-            generic = all(id2label.get(i, "").startswith("LABEL_") for i in id2label)
             if name == "semseg" and sorted(id2label) == list(range(count)) and not generic:
                 names[name] = [id2label[i] for i in range(count)]
             else:
