@@ -185,6 +185,31 @@ def test_bad_arguments_are_refused_at_once(tmp_path):
     assert result.returncode == 2 and "no such folder" in result.stderr, result.stderr
 
 
+def test_space_app_reads_its_settings_from_the_environment(saved_model, tmp_path, monkeypatch):
+    import importlib.util
+
+    from ctal_hf.demo.cli import parse_args
+
+    spec = importlib.util.spec_from_file_location("space_app", REPO / "app.py")
+    space_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(space_app)  # defines the arguments; serves only when run as a script
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    PIL.Image.new("RGB", (8, 8)).save(examples / "b.png")
+    PIL.Image.new("RGB", (8, 8)).save(examples / "a.jpg")
+    (examples / "readme.txt").write_text("not an example")
+    monkeypatch.setenv("CTAL_DEMO_MODEL", str(saved_model))
+    monkeypatch.setenv("CTAL_DEMO_EXAMPLES", str(examples))
+    monkeypatch.setenv("CTAL_DEMO_DEPTH_UNIT", "m")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
+    args = parse_args(space_app.space_arguments())
+    assert (args.model, args.host, args.port, args.depth_unit) == (str(saved_model), "0.0.0.0", 7861, "m")
+    assert args.examples == [str(examples / "a.jpg"), str(examples / "b.png")]
+    monkeypatch.delenv("CTAL_DEMO_MODEL")
+    assert space_app.space_arguments()[:2] == ["--model", str(REPO / "model")]
+
+
 # ---------------------------------------------------------------------------------------------------- the browser
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
