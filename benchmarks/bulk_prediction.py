@@ -82,13 +82,15 @@ def make_photos(folder: Path, count: int, size: tuple[int, int]) -> None:
         PIL.Image.fromarray(pixels).save(folder / f"photo{index:04d}.jpg", quality=90)
 
 
-def run_setting(model: Path, photos: Path, work: Path, processes: int, threads: int, batch: int) -> dict:
+def run_setting(model: Path, photos: Path, work: Path, processes: int, threads: int, batch: int, wait: str) -> dict:
     name = f"{processes}-{threads}-{batch}"
     out, summary_file = work / f"out-{name}", work / f"summary-{name}.json"
     shutil.rmtree(out, ignore_errors=True)
     summary_file.unlink(missing_ok=True)
     threads = str(threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "ACCELERATE_USE_CPU": "1"}
+    if wait != "default":
+        env["OMP_WAIT_POLICY"] = wait
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="0")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
@@ -127,6 +129,13 @@ def main(argv=None) -> int:
         "threads per process as the multi-process settings, half the cores).",
     )
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--omp_wait_policy",
+        default="PASSIVE",
+        choices=["PASSIVE", "ACTIVE", "default"],
+        help="OMP_WAIT_POLICY of the runs (default PASSIVE: on a loaded machine, OpenMP threads that spin while "
+        "their partner is descheduled made 2 threads ~25x slower than 1).",
+    )
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     count = args.num_images or (8 if args.tiny else 16)
@@ -146,7 +155,9 @@ def main(argv=None) -> int:
         for round_index in range(repeats):
             order = settings[round_index % len(settings) :] + settings[: round_index % len(settings)]
             for processes, threads, batch in order:
-                measured = run_setting(work / "model", work / "photos", work, processes, threads, batch)
+                measured = run_setting(
+                    work / "model", work / "photos", work, processes, threads, batch, args.omp_wait_policy
+                )
                 results[(processes, threads, batch)].append(measured)
                 print(
                     f"round {round_index + 1}: {processes} process(es) x {threads} thread(s), batch {batch}: "
@@ -167,7 +178,7 @@ def main(argv=None) -> int:
         f"medians. Processes share {args.cores} cores (`OMP_NUM_THREADS` = {args.cores} / processes; the "
         "1 process x 1 thread rows are a control that uses half the cores).",
         "",
-        f"CPU: {cpu}; torch threads as above, float32.",
+        f"CPU: {cpu}; torch threads as above, float32, `OMP_WAIT_POLICY={args.omp_wait_policy}`.",
         "",
         f"**The machine is shared and loaded** (load average {load_before} before, {load_after} after, over "
         f"{os.cpu_count()} logical CPUs): other jobs took CPU time during every run, so absolute figures are low "
