@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from ..task_kinds import CTALBinaryTask, CTALClassificationTask, CTALNormalsTask, CTALRegressionTask
 from ..visualization import DEFAULT_DEPTH_CMAP, legend_patches, palette
 from . import DEFAULT_MAX_PIXELS
 
@@ -36,25 +37,37 @@ class DisplayInfo:
 
     class_names: dict[str, list[str]] = field(default_factory=dict)
     depth_unit: str = "the unit of the model's training data"
+    units: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Any, depth_unit: str | None = None) -> DisplayInfo:
-        """Class names from `config.id2label` for `semseg` when it names every class (else `class 0`, `class 1`,
-        ...); the depth unit from `depth_unit`, else `config.depth_unit` when the config has one."""
+        """Class names per classification task: the task's own `class_names`, else `config.id2label` for the task
+        the stock segmentation pipeline serves when it names every class, else `class 0`, `class 1`, ... Units per
+        regression task: the task's `unit`; `depth_unit` (else `config.depth_unit`) fills in where a task states
+        none."""
         tasks = config.get_tasks()
-        names = {}
+        names, units = {}, {}
         id2label = {int(key): str(value) for key, value in (getattr(config, "id2label", None) or {}).items()}
         generic = all(label.startswith("LABEL_") for label in id2label.values())  # transformers' placeholders
+        served = getattr(config, "semantic_segmentation_task", None)
         for name, task in tasks.items():
+            if getattr(task, "unit", None):
+                units[name] = task.unit
             if task.kind != "classification":
                 continue
             count = task.num_channels
-            if name == "semseg" and sorted(id2label) == list(range(count)) and not generic:
+            if getattr(task, "class_names", None):
+                names[name] = list(task.class_names)
+            elif name == served and sorted(id2label) == list(range(count)) and not generic:
                 names[name] = [id2label[i] for i in range(count)]
             else:
                 names[name] = [f"class {i}" for i in range(count)]
         unit = depth_unit or getattr(config, "depth_unit", None)
-        return cls(class_names=names, **({"depth_unit": unit} if unit else {}))
+        return cls(class_names=names, units=units, **({"depth_unit": unit} if unit else {}))
+
+    def unit_of(self, task_name: str) -> str:
+        """The unit written on a regression task's colour bar."""
+        return self.units.get(task_name, self.depth_unit)
 
 
 # ------------------------------------------------------------------------------------------------------- input
@@ -148,7 +161,7 @@ def _render_regression(task: Any, value: np.ndarray, info: DisplayInfo) -> PIL.I
     vmin, vmax = task.display_range(value)
     figure, axis = _figure(value.shape, extra_width=1.4)
     axis.imshow(task.colorize(value, cmap=DEFAULT_DEPTH_CMAP, vmin=vmin, vmax=vmax))
-    unit = info.depth_unit if task.name == "depth" else "model output"
+    unit = info.unit_of(task.name)
     _colour_bar(figure, axis, DEFAULT_DEPTH_CMAP, vmin, vmax, f"{task.title or task.name} ({unit})")
     return _to_pil(figure)
 
@@ -167,22 +180,21 @@ def _render_probability(task: Any, value: np.ndarray, info: DisplayInfo) -> PIL.
     return _to_pil(figure)
 
 
-# Task kind -> picture of one map (the kinds of `ctal_hf.tasks`).
-RENDERERS: dict[str, Callable[[Any, np.ndarray, DisplayInfo], PIL.Image.Image]] = {
-    "classification": _render_classes,
-    "regression": _render_regression,
-    "normals": _render_normals,
-    "binary": _render_probability,
+# Task kind class -> picture of one map (the kinds of `ctal_hf.task_kinds`; a subclass uses its parent's picture).
+RENDERERS: dict[type, Callable[[Any, np.ndarray, DisplayInfo], PIL.Image.Image]] = {
+    CTALClassificationTask: _render_classes,
+    CTALRegressionTask: _render_regression,
+    CTALNormalsTask: _render_normals,
+    CTALBinaryTask: _render_probability,
 }
 
 
 def render_task(task: Any, value: np.ndarray, info: DisplayInfo) -> PIL.Image.Image:
     """One task's map (as the pipeline returns it) -> a picture with its key (legend, colour bar, axis note)."""
-    renderer = RENDERERS.get(task.kind)
+    renderer = next((RENDERERS[kind] for kind in type(task).__mro__ if kind in RENDERERS), None)
     if renderer is None:
-        raise ValueError(
-            f"No demo picture for task kind {task.kind!r} (task {task.name!r}); known: {sorted(RENDERERS)}."
-        )
+        known = sorted(kind.kind for kind in RENDERERS)
+        raise ValueError(f"No demo picture for task kind {task.kind!r} (task {task.name!r}); known: {known}.")
     return renderer(task, np.asarray(value), info)
 
 
