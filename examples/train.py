@@ -45,14 +45,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ctal_hf import CTALImageProcessor
-from ctal_hf.configuration_ctal import DECODER_NAMES
 from ctal_hf.ctal_attention import resolve_autocast_dtype
 from ctal_hf.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CTALTorchDataset, CTALTransform
+from ctal_hf.registry import decoder_display_name
 from ctal_hf.training import building, checkpointing, evaluation, hub
 from ctal_hf.training.aggregation import GradientAggregation, check_aggregation_setting
 from ctal_hf.training.data_loading import EpochShuffleSampler, load_splits
 from ctal_hf.training.loss_weighting import build_loss_weighting
 from ctal_hf.training.model_card import make_model_card, metrics_table
+from ctal_hf.training.sync_batchnorm import check_sync_batchnorm, convert_sync_batchnorm
 
 logger = get_logger("train")
 
@@ -114,6 +115,7 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
     logging.getLogger("ctal_hf").setLevel(logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     resolve_autocast_dtype(args.mixed_precision, accelerator.device.type)  # bf16 / fp16 the hardware lacks: refused
+    check_sync_batchnorm(args.sync_batchnorm, accelerator.device, accelerator.num_processes)  # CPU: refused
     verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
     datasets.utils.logging.set_verbosity(verbosity)
     transformers.utils.logging.set_verbosity(verbosity)
@@ -125,7 +127,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
     recipe = building.resolve_recipe(args)
     output_dir = Path(args.output_dir or f"outputs/ctal-{recipe.name}")
     accelerator = make_accelerator(args, output_dir)
-    if args.recipe is None and args.dataset is not None and args.dataset != recipe.dataset:
+    if args.recipe is None and args.dataset not in (None, "synthetic") and recipe.name == "synthetic":
         logger.warning(f"No recipe is named after dataset {args.dataset!r}: using the 'synthetic' recipe (--recipe).")
     set_seed(args.seed)
 
@@ -163,6 +165,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
     if weighting.trainable_parameters():  # learned loss weights: trained by the same optimizer, no weight decay
         param_groups.append({"params": weighting.trainable_parameters(), "weight_decay": 0.0})
     optimizer = torch.optim.Adam(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    model = convert_sync_batchnorm(model) if args.sync_batchnorm else model  # same weights, global statistics
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if len(train_dataloader) == 0:
         raise ValueError(
@@ -407,7 +410,7 @@ def main(argv=None) -> dict:
 
     if not args.eval_only:
         logger.info(
-            f"Training {DECODER_NAMES.get(run.config.decoder, run.config.decoder)} ({run.num_parameters / 1e6:.2f} M "
+            f"Training {decoder_display_name(run.config.decoder)} ({run.num_parameters / 1e6:.2f} M "
             f"parameters) on {run.dataset_name}: {run.num_train_images} images, {run.num_epochs} epochs, "
             f"{run.max_train_steps} steps of {run.settings['total_batch_size']} images, lr "
             f"{run.recipe.learning_rate:g} ({run.recipe.scheduler_for(run.config.decoder)}), loss weighting "

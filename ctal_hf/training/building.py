@@ -8,9 +8,11 @@ import os
 import torch
 
 from ..configuration_ctal import PRESETS, CTALConfig
+from ..dataset_classes import CITYSCAPES_7_CLASSES
 from ..modeling_ctal import CTALForDenseMultitask
 from ..registry import BACKBONE_INFO
 from .arguments import read_json_file
+from .hub_datasets import HUB_DATASETS
 from .recipes import RECIPES, SCHEDULERS, CTALRecipe, get_recipe
 
 RECIPE_FLAGS: tuple[str, ...] = (
@@ -33,8 +35,11 @@ RECIPE_FLAGS: tuple[str, ...] = (
 
 
 def resolve_recipe(args: argparse.Namespace) -> CTALRecipe:
-    """The recipe (by name, else the dataset's, else synthetic) with the command-line overrides applied."""
+    """The recipe (by name, else the dataset's or the known Hub copy's, else synthetic) with the command-line overrides
+    applied."""
     name = args.recipe
+    if name is None and args.dataset in HUB_DATASETS:
+        name = HUB_DATASETS[args.dataset].recipe  # a known Hub copy trains with its dataset's recipe
     if name is None:
         name = args.dataset if args.dataset in RECIPES else "synthetic"
     recipe = get_recipe(name)
@@ -103,12 +108,13 @@ def build_config(args: argparse.Namespace, recipe: CTALRecipe) -> CTALConfig:
         fields["image_size"] = list(args.image_size)
     if (args.dataset or recipe.dataset) == "cityscapes" and args.dataset_config == "7class":
         fields.setdefault("num_semseg_classes", 7)
+        fields["task_specs"] = {"semseg": {"class_names": CITYSCAPES_7_CLASSES}}
     if args.tasks is not None:
         fields["tasks"] = list(dict.fromkeys(args.tasks))
     if getattr(args, "backbone_config", None) is not None:
         fields["backbone_config"] = load_backbone_config(args.backbone_config)
     if getattr(args, "task_specs", None) is not None:
-        fields["task_specs"] = read_json_file("task_specs", args.task_specs)
+        fields["task_specs"] = {**fields.get("task_specs", {}), **read_json_file("task_specs", args.task_specs)}
     weights = dict(PRESETS[recipe.preset].get("loss_weights", {}))
     tasks = fields.get("tasks", PRESETS[recipe.preset]["tasks"])
     weights = {task: weight for task, weight in weights.items() if task in tasks}
