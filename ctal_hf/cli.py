@@ -116,21 +116,11 @@ def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> Path:
 
 
 def _check_device(parser: argparse.ArgumentParser, device: str | None) -> None:
-    if device is None:
-        return
-    import torch
+    from .input_checks import device_problem
 
-    try:
-        parsed = torch.device(int(device) if device.isdigit() else device)
-    except (RuntimeError, ValueError) as error:
-        parser.error(f"--device {device!r} is not a torch device ({error}); use cpu, cuda, cuda:1, mps, ...")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error(f"--device {device}: no CUDA GPU is available to torch here; use --device cpu.")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        parser.error(f"--device {device}: MPS is not available here; use --device cpu.")
+    problem = device_problem(device)
+    if problem:
+        parser.error(f"--device {device}: {problem}; use --device cpu.")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -49,6 +49,36 @@ def check_pixel_values(pixel_values, model_dtype: torch.dtype) -> None:
         )
 
 
+def device_problem(device) -> str | None:
+    """Why `device` (an int, a string such as "cuda:1" / "mps", or a `torch.device`) cannot be used here, or None;
+    the caller names the argument. Catches what torch would refuse with a raw error deep inside, or silently
+    replace with the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, bool):
+        return "not a device (use cpu, cuda, cuda:1, mps or a GPU index)"
+    try:
+        if isinstance(device, int) or (isinstance(device, str) and device.strip().lstrip("-").isdigit()):
+            index = int(device)
+            if index < 0:
+                return None  # transformers' "-1 = CPU"
+            parsed = torch.device("cuda", index)
+        else:
+            parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        return f"not a torch device ({error}); use cpu, cuda, cuda:1, mps, ..."
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available to torch here"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"only {torch.cuda.device_count()} CUDA device(s) are visible"
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        return "Apple's MPS is not available here"
+    elif parsed.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        return "no Intel XPU is available here"
+    return None
+
+
 def _has_values(tensor: torch.Tensor) -> bool:
     """False while tracing, compiling or exporting and for meta / fake tensors (FLOP counting), where reading a value
     is impossible or would break the graph."""
@@ -193,6 +223,7 @@ def check_checkpoint_matches(config, loading_info: dict, source: str | os.PathLi
 
 __all__ = [
     "check_pixel_values",
+    "device_problem",
     "safetensors_problem",
     "weights_file_error",
     "check_checkpoint_matches",
