@@ -27,7 +27,13 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     `on_step(completed_steps, run)` is called after every optimizer step, `run` holding the accelerator, model,
     optimizer and loss weighting (both for tests)."""
     args = argv if not isinstance(argv, (list, tuple, type(None))) else parse_args(argv)
+    from ctal_hf.training import building, run_output
 
+    with run_output.claimed_run_output(args, building.resolve_recipe(args).name):  # locked; no empty folder on error
+        return _train(args, argv, hub_api, on_step)
+
+
+def _train(args, argv, hub_api, on_step) -> dict:
     import contextlib
     import json
     import logging
@@ -47,7 +53,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     from ctal_hf.configuration_ctal import DECODER_NAMES
     from ctal_hf.ctal_attention import resolve_autocast_dtype
     from ctal_hf.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CTALTorchDataset, CTALTransform
-    from ctal_hf.training import building, checkpointing, evaluation, hub
+    from ctal_hf.training import building, checkpointing, evaluation, hub, run_output
     from ctal_hf.training.aggregation import GradientAggregation, check_aggregation_setting
     from ctal_hf.training.data_loading import EpochShuffleSampler, load_splits
     from ctal_hf.training.loss_weighting import build_loss_weighting
@@ -55,7 +61,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
 
     logger = get_logger("train")
     recipe = building.resolve_recipe(args)
-    output_dir = Path(args.output_dir or f"outputs/ctal-{recipe.name}")
+    output_dir = run_output.output_dir_of(args, recipe.name)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -131,6 +137,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     checkpoints_dir = output_dir / "checkpoints"
     run = {"decoder": config.decoder, "loss_weighting": args.loss_weighting}
     run.update(gradient_aggregator=args.gradient_aggregator, max_train_steps=max_train_steps)
+    run.update(building.resume_record(args, recipe, config, dataset_name))  # compared on resume
     candidates = []
     if args.resume_from_checkpoint and not args.eval_only:  # checked before this run writes anything
         candidates = checkpointing.check_resumable(args.resume_from_checkpoint, checkpoints_dir, run)
@@ -229,11 +236,11 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
                     f"{path} was written by {state['num_processes']} processes, this run has "
                     f"{accelerator.num_processes}: the data order after resuming differs from the original run's."
                 )
-            if state.get("max_train_steps", max_train_steps) != max_train_steps:
-                logger.info(
-                    f"{path} was written by a run of {state['max_train_steps']} steps; the learning rate now follows "
-                    f"the schedule of {max_train_steps} steps from step {state['completed_steps']}."
-                )
+            changes = checkpointing.resume_changes(state, run)
+            for line in checkpointing.apply_resume_changes(optimizer, lr_scheduler, changes):
+                logger.info(f"Resuming {path} at step {state['completed_steps']} with {line}.")
+            if changes:
+                settings["resume_changes"] = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
             completed_steps = int(state["completed_steps"])
             starting_epoch = completed_steps // steps_per_epoch
             skip_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
@@ -320,27 +327,30 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
 
     # ---------------------------------------------------------------------------------------------- saving
     accelerator.wait_for_everyone()
+    final_dir = run_output.final_staging_dir(output_dir, accelerator)  # renamed into output_dir at the end
     if not args.eval_only:
         accelerator.unwrap_model(model).save_pretrained(
-            output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+            final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
             state_dict=accelerator.get_state_dict(model),
         )  # fmt: skip
     if accelerator.is_main_process:
-        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        (final_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
         if not args.eval_only:
             CTALImageProcessor.from_model_config(
                 config, do_normalize=recipe.normalize, image_mean=list(IMAGENET_DEFAULT_MEAN),
                 image_std=list(IMAGENET_DEFAULT_STD),
-            ).save_pretrained(output_dir)  # fmt: skip
+            ).save_pretrained(final_dir)  # fmt: skip
             pictures = evaluation.save_prediction_pictures(
-                result.first_batch, config, eval_transform, output_dir, args.num_prediction_images, class_names
+                result.first_batch, config, eval_transform, final_dir, args.num_prediction_images, class_names
             )
             command = "accelerate launch examples/train.py " + shlex.join(sys.argv[1:]) if argv is None else None
             make_model_card(
                 config, result.final, result.initial, dataset_name, settings,
                 model_name=args.hub_model_id or output_dir.name, num_parameters=num_parameters,
                 completed_steps=completed_steps, command=command,
-            ).save(output_dir / "README.md")  # fmt: skip
+            ).save(final_dir / "README.md")  # fmt: skip
+        run_output.publish_final(final_dir, output_dir)
+        if not args.eval_only:
             logger.info(f"Saved the model, image processor, card and {len(pictures)} pictures to {output_dir}")
             if api is not None:
                 hub.push_folder(api, args.hub_model_id, output_dir, "Upload the trained model", ignore=hub.HUB_IGNORE)

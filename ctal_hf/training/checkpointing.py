@@ -27,6 +27,32 @@ RUN_IDENTITY_FIELDS: dict[str, str] = {
 }
 
 
+# Hyperparameters recorded in the training state and compared on resume. A new value of these is applied from the
+# resumed step (the optimizer's learning rate / weight decay really change; logged, and recorded in the results and
+# the model card)...
+RESUME_APPLIED_FIELDS: dict[str, str] = {
+    "learning_rate": "--learning_rate",
+    "weight_decay": "--weight_decay",
+    "max_train_steps": "--max_train_steps",
+}
+# ... and a new value of these is refused: the batches, the data order, the schedule or the model would no longer be
+# the run's.
+RESUME_REFUSED_FIELDS: dict[str, str] = {
+    "seed": "--seed",
+    "dataset": "--dataset",
+    "tasks": "--tasks",
+    "image_size": "--image_size",
+    "backbone": "--backbone",
+    "per_device_train_batch_size": "--per_device_train_batch_size",
+    "gradient_accumulation_steps": "--gradient_accumulation_steps",
+    "lr_scheduler": "--lr_scheduler",
+    "lr_scheduler_interval": "--lr_scheduler_interval",
+    "augmentation": "--flip / --scale_crop / --photometric",
+    "normalize": "--normalize",
+    "drop_last": "--drop_last",
+}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed by this run (unreadable, incomplete or written by another setting)."""
 
@@ -118,14 +144,53 @@ def read_training_state(checkpoint: Path) -> dict:
 
 
 def check_compatible(checkpoint: Path, state: dict, run: dict) -> None:
-    """Raises when the checkpoint was written by a run with another decoder, loss weighting or aggregator."""
-    for key, flag in RUN_IDENTITY_FIELDS.items():
+    """Raises when the checkpoint was written by a run with another decoder, loss weighting or aggregator, or with
+    another value of a hyperparameter that cannot change on resume (`RESUME_REFUSED_FIELDS`)."""
+    for key, flag in {**RUN_IDENTITY_FIELDS, **RESUME_REFUSED_FIELDS}.items():
         saved = state.get(key)
         if saved is not None and key in run and saved != run[key]:
             raise CheckpointError(
                 f"{checkpoint} was written with {flag} {saved}, this run has {flag} {run[key]}: resume with "
                 f"{flag} {saved}, or start a new run in another --output_dir (or without --resume_from_checkpoint)."
             )
+
+
+def resume_changes(state: dict, run: dict) -> dict[str, tuple]:
+    """The `RESUME_APPLIED_FIELDS` whose value differs between the checkpoint and this run: field -> (old, new)."""
+    return {
+        key: (state[key], run[key])
+        for key in RESUME_APPLIED_FIELDS
+        if state.get(key) is not None and key in run and state[key] != run[key]
+    }
+
+
+def apply_resume_changes(optimizer, lr_scheduler, changes: dict[str, tuple]) -> list[str]:
+    """Applies new learning rate / weight decay values to the optimizer (and the scheduler's base rates) after the
+    checkpoint's state was loaded, which restored the old ones; returns one line per change for the log."""
+    lines = []
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    if "learning_rate" in changes:
+        old, new = changes["learning_rate"]
+        factor = float(new) / float(old)
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [rate * factor for rate in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        lines.append(f"--learning_rate {old:g} -> {new:g} (applied from this step on, on the same schedule)")
+    if "weight_decay" in changes:
+        old, new = changes["weight_decay"]
+        for group in optimizer.param_groups:
+            if group.get("weight_decay") == old:  # not the learned loss weights' group (no decay)
+                group["weight_decay"] = new
+        lines.append(f"--weight_decay {old:g} -> {new:g} (applied from this step on)")
+    if "max_train_steps" in changes:
+        old, new = changes["max_train_steps"]
+        lines.append(f"--max_train_steps {old} -> {new} (the learning rate follows the schedule of {new} steps)")
+    return lines
 
 
 def verify_files(checkpoint: Path, state: dict) -> None:
@@ -235,6 +300,10 @@ __all__ = [
     "save_checkpoint",
     "read_training_state",
     "check_compatible",
+    "resume_changes",
+    "apply_resume_changes",
+    "RESUME_APPLIED_FIELDS",
+    "RESUME_REFUSED_FIELDS",
     "verify_files",
     "short_load_error",
     "find_checkpoint",
