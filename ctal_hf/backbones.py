@@ -30,11 +30,7 @@ def _check_state_dict(expected: dict[str, torch.Tensor], state_dict: dict[str, t
     mismatched = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
     problems = [
         f"{label} {keys[:10]}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("size mismatch for", mismatched),
-        )
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch for", mismatched))
         if keys
     ]
     if problems:
@@ -202,10 +198,7 @@ class CTALBackboneSpec:
 
 # `hrnet_fuse_upsampling` -> (nn.Upsample mode, align_corners): the release's `F.interpolate(mode="bilinear")`
 # leaves align_corners at its default, False.
-HRNET_FUSE_UPSAMPLING: dict[str, tuple[str, bool | None]] = {
-    "nearest": ("nearest", None),
-    "bilinear": ("bilinear", False),
-}
+HRNET_FUSE_UPSAMPLING: dict[str, tuple[str, bool | None]] = {"nearest": ("nearest", None), "bilinear": ("bilinear", False)}
 
 
 def hrnet_fuse_upsamplers(model: nn.Module) -> list[nn.Upsample]:
