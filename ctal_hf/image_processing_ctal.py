@@ -81,7 +81,10 @@ def _open_checked(source, name: str) -> PIL.Image.Image:
             image.load()  # decode now: a truncated file fails here, not later inside a batch
             return PIL.ImageOps.exif_transpose(image)  # a new, file-independent image
     except PIL.Image.DecompressionBombError as error:
-        raise ValueError(f"{name} is refused as a decompression bomb ({error}).") from None
+        raise ValueError(
+            f"{name} is refused as a possible decompression bomb ({error}): resize it first, or raise "
+            "`PIL.Image.MAX_IMAGE_PIXELS` if you trust the file."
+        ) from None
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, ValueError) and str(error).startswith(name):
             raise
