@@ -29,7 +29,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".ctal-lock"
-STAGING_MARK = ".ctal-staging-"
 
 
 class OutputInUseError(ValueError):
@@ -207,7 +206,7 @@ def staging_dir(target: str | os.PathLike, purpose: str = "out") -> Path:
     base = _existing_ancestor(target.parent)
     if not base.is_dir():
         raise ValueError(f"{str(target)!r}: {str(base)!r} is a file, so the folder cannot be made.")
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}{purpose}-", dir=base))
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.ctal-{purpose}-", dir=base))
 
 
 def replace_folder(staging: Path, target: Path) -> None:
