@@ -154,6 +154,8 @@ def test_model_name_or_path_refuses_flags_it_would_ignore(tmp_path):
     with pytest.raises(ValueError, match="--decoder mtl differs from the decoder"):
         _main([*SMALL, "--model_name_or_path", str(model), "--decoder", "mtl", "--output_dir", str(eval_dir)])
     assert not eval_dir.exists()
+    with pytest.raises(SystemExit):  # training into the folder it starts from would replace that model
+        parse_args(["--model_name_or_path", str(model), "--output_dir", str(model)])
     # The model's own values, or none given: accepted.
     results = _main(
         [

@@ -340,6 +340,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
             parser.error(f"--output_dir {args.output_dir!r}: {str(base)!r} is a file, so the folder cannot be made.")
         if not _can_write(base):
             parser.error(f"--output_dir {args.output_dir!r}: {str(base)!r} is not writable; choose another folder.")
+    if args.output_dir is not None and args.model_name_or_path and not args.eval_only:
+        from ..atomic_outputs import check_not_source
+
+        try:  # the trained model would replace the one it starts from
+            check_not_source(args.output_dir, {"--model_name_or_path": args.model_name_or_path}, "--output_dir")
+        except ValueError as error:
+            parser.error(str(error))
     if args.decoder is None and not args.model_name_or_path:
         args.decoder = DEFAULT_DECODER
     return args
