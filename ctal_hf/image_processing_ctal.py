@@ -369,7 +369,7 @@ class CTALImageProcessor(TorchvisionBackend):
             return tensor
         # The values decide: a float image already in [0, 1] is brought to 0..255 here so that the rescale gives it
         # back unchanged (it is never divided by 255 twice); other ranges are refused with the fix.
-        scale = value_scale(tensor, "The float image")
+        scale = value_scale(tensor, "The image")
         if scale == 1.0:
             return tensor / rescale_factor
         if abs(scale - rescale_factor) > 1e-12:

@@ -530,11 +530,8 @@ class SyntheticScenes(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
     ]
     DEFAULT_CONFIG_NAME = "nyuv2"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        check_synthetic_config(self.config)
-
     def _info(self) -> datasets.DatasetInfo:
+        check_synthetic_config(self.config)  # the builder's __init__ calls this first
         height, width = self.config.image_size
         return datasets.DatasetInfo(
             description="Procedurally rendered rooms with exact multitask labels (ctal_hf SyntheticScenes).",
