@@ -285,6 +285,10 @@ class CTALBackbone(nn.Module):
                     module.momentum = config.backbone_bn_momentum
         self.upsample_factor = 1
         channels, strides = self._measure(config)
+        # Another input size (`interpolate_affinity`, `from_pretrained(..., image_size=...)`) must be a multiple of
+        # the largest stride, and is refused for models fixed to their input size at creation.
+        self.max_stride = max(strides)
+        self.fixed_size_reason = self._fixed_size_reason(config)
         # The full model's final LayerNorm on the last map (`backbone_final_norm`; SwinV2), weights `norm.*` of the
         # full model; eps 1e-5 in timm and torchvision.
         use_norm = not self.uses_backbone_config and BACKBONES[config.backbone].uses_final_norm(config)
@@ -320,6 +324,20 @@ class CTALBackbone(nn.Module):
         # Set by `model.gradient_checkpointing_enable()`: recompute the backbone in the backward pass (timm's
         # HRNet has no per-stage checkpointing of its own).
         self.gradient_checkpointing = False
+
+    def _fixed_size_reason(self, config: CTALConfig) -> str | None:
+        """Why the backbone cannot run at another input size than `config.image_size` (None when it can)."""
+        if self.uses_backbone_config:
+            if self._runs_at_double_size:
+                return None
+            return f"the backbone {self.name} does not run at twice its image_size (a model tied to its input size)."
+        if BACKBONES[config.backbone].pass_image_size:
+            return (
+                f"{self.name} is built by timm with its attention windows and masks fixed to image_size "
+                f"{list(config.image_size)} (`img_size` at creation). Use sliding windows "
+                '(`resolution="sliding"`), or a torchvision SwinV2 entry (swin_v2_s, ...), which pads its windows.'
+            )
+        return None
 
     @property
     def reductions(self) -> list[int]:
@@ -372,6 +390,7 @@ class CTALBackbone(nn.Module):
             doubled = self._map_shapes(2 * height, 2 * width) if self.uses_backbone_config else None
         except Exception:  # a model tied to one input size: the first look stands
             doubled = None
+        self._runs_at_double_size = doubled is not None
         channels, strides = [], []
         for index, shape in enumerate(shapes):
             if len(shape) != 4:

@@ -1,6 +1,7 @@
 """CTAL for multitask dense prediction: backbone -> decoder (fusion, initial heads, cross-task distillation, final
 heads) -> full-resolution predictions, with the paper's losses when labels are given."""
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import DepthEstimatorOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, logging
 
+from .affinity_resampling import DEFAULT_AFFINITY_RESAMPLING, affinity_size_for, check_input_size
 from .backbone_weights import pretrained_backbone_state_dict
 from .backbones import CTALBackbone
 from .blocks import CTALClassifier, upsample_to
@@ -92,10 +94,21 @@ class CTALPreTrainedModel(PreTrainedModel):
         truncated, random bytes) raises an `OSError` naming the file, and a checkpoint whose tensors do not fit the
         architecture of the config saved with it (say, an edited `decoder`) raises a short `ValueError` instead of
         leaving the missing parts randomly initialised. A `config=` that differs from the saved one (fine-tuning into
-        another architecture on purpose) keeps transformers' behaviour: a load report, as a warning."""
+        another architecture on purpose) keeps transformers' behaviour: a load report, as a warning.
+
+        `image_size=[H, W]` builds the model at another input size: the checkpoint loads strictly at its own size,
+        then `resize_image_size` resamples the per-pixel CTAL fusion parameters (logged as a warning; sides must be
+        multiples of the backbone's largest stride; docs/any-resolution.md)."""
         from safetensors import SafetensorError
 
+        image_size = kwargs.pop("image_size", None)
         output_loading_info = kwargs.pop("output_loading_info", False)
+        if image_size is not None:
+            model, info = cls.from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+            model.resize_image_size(image_size)
+            return (model, info) if output_loading_info else model
         given = kwargs.get("config")
         check = given is None or saved_config_matches(cls.config_class, given, pretrained_model_name_or_path, kwargs)
         with held_load_report(hold=check) as report:
@@ -187,6 +200,64 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         )
 
     @property
+    def _backbones(self) -> list[CTALBackbone]:
+        return [module for module in self.modules() if isinstance(module, CTALBackbone)]
+
+    def check_input_size(self, image_size: tuple[int, int] | list[int]) -> None:
+        """Refuses, with the reason, an input size the model cannot run at with resampled CTAL parameters
+        (`interpolate_affinity=True`, `resize_image_size`): a side that is not a multiple of the backbone's largest
+        stride (the error lists the nearest sizes that work), or any other size for a backbone fixed to its
+        `image_size` at creation (timm's windowed SwinV2)."""
+        image_size = tuple(int(side) for side in image_size)
+        if image_size == tuple(self.config.image_size):
+            return
+        check_input_size(image_size, self.input_stride, self.fixed_size_reason, what="This CTAL model")
+
+    @property
+    def fixed_size_reason(self) -> str | None:
+        """Why the model cannot run at another input size than its `image_size` (None when it can)."""
+        return next((backbone.fixed_size_reason for backbone in self._backbones if backbone.fixed_size_reason), None)
+
+    @property
+    def input_stride(self) -> int:
+        """The backbone's largest stride: inputs at another size than `image_size` must be multiples of it."""
+        return max(backbone.max_stride for backbone in self._backbones)
+
+    def _affinity_size(self, image_size: tuple[int, int]) -> tuple[int, int] | None:
+        feature_info = self.backbone.feature_info if self.backbone is not None else None
+        if feature_info is None:
+            return None
+        return affinity_size_for(image_size, feature_info.affinity_stride(self.config.affinity_scale))
+
+    def resize_image_size(
+        self, image_size: tuple[int, int] | list[int], method: str = DEFAULT_AFFINITY_RESAMPLING
+    ) -> None:
+        """Rebuilds the model, in place, for inputs of `image_size` = [H, W]: the per-pixel fusion weight and bias of
+        every CTAL module are resampled to the new affinity size (`ctal_hf.affinity_resampling`, `method` one of
+        `AFFINITY_RESAMPLINGS`) and `config.image_size` is updated, so `save_pretrained` writes a model of the new
+        size. Every other parameter is size-independent and kept. The same size changes nothing."""
+        image_size = tuple(int(side) for side in image_size)
+        old = tuple(self.config.image_size)
+        if image_size == old:
+            return
+        self.check_input_size(image_size)
+        affinity_size = self._affinity_size(image_size)
+        for module in self._affinity_modules:
+            logger.warning(
+                f"Building the model at image_size {list(image_size)} (trained at {list(old)}): CTAL's fusion weights "
+                f"were resampled from {module.size[0]}x{module.size[1]} to {affinity_size[0]}x{affinity_size[1]} "
+                f"affinity pixels ({method}); check the accuracy at this size, or fine-tune."
+            )
+            module.resize(affinity_size, method)
+        if not self._affinity_modules:
+            logger.warning(f"Building the model at image_size {list(image_size)} (trained at {list(old)}).")
+        for backbone in self._backbones:
+            backbone.feature_info = dataclasses.replace(backbone.feature_info, image_size=image_size)
+        if affinity_size is not None and hasattr(self.decoder, "size"):
+            self.decoder.size = affinity_size
+        self.config.image_size = list(image_size)
+
+    @property
     def is_channels_last(self) -> bool:
         """Whether the weights are channels-last (`model.to(memory_format=torch.channels_last)`); the model then
         converts `pixel_values` to channels-last too, so activations stay channels-last end to end. Outputs match
@@ -217,16 +288,22 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
                 module.load_pretrained(state_dict)
         return model
 
-    def _check_inputs(self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None) -> None:
-        expected = tuple(self.config.image_size)
+    def _check_inputs(
+        self, pixel_values: torch.Tensor, labels: dict[str, torch.Tensor] | None, interpolate_affinity: bool = False
+    ) -> None:
         check_pixel_values(pixel_values, self.dtype)
-        if tuple(pixel_values.shape[-2:]) != expected:
-            raise ValueError(
-                f"`pixel_values` are {tuple(pixel_values.shape[-2:])} but this model is tied to image_size "
-                f"{expected} (CTAL's grouped conv has one group per pixel); resize with CTALImageProcessor."
-            )
+        expected = tuple(pixel_values.shape[-2:])
+        if expected != tuple(self.config.image_size):
+            if not interpolate_affinity:
+                raise ValueError(
+                    f"`pixel_values` are {expected} but this model is tied to image_size "
+                    f"{tuple(self.config.image_size)} (CTAL's grouped conv has one group per pixel); resize with "
+                    "CTALImageProcessor, or pass `interpolate_affinity=True` to resample CTAL's weights to this size."
+                )
+            self.check_input_size(expected)
+        affinity_size = self._affinity_size(expected)
         for module in self._affinity_modules:
-            module.check_memory(pixel_values.shape[0])
+            module.check_memory(pixel_values.shape[0], affinity_size)
         if labels is None:
             return
         if not isinstance(labels, dict):
@@ -251,20 +328,27 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: dict[str, torch.Tensor] | None = None,
         return_dict: bool | None = None,
+        interpolate_affinity: bool = False,
         **kwargs,
     ) -> CTALDenseMultitaskOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
-            Normalised images at `config.image_size` (see [`CTALImageProcessor`]).
+            Normalised images at `config.image_size` (see [`CTALImageProcessor`]), or at another size with
+            `interpolate_affinity=True`.
         labels (`dict[str, torch.Tensor]`, *optional*):
             Targets per task (torch tensors), in the layouts of [`CTALDenseMultitaskOutput`]: classification tasks
             (`semseg` / `parts`) `(batch, H, W)` int64 class ids with the ignore index, regression tasks `(batch, C,
             H, W)` (`depth`: 0 = missing), normals `(batch, 3, H, W)` (zero = missing), binary tasks (`saliency` /
             `edge`) `(batch, 1, H, W)` in {0, 1}. Non-finite values count as missing. Tasks left out are not
             trained. Labels of the wrong layout, or class ids outside the classes, raise a `ValueError`.
+        interpolate_affinity (`bool`, *optional*, defaults to `False`):
+            Run at the size of `pixel_values` when it differs from `config.image_size`, with CTAL's per-pixel fusion
+            weight and bias resampled to that size (`ctal_hf.affinity_resampling`, as `interpolate_pos_encoding` of
+            ViT models). Sides must be multiples of the backbone's largest stride; a backbone fixed to its input
+            size (timm's SwinV2) is refused. Same predictions as `from_pretrained(folder, image_size=[H, W])`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self._check_inputs(pixel_values, labels)
+        self._check_inputs(pixel_values, labels, interpolate_affinity)
         if self.is_channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         size = pixel_values.shape[-2:]

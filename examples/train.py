@@ -45,9 +45,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ctal_hf import CTALImageProcessor
-from ctal_hf.configuration_ctal import DECODER_NAMES
 from ctal_hf.ctal_attention import resolve_autocast_dtype
 from ctal_hf.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CTALTorchDataset, CTALTransform
+from ctal_hf.registry import decoder_display_name
 from ctal_hf.training import building, checkpointing, evaluation, hub
 from ctal_hf.training.aggregation import GradientAggregation, check_aggregation_setting
 from ctal_hf.training.data_loading import EpochShuffleSampler, load_splits
@@ -410,7 +410,7 @@ def main(argv=None) -> dict:
 
     if not args.eval_only:
         logger.info(
-            f"Training {DECODER_NAMES.get(run.config.decoder, run.config.decoder)} ({run.num_parameters / 1e6:.2f} M "
+            f"Training {decoder_display_name(run.config.decoder)} ({run.num_parameters / 1e6:.2f} M "
             f"parameters) on {run.dataset_name}: {run.num_train_images} images, {run.num_epochs} epochs, "
             f"{run.max_train_steps} steps of {run.settings['total_batch_size']} images, lr "
             f"{run.recipe.learning_rate:g} ({run.recipe.scheduler_for(run.config.decoder)}), loss weighting "

@@ -239,3 +239,20 @@ def test_no_module_outside_the_registries_compares_names():
         if name not in REGISTRY_MODULES and (hits := name_comparisons(ast.parse(path.read_text()), names))
     }
     assert not offenders, f"name comparisons outside the registry modules (read a flag instead): {offenders}"
+
+
+def test_tables_keyed_by_names_live_in_the_registries():
+    # A module-level dict keyed by task, decoder or backbone names is a registry: only the registry modules and the
+    # classes half of the decoder registry (`decoders.DECODER_CLASSES`) hold one; elsewhere the task objects and
+    # registry entries are asked (a custom task or a new entry then gets the same behaviour).
+    names = _known_names()
+    allowed = REGISTRY_MODULES | {"ctal_hf.decoders"}
+    tables = {}
+    for module, path in _package_modules().items():
+        for node in ast.parse(path.read_text()).body:
+            value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+            if isinstance(value, ast.Dict):
+                keys = {key.value for key in value.keys if isinstance(key, ast.Constant)} & names
+                if keys and module not in allowed:
+                    tables[f"{module}:{node.lineno}"] = sorted(keys)
+    assert not tables, f"tables keyed by names outside the registries: {tables}"
