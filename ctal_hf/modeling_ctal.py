@@ -407,17 +407,22 @@ class _CTALTaskView(CTALForDenseMultitask):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        interpolate_affinity: bool = False,
         **kwargs,
     ):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
-            Normalised images at `config.image_size` (see [`CTALImageProcessor`]).
+            Normalised images at `config.image_size` (see [`CTALImageProcessor`]); other sizes with
+            `interpolate_affinity=True`, as [`CTALForDenseMultitask.forward`].
         labels (`torch.Tensor`, *optional*):
             Targets of the served task in its layout (see [`CTALForDenseMultitask.forward`]); the loss is that task's.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = super().forward(
-            pixel_values, labels=None if labels is None else {self.task: labels}, return_dict=True
+            pixel_values,
+            labels=None if labels is None else {self.task: labels},
+            return_dict=True,
+            interpolate_affinity=interpolate_affinity,
         )
         result = self._output(outputs.loss, outputs.predictions[self.task])
         return result if return_dict else result.to_tuple()

@@ -1,5 +1,5 @@
-"""Every command in the README's bash blocks against the installed tools: the program (and `hf` subcommand) exists and
-every `--flag` the README passes appears in that program's `--help`. `huggingface-cli` (removed in huggingface_hub
+"""Every command in the bash blocks of the README and the docs/ pages against the installed tools: the program (and
+`hf` subcommand) exists and every `--flag` passed appears in that program's `--help`. `huggingface-cli` (removed in huggingface_hub
 1.0) appears nowhere in the repository."""
 
 import re
@@ -22,16 +22,24 @@ PROGRAMS: dict[tuple[str, ...], list[str]] = {
     ("python", "-m", "dataset_scripts.publish"): [sys.executable, "-m", "dataset_scripts.publish", "--help"],
     ("ctal-predict",): [str(BIN / "ctal-predict"), "--help"],
     ("ctal-export",): [str(BIN / "ctal-export"), "--help"],
+    ("ctal-demo",): [
+        sys.executable,
+        "-m",
+        "ctal_hf.demo",
+        "--help",
+    ],  # entry points of this checkout, installed or not
+    ("ctal-predict-bulk",): [sys.executable, "-m", "ctal_hf.bulk", "--help"],
     ("hf", "auth", "login"): [str(BIN / "hf"), "auth", "login", "--help"],
     ("hf", "upload"): [str(BIN / "hf"), "upload", "--help"],
     ("accelerate", "launch"): [str(BIN / "accelerate"), "launch", "--help"],
     ("torchrun",): [str(BIN / "torchrun"), "--help"],
 }
-SKIPPED = ("make", "echo", "pip", "accelerate config")  # make targets, shell, installs, an interactive wizard
+# Make targets, shell, installs, an interactive wizard, CI and test runners.
+SKIPPED = ("make", "echo", "pip", "apt-get", "accelerate config", ".ci/run", "pytest")
 
 
 def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
+    text = "\n".join(path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -87,7 +95,7 @@ def test_no_huggingface_cli_anywhere():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_flags_exist(command):
+def test_documented_command_flags_exist(command):
     for program, arguments in split(command):
         text = help_text(program)
         flags = {word.split("=")[0] for word in arguments if word.startswith("--")}
