@@ -44,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trust_remote_code", action="store_true", help="Allow the model folder's own code to run (Hub repos)."
     )
+    parser.add_argument(
+        "--resolution",
+        choices=("model", "native", "sliding"),
+        default="model",
+        help="Where the model runs: model = each image resized to the model's image_size (default); native = at the "
+        "image's own size (rounded to a multiple of the backbone's largest stride), CTAL's weights resampled; "
+        "sliding = windows of the model's image_size over the image, blended (docs/any-resolution.md).",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="With --resolution sliding: fraction of a window shared with the next, in [0, 1) (default 1/3).",
+    )
     parser.add_argument("--no_panel", action="store_true", help="Do not write the panel PNGs.")
     parser.add_argument("--dpi", type=int, default=100, help="Resolution of the panel PNGs.")
     parser.add_argument(
@@ -141,6 +155,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.dpi < 1:
         parser.error(f"--dpi must be at least 1, got {args.dpi}")
+    if args.overlap is not None and args.resolution != "sliding":
+        parser.error(f"--overlap applies to --resolution sliding, not {args.resolution}")
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
+        parser.error(f"--overlap is a fraction of a window in [0, 1), got {args.overlap}")
+    if args.resolution != "model" and args.batch_size > 1:
+        parser.error(
+            f"--resolution {args.resolution} runs one image per forward pass (each at its own size); "
+            f"use --batch_size 1, not {args.batch_size}"
+        )
     args.parser = parser
     return args
 
@@ -202,6 +225,11 @@ def _check_runtime(parser: argparse.ArgumentParser, args: argparse.Namespace, lo
         return False
     if args.device not in (None, "cpu"):
         parser.error(f"--device {args.device}: an exported folder runs on the CPU with its runtime (use --runtime).")
+    if args.resolution != "model":
+        parser.error(
+            f"--resolution {args.resolution}: an exported folder runs at the one input size it was exported at; "
+            "export at another size from `from_pretrained(folder, image_size=[H, W])` (docs/any-resolution.md)."
+        )
     try:
         args.runtime = choose_runtime(read_manifest(args.model), args.runtime)
     except (ValueError, ImportError) as error:
@@ -251,7 +279,12 @@ def _predict(predictor, args: argparse.Namespace, staging: Path) -> int:
 
     logger = logging.get_logger(__name__)
     try:
-        results = predictor(list(args.images), batch_size=args.batch_size, tasks=args.tasks)
+        resolution = {}
+        if args.resolution != "model":
+            resolution["resolution"] = args.resolution
+        if args.overlap is not None:
+            resolution["overlap"] = args.overlap
+        results = predictor(list(args.images), batch_size=args.batch_size, tasks=args.tasks, **resolution)
     except (OSError, ValueError) as error:
         args.parser.exit(1, f"{PROG}: error: {error}\n")
     for image_path, stem, result in zip(args.images, _output_stems(args.images), results, strict=True):

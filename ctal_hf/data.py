@@ -22,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .registry import IMAGENET_MEAN, IMAGENET_STD
 from .tasks import BUILTIN_TASK_NAMES, CTALTask, as_tasks
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# The names this module has always exported for `registry.IMAGENET_MEAN` / `IMAGENET_STD`.
+IMAGENET_DEFAULT_MEAN = IMAGENET_MEAN
+IMAGENET_DEFAULT_STD = IMAGENET_STD
 IGNORE_INDEX = 255
 MTAN_SCALES = (1.0, 1.2, 1.5)
 
@@ -176,9 +178,11 @@ def random_crop(
     size: Sequence[int],
     cat_max_ratio: float = 1.0,
     max_attempts: int = 10,
+    balance_label: str = "semseg",
 ) -> dict[str, torch.Tensor]:
     """Crops a random window of at most `size` (a side shorter than `size` is kept whole; pad afterwards), the
-    offsets uniform over the valid range. With `cat_max_ratio < 1` and a `semseg` label, up to `max_attempts`
+    offsets uniform over the valid range. With `cat_max_ratio < 1` and a `balance_label` label (class ids, default
+    the semantic segmentation, as mmsegmentation's rule), up to `max_attempts`
     windows are tried in turn until one has two or more classes and no class covering `cat_max_ratio` or more of
     its labelled pixels; after that many refusals a last window is drawn and kept (mmsegmentation's rule, used by
     the authors' release)."""
@@ -193,9 +197,9 @@ def random_crop(
         return top, left
 
     top, left = draw()
-    if cat_max_ratio < 1.0 and "semseg" in sample:
+    if cat_max_ratio < 1.0 and balance_label in sample:
         for _ in range(max_attempts):
-            window = sample["semseg"][top : top + crop_h, left : left + crop_w]
+            window = sample[balance_label][top : top + crop_h, left : left + crop_w]
             if _class_balance_ok(window, cat_max_ratio):
                 break
             top, left = draw()

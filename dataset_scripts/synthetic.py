@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
+from ctal_hf.dataset_classes import SYNTHETIC_CLASSES, SYNTHETIC_PART_CLASSES
+
 from ._common import IGNORE_INDEX, CTALBuilderMixin, task_features
 
-SYNTHETIC_CLASSES = ["wall", "floor", "ceiling", "box", "sphere", "cylinder", "figure"]
-SYNTHETIC_PART_CLASSES = ["background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg"]
 CONFIG_TASKS = {
     "nyuv2": ("semseg", "depth", "normals", "albedo"),
     "pascal": ("semseg", "parts", "saliency", "normals", "edge"),

@@ -14,8 +14,6 @@ from transformers import AutoConfig, AutoModel, pipeline
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor
 
-torch.set_num_threads(1)
-
 TASKS = ["semseg", "depth", "normals"]
 
 

@@ -137,6 +137,8 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     for impl in ("dense", "factorized"):
         assert f"| diffusion | {impl} | bfloat16 | fwd+bwd |" in text
     assert "| step | auto | bfloat16+cl | train step |" in text
+    assert "| sync_batchnorm | - | - | convert |" in text and "state dict unchanged: True" in text
+    assert "refused on cpu: --sync_batchnorm synchronises BatchNorm statistics across GPU processes" in text
 
 
 def test_backbones_benchmark_writes_its_table(tmp_path):

@@ -94,7 +94,7 @@ def open_split(source, config, split: str = "train", cache_dir: str | None = Non
         if not path.is_dir():
             raise ValueError(
                 f"Calibration dataset {name!r} is a file; pass a folder written by `Dataset.save_to_disk` or holding "
-                "Parquet files (README 'Datasets')."
+                "Parquet files (docs/datasets.md)."
             )
         if any((path / marker).is_file() for marker in DATASET_MARKERS):
             loaded = datasets.load_from_disk(str(path))
@@ -210,7 +210,7 @@ def load_calibration_data(
         raise ValueError(
             f"Calibration dataset {name!r} ({split} split) has no {image_column!r} column (its columns are "
             f"{columns}): calibration needs the images the model will see. Pass a dataset with an image column "
-            f"(README 'Datasets': every builder writes 'image'), or image_column= the column that holds them."
+            f"(docs/datasets.md: every builder writes 'image'), or image_column= the column that holds them."
         )
     if len(dataset) == 0:
         raise ValueError(f"Calibration dataset {name!r}: the {split} split is empty.")

@@ -8,21 +8,19 @@ import argparse
 import json
 from pathlib import Path
 
+from ..registry import BACKBONE_INFO, DECODER_INFO, GRADIENT_AGGREGATORS, LOSS_WEIGHTINGS
 from .recipes import RECIPES, SCHEDULER_INTERVALS, SCHEDULERS
 
-# Loss weighting methods (`ctal_hf.training.loss_weighting`) and TorchJD aggregators
-# (`ctal_hf.training.aggregation`), by command-line name. The modules that implement them check these names too.
-LOSS_WEIGHTINGS: tuple[str, ...] = ("fixed", "uncertainty", "dwa", "famo")
-GRADIENT_AGGREGATORS: tuple[str, ...] = (
-    "none",
-    "upgrad",
-    "mgda",
-    "cagrad",
-    "nashmtl",
-    "pcgrad",
-    "imtl_g",
-    "aligned_mtl",
-)
+
+def column_mapping(text: str) -> dict[str, str]:
+    """argparse type: a JSON object mapping a dataset's column names to ours, e.g. '{"segmentation": "semseg"}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f'not JSON ({error}); e.g. \'{{"segmentation": "semseg"}}\'') from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of column names to column names, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -47,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--dataset_config", default=None, help="Builder / Hub config (cityscapes: 19class or 7class).")
     data.add_argument("--data_dir", default=None, help="Folder of the public preprocessed files (nyuv2, ...).")
+    data.add_argument(
+        "--column_mapping",
+        type=column_mapping,
+        default=None,
+        help='A Hub / Parquet dataset\'s columns onto ours, as JSON: \'{"segmentation": "semseg", "normal": '
+        '"normals"}\' (known Hub copies such as tanganke/nyuv2 need none; docs/hub-ecosystem.md).',
+    )
     data.add_argument("--cache_dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE).")
     data.add_argument("--num_train_images", type=positive_int, default=None, help="Synthetic: scenes.")
     data.add_argument(
@@ -107,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_name_or_path.",
     )
     model.add_argument("--gradient_checkpointing", action="store_true")
+    model.add_argument(
+        "--sync_batchnorm",
+        action="store_true",
+        help="Several GPU processes: BatchNorm statistics over the global batch (torch SyncBatchNorm); the saved "
+        "weights are unchanged. Refused on CPU (docs/hub-ecosystem.md).",
+    )
 
     train = parser.add_argument_group("training (defaults: the recipe's)")
     train.add_argument(
@@ -249,14 +260,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
 
 def check_registry_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Decoder and backbone names, checked against the model registries (imports the model configuration)."""
-    from ..configuration_ctal import BACKBONES, DECODERS
-
-    if args.decoder not in DECODERS:
-        parser.error(f"argument --decoder: invalid choice: {args.decoder!r} (choose from {', '.join(DECODERS)})")
-    if args.backbone is not None and args.backbone not in BACKBONES:
+    """Decoder and backbone names, checked against the registry (`ctal_hf.registry`, torch-free)."""
+    if args.decoder not in DECODER_INFO:
+        parser.error(f"argument --decoder: invalid choice: {args.decoder!r} (choose from {', '.join(DECODER_INFO)})")
+    if args.backbone is not None and args.backbone not in BACKBONE_INFO:
         parser.error(
-            f"argument --backbone: invalid choice: {args.backbone!r} (choose from {', '.join(sorted(BACKBONES))})"
+            f"argument --backbone: invalid choice: {args.backbone!r} (choose from {', '.join(sorted(BACKBONE_INFO))})"
         )
     return args
 

@@ -7,9 +7,12 @@ import os
 
 import torch
 
-from ..configuration_ctal import BACKBONES, PRESETS, CTALConfig
+from ..configuration_ctal import PRESETS, CTALConfig
+from ..dataset_classes import CITYSCAPES_7_CLASSES
 from ..modeling_ctal import CTALForDenseMultitask
+from ..registry import BACKBONE_INFO
 from .arguments import read_json_file
+from .hub_datasets import HUB_DATASETS
 from .recipes import RECIPES, SCHEDULERS, CTALRecipe, get_recipe
 
 RECIPE_FLAGS: tuple[str, ...] = (
@@ -32,8 +35,11 @@ RECIPE_FLAGS: tuple[str, ...] = (
 
 
 def resolve_recipe(args: argparse.Namespace) -> CTALRecipe:
-    """The recipe (by name, else the dataset's, else synthetic) with the command-line overrides applied."""
+    """The recipe (by name, else the dataset's or the known Hub copy's, else synthetic) with the command-line overrides
+    applied."""
     name = args.recipe
+    if name is None and args.dataset in HUB_DATASETS:
+        name = HUB_DATASETS[args.dataset].recipe  # a known Hub copy trains with its dataset's recipe
     if name is None:
         name = args.dataset if args.dataset in RECIPES else "synthetic"
     recipe = get_recipe(name)
@@ -102,12 +108,13 @@ def build_config(args: argparse.Namespace, recipe: CTALRecipe) -> CTALConfig:
         fields["image_size"] = list(args.image_size)
     if (args.dataset or recipe.dataset) == "cityscapes" and args.dataset_config == "7class":
         fields.setdefault("num_semseg_classes", 7)
+        fields["task_specs"] = {"semseg": {"class_names": CITYSCAPES_7_CLASSES}}
     if args.tasks is not None:
         fields["tasks"] = list(dict.fromkeys(args.tasks))
     if getattr(args, "backbone_config", None) is not None:
         fields["backbone_config"] = load_backbone_config(args.backbone_config)
     if getattr(args, "task_specs", None) is not None:
-        fields["task_specs"] = read_json_file("task_specs", args.task_specs)
+        fields["task_specs"] = {**fields.get("task_specs", {}), **read_json_file("task_specs", args.task_specs)}
     weights = dict(PRESETS[recipe.preset].get("loss_weights", {}))
     tasks = fields.get("tasks", PRESETS[recipe.preset]["tasks"])
     weights = {task: weight for task, weight in weights.items() if task in tasks}
@@ -166,7 +173,7 @@ def build_model(args: argparse.Namespace, config: CTALConfig, recipe: CTALRecipe
     source = pretrained_backbone_source(args, recipe)
     if source is None:
         return CTALForDenseMultitask(config)
-    library = "timm" if config.backbone is None else BACKBONES[config.backbone].builder.library
+    library = "timm" if config.backbone is None else BACKBONE_INFO[config.backbone].library
     if args.pretrained_backbone in LIBRARY_WEIGHTS and args.pretrained_backbone != library:
         raise ValueError(
             f"--pretrained_backbone {args.pretrained_backbone}: the {config.backbone_description} backbone is built "
@@ -175,7 +182,7 @@ def build_model(args: argparse.Namespace, config: CTALConfig, recipe: CTALRecipe
     what = (
         "a full timm state dict of the backbone"
         if config.backbone is None
-        else f"a state dict of {BACKBONES[config.backbone].builder.description} classification model"
+        else f"a state dict of {BACKBONE_INFO[config.backbone].description} classification model"
     )
     try:
         weights = backbone_weights_file(source)

@@ -2,14 +2,16 @@
 
 `save_checkpoint` writes `accelerator.save_state` into a hidden temporary folder, adds `training_state.json` (the
 step, what the run was, and the size of every file), flushes everything to disk and renames the folder to
-`step_N`, so a `step_N` folder is always complete. `load_checkpoint` checks that a checkpoint belongs to this run
-(same decoder, loss weighting and gradient aggregator) before loading anything, and `latest` falls back to the
-previous checkpoint when the newest one cannot be read."""
+`step_N`, so a `step_N` folder is always complete. `resume_training` is the one way a run continues: it checks
+that a checkpoint belongs to this run (same decoder, loss weighting and gradient aggregator, a step before the
+run's last) before loading anything, `latest` falls back to the previous checkpoint when the newest one cannot be
+read, and it says where training continues (`ResumePoint`)."""
 
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate.logging import get_logger
@@ -226,6 +228,67 @@ def load_checkpoint(accelerator, candidates: list[tuple[Path, dict]], latest: bo
     return None
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where training starts: the optimizer steps already done, the epoch they end in, the batches of that epoch
+    already seen (to skip) and the checkpoint they come from (None: a fresh start)."""
+
+    completed_steps: int = 0
+    epoch: int = 0
+    skip_batches: int = 0
+    checkpoint: Path | None = None
+
+
+def resume_training(
+    accelerator,
+    value: str | None,
+    checkpoints_dir: Path,
+    run: dict,
+    max_train_steps: int,
+    steps_per_epoch: int,
+    gradient_accumulation_steps: int = 1,
+) -> ResumePoint:
+    """`--resume_from_checkpoint` (a `step_N` folder or 'latest'; None: a fresh start). Checks the candidates
+    against `run` (decoder, loss weighting, aggregator) and `max_train_steps` before loading or writing anything,
+    loads the first one that loads (`accelerator.load_state`: model, optimizer, scheduler, RNG states and the
+    objects registered for checkpointing) and returns where training continues. Call it after
+    `accelerator.prepare` and `register_for_checkpointing`."""
+    if not value:
+        return ResumePoint()
+    candidates = check_resumable(value, checkpoints_dir, run)
+    for path, state in candidates[:1]:
+        if int(state["completed_steps"]) >= max_train_steps:
+            raise CheckpointError(
+                f"{path} is at step {state['completed_steps']}, not before --max_train_steps {max_train_steps}: "
+                "pass a larger --max_train_steps, or evaluate the saved model with --eval_only "
+                "--model_name_or_path."
+            )
+    loaded = load_checkpoint(accelerator, candidates, value == "latest")
+    if loaded is None:
+        logger.warning(f"No checkpoint in {checkpoints_dir}: starting from scratch.")
+        return ResumePoint()
+    path, state = loaded
+    if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+        logger.warning(
+            f"{path} was written by {state['num_processes']} processes, this run has "
+            f"{accelerator.num_processes}: the data order after resuming differs from the original run's."
+        )
+    if state.get("max_train_steps", max_train_steps) != max_train_steps:
+        logger.info(
+            f"{path} was written by a run of {state['max_train_steps']} steps; the learning rate now follows "
+            f"the schedule of {max_train_steps} steps from step {state['completed_steps']}."
+        )
+    completed_steps = int(state["completed_steps"])
+    point = ResumePoint(
+        completed_steps=completed_steps,
+        epoch=completed_steps // steps_per_epoch,
+        skip_batches=(completed_steps % steps_per_epoch) * gradient_accumulation_steps,
+        checkpoint=path,
+    )
+    logger.info(f"Resumed from {path} at step {completed_steps} (epoch {point.epoch}).")
+    return point
+
+
 __all__ = [
     "CHECKPOINT_PATTERN",
     "TRAINING_STATE_FILE",
@@ -241,4 +304,6 @@ __all__ = [
     "candidate_checkpoints",
     "check_resumable",
     "load_checkpoint",
+    "ResumePoint",
+    "resume_training",
 ]
