@@ -2,7 +2,7 @@
 colour bar with the unit for depth and other one-channel regression, axis key for normals, a 0-1 colour bar for
 probabilities), the input checks that turn a bad upload into one sentence, and the raw maps as an `.npz` file.
 
-One renderer per task kind (`RENDERERS`), built on the colour coding of `ctal_hf.visualization`, so the pictures
+One renderer per task kind (`RENDERERS`, keyed by the task classes), built on the colour coding of `ctal_hf.visualization`, so the pictures
 match `ctal-predict`'s and the pipeline's `"visualizations"`."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from ..tasks import CTALBinaryTask, CTALClassificationTask, CTALNormalsTask, CTALRegressionTask
 from ..visualization import DEFAULT_DEPTH_CMAP, legend_patches, palette
 from . import DEFAULT_MAX_PIXELS
 
@@ -30,31 +31,42 @@ class DemoInputError(ValueError):
     """An upload the demo cannot use; the message is shown on the page as is."""
 
 
+UNKNOWN_UNIT = "the unit of the model's training data"
+
+
 @dataclass
 class DisplayInfo:
-    """What the pictures say besides the maps: class names per classification task, the depth unit."""
+    """What the pictures say besides the maps: the class names of each classification task and the unit of each
+    regression task."""
 
     class_names: dict[str, list[str]] = field(default_factory=dict)
-    depth_unit: str = "the unit of the model's training data"
+    units: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: Any, depth_unit: str | None = None) -> DisplayInfo:
-        """Class names from `config.id2label` for `semseg` when it names every class (else `class 0`, `class 1`,
-        ...); the depth unit from `depth_unit`, else `config.depth_unit` when the config has one."""
+    def from_config(cls, config: Any, units: Mapping[str, str] | None = None) -> DisplayInfo:
+        """Class names from each task's `class_names`, else (for the segmentation task the stock pipeline serves)
+        `config.id2label` when it holds names rather than `LABEL_<i>`, else `class 0`, `class 1`, ...; units from
+        `units` (task -> unit, e.g. the command line's), else the task's `unit`."""
+        units = dict(units or {})
         tasks = config.get_tasks()
-        names = {}
         id2label = {int(key): str(value) for key, value in (getattr(config, "id2label", None) or {}).items()}
-        generic = all(label.startswith("LABEL_") for label in id2label.values())  # transformers' placeholders
+        named = not all(label.startswith("LABEL_") for label in id2label.values())  # transformers' placeholders
+        segmentation = getattr(config, "semantic_segmentation_task", None)
+        info = cls()
         for name, task in tasks.items():
-            if task.kind != "classification":
-                continue
-            count = task.num_channels
-            if name == "semseg" and sorted(id2label) == list(range(count)) and not generic:
-                names[name] = [id2label[i] for i in range(count)]
-            else:
-                names[name] = [f"class {i}" for i in range(count)]
-        unit = depth_unit or getattr(config, "depth_unit", None)
-        return cls(class_names=names, **({"depth_unit": unit} if unit else {}))
+            if isinstance(task, CTALClassificationTask):
+                count = task.num_channels
+                if task.class_names:
+                    info.class_names[name] = list(task.class_names)
+                elif name == segmentation and named and sorted(id2label) == list(range(count)):
+                    info.class_names[name] = [id2label[i] for i in range(count)]
+                else:
+                    info.class_names[name] = [f"class {i}" for i in range(count)]
+            elif isinstance(task, CTALRegressionTask):
+                info.units[name] = units.pop(name, None) or task.unit or UNKNOWN_UNIT
+        if units:
+            raise ValueError(f"Units given for {sorted(units)}, which are not regression tasks of this model.")
+        return info
 
 
 # ------------------------------------------------------------------------------------------------------- input
@@ -148,7 +160,7 @@ def _render_regression(task: Any, value: np.ndarray, info: DisplayInfo) -> PIL.I
     vmin, vmax = task.display_range(value)
     figure, axis = _figure(value.shape, extra_width=1.4)
     axis.imshow(task.colorize(value, cmap=DEFAULT_DEPTH_CMAP, vmin=vmin, vmax=vmax))
-    unit = info.depth_unit if task.name == "depth" else "model output"
+    unit = info.units.get(task.name, UNKNOWN_UNIT)
     _colour_bar(figure, axis, DEFAULT_DEPTH_CMAP, vmin, vmax, f"{task.title or task.name} ({unit})")
     return _to_pil(figure)
 
@@ -167,22 +179,21 @@ def _render_probability(task: Any, value: np.ndarray, info: DisplayInfo) -> PIL.
     return _to_pil(figure)
 
 
-# Task kind -> picture of one map (the kinds of `ctal_hf.tasks`).
-RENDERERS: dict[str, Callable[[Any, np.ndarray, DisplayInfo], PIL.Image.Image]] = {
-    "classification": _render_classes,
-    "regression": _render_regression,
-    "normals": _render_normals,
-    "binary": _render_probability,
+# Task kind (its class in `ctal_hf.tasks`; subclasses inherit the picture) -> picture of one map.
+RENDERERS: dict[type, Callable[[Any, np.ndarray, DisplayInfo], PIL.Image.Image]] = {
+    CTALClassificationTask: _render_classes,
+    CTALRegressionTask: _render_regression,
+    CTALNormalsTask: _render_normals,
+    CTALBinaryTask: _render_probability,
 }
 
 
 def render_task(task: Any, value: np.ndarray, info: DisplayInfo) -> PIL.Image.Image:
     """One task's map (as the pipeline returns it) -> a picture with its key (legend, colour bar, axis note)."""
-    renderer = RENDERERS.get(task.kind)
+    renderer = next((RENDERERS[kind] for kind in type(task).__mro__ if kind in RENDERERS), None)
     if renderer is None:
-        raise ValueError(
-            f"No demo picture for task kind {task.kind!r} (task {task.name!r}); known: {sorted(RENDERERS)}."
-        )
+        known = sorted(kind.kind for kind in RENDERERS)
+        raise ValueError(f"No demo picture for task kind {task.kind!r} (task {task.name!r}); known: {known}.")
     return renderer(task, np.asarray(value), info)
 
 
