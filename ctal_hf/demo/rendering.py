@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from ..tasks import CTALBinaryTask, CTALClassificationTask, CTALNormalsTask, CTALRegressionTask
+from ..task_kinds import CTALBinaryTask, CTALClassificationTask, CTALNormalsTask, CTALRegressionTask
 from ..visualization import DEFAULT_DEPTH_CMAP, legend_patches, palette
 from . import DEFAULT_MAX_PIXELS
 
@@ -179,7 +179,7 @@ def _render_probability(task: Any, value: np.ndarray, info: DisplayInfo) -> PIL.
     return _to_pil(figure)
 
 
-# Task kind (its class in `ctal_hf.tasks`; subclasses inherit the picture) -> picture of one map.
+# Task kind class -> picture of one map (the kinds of `ctal_hf.task_kinds`; a subclass uses its parent's picture).
 RENDERERS: dict[type, Callable[[Any, np.ndarray, DisplayInfo], PIL.Image.Image]] = {
     CTALClassificationTask: _render_classes,
     CTALRegressionTask: _render_regression,
