@@ -242,6 +242,8 @@ def write_table(args, rows: list[dict], export: dict, header: str) -> str:
             f"{head['depth']:.4f} | {head['normals']:.2f} | {row['ms']:.0f} | {time_ratio} | "
             f"{row['peak_mib']:.0f} | {mem_ratio} |"
         )
+    if args.note:
+        lines += ["", args.note]
     if export:
         worst = ", ".join(f"{task} {value:.2e}" for task, value in export["worst_relative"].items())
         lines += [
@@ -268,6 +270,9 @@ def main(argv=None) -> None:
         nargs="+",
         default=["resize", "native", "native_unscaled", "sliding", "finetuned", "trained_2x"],
         choices=["resize", "native", "native_unscaled", "sliding", "finetuned", "trained_2x"],
+    )
+    parser.add_argument(
+        "--note", default=None, help="A paragraph written under the table (e.g. how the models were trained)."
     )
     parser.add_argument("--no_train", action="store_true", help="Use the models in --work_dir as they are.")
     parser.add_argument("--no_export", dest="export", action="store_false", help="Skip the ONNX export check.")
