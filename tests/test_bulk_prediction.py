@@ -265,6 +265,7 @@ def test_bad_arguments_are_refused_before_the_model_loads(
 
 # ---------------------------------------------------------------------------------------------- several processes
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_torchrun_processes_write_what_one_process_writes(saved_model, tmp_path, capsys, reset_accelerate):
     """Batch 1 and one thread per process, so each image goes through the same kernels: outputs are bit-equal."""
     images = tmp_path / "photos"
@@ -323,6 +324,7 @@ def test_a_killed_run_resumed_gives_every_output_exactly_once(saved_model, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_benchmark_script_writes_its_table(tmp_path):
     output = tmp_path / "bulk_prediction.md"
     command = [sys.executable, str(REPO / "benchmarks" / "bulk_prediction.py"), "--tiny", "--num_images", "2"]
