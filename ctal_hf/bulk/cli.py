@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--summary_file", default=None, help="Also write the summary as JSON to this file.")
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
+    parser.add_argument(
+        "--ignore_lock", action="store_true", help="Write --output_dir even while another run's lock file holds it."
+    )
     return parser
 
 
@@ -98,6 +101,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     output_dir = Path(args.output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {args.output_dir!r} is a file; give a folder (it is created when missing).")
+    target = output_dir.absolute().resolve()
+    for flag, source in [("--model", args.model)] + [("input", value) for value in args.inputs or ()]:
+        folder = Path(source).expanduser()
+        if folder.is_dir() and (target == folder.resolve() or folder.resolve() in target.parents):
+            parser.error(
+                f"--output_dir {args.output_dir!r} is (or lies inside) the {flag} folder {source!r}: the predictions "
+                "would be written among what the command reads. Choose another --output_dir."
+            )
     args.config = _local_config(parser, args.model)
     _check_tasks(parser, args.tasks, None if args.config is None else args.config.get("tasks"))
     args.parser = parser
@@ -139,12 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from accelerate import PartialState
 
+    from ..atomic_outputs import OutputInUseError, OutputLock
     from ..cli import _check_device, _load_pipeline
     from .runner import run_bulk
     from .writers import make_writer
 
     state = PartialState(cpu=_wants_cpu(args.device))
+    lock = None
     try:
+        if state.is_main_process:  # one run per --output_dir (a rerun after a crash takes a dead run's lock over)
+            try:
+                lock = OutputLock(args.output_dir, ignore_lock=args.ignore_lock, target_flag="--output_dir").acquire()
+            except OutputInUseError as error:
+                args.parser.error(str(error))
         source = open_source(args, state)
         if args.device is None:
             args.device = str(state.device)
@@ -173,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 text = json.dumps(summary.to_dict(), indent=2).encode()
                 atomic_write(Path(args.summary_file).expanduser().absolute(), lambda stream: stream.write(text))
     finally:
+        if lock is not None:
+            lock.release()
         if state.use_distributed:
             state.destroy_process_group()
     return 1 if summary.failed else 0
