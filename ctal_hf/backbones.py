@@ -5,6 +5,8 @@ channels and strides (read from the built model, never hard-coded). See docs/des
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,11 +49,14 @@ class CTALTimmBuilder:
             is added on top.
         pass_image_size: whether timm must be told the input size (`img_size=config.image_size`): windowed
             transformers fix their attention masks to it.
+        key_converter: renames the keys of another library's checkpoint of the same network to timm's (e.g.
+            torchvision's MobileNetV2), applied to a weights file whose keys are not timm's.
     """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     pass_image_size: bool = False
+    key_converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     library = "timm"
 
     @property
@@ -77,6 +82,14 @@ class CTALTimmBuilder:
         with torch.device("meta"):  # names and shapes only
             expected = self.create_reference(config).state_dict()
         _check_state_dict(expected, state_dict, source, self.description)
+
+    def convert_state_dict(self, config: CTALConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state_dict` with timm's key names: converted by `key_converter` when its keys are not timm's."""
+        if self.key_converter is None:
+            return state_dict
+        with torch.device("meta"):
+            expected = self.create_reference(config).state_dict()
+        return state_dict if set(state_dict) == set(expected) else self.key_converter(state_dict)
 
     def features_state_dict(self, config: CTALConfig, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The features model's state dict from the full model's (timm renames and drops keys itself)."""
@@ -136,6 +149,9 @@ class CTALTorchvisionBuilder:
         with torch.device("meta"):
             expected = self.create_reference(config).state_dict()
         _check_state_dict(expected, state_dict, source, self.description)
+
+    def convert_state_dict(self, config: CTALConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state_dict
 
     def features_state_dict(self, config: CTALConfig, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value for key, value in full.items() if key.startswith("features.")}
@@ -233,6 +249,40 @@ def _swinv2_torchvision(name: str, weights: str, display_name: str) -> CTALBackb
     return _swinv2(CTALTorchvisionBuilder(name, weights), display_name)
 
 
+# torchvision's MobileNetV2 (`features.<i>`) -> timm's `mobilenetv2_100`: the stem, 17 inverted-residual blocks in
+# stages of (1, 2, 3, 4, 3, 3, 1), the 1x1 head conv and the classifier. Within a block torchvision numbers its layers
+# (`conv.0.0` ...); timm names them (the first block has no expansion conv).
+_MOBILENET_V2_STAGE_DEPTHS = (1, 2, 3, 4, 3, 3, 1)
+_MOBILENET_V2_LAYERS = {
+    "first": {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"},
+    "other": {
+        "conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2", "conv.2": "conv_pwl",
+        "conv.3": "bn3",
+    },
+}  # fmt: skip
+
+
+def torchvision_mobilenet_v2_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's `mobilenet_v2` state dict with the key names of timm's `mobilenetv2_100` (the same network)."""
+    blocks = [(stage, index) for stage, depth in enumerate(_MOBILENET_V2_STAGE_DEPTHS) for index in range(depth)]
+    fixed = {"features.0.0": "conv_stem", "features.0.1": "bn1", "features.18.0": "conv_head", "features.18.1": "bn2"}
+    fixed["classifier.1"] = "classifier"
+    converted = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in fixed:
+            converted[f"{fixed[prefix]}.{leaf}"] = value
+            continue
+        match = re.fullmatch(r"features\.(\d+)\.(conv(?:\.\d+)+)", prefix)
+        number = int(match.group(1)) if match else 0
+        layers = _MOBILENET_V2_LAYERS["first" if number == 1 else "other"]
+        if not match or not 1 <= number <= len(blocks) or match.group(2) not in layers:
+            raise ValueError(f"{key!r} is not a key of torchvision's mobilenet_v2 (or of timm's mobilenetv2_100).")
+        stage, index = blocks[number - 1]
+        converted[f"blocks.{stage}.{index}.{layers[match.group(2)]}.{leaf}"] = value
+    return converted
+
+
 BACKBONES: dict[str, CTALBackboneSpec] = {
     # Raw branch outputs 18/36/72/144 at strides 4..32 (`feature_location=""`), not timm's default "incre"
     # 128..1024 channels.
@@ -241,6 +291,15 @@ BACKBONES: dict[str, CTALBackboneSpec] = {
         display_name="HRNet-W18-small-v2",
         strides=(4, 8, 16, 32),
         hrnet_fuse_layers=True,
+    ),
+    # MobileNetV2 (not in the paper: a small ImageNet backbone for CPU runs); its stages at strides 4..32 (24, 32,
+    # 96, 320 channels). Takes timm's weights or torchvision's IMAGENET1K_V1 file (docs/efficacy.md).
+    "mobilenet_v2": CTALBackboneSpec(
+        builder=CTALTimmBuilder(
+            "mobilenetv2_100", kwargs={"out_indices": (1, 2, 3, 4)}, key_converter=torchvision_mobilenet_v2_to_timm
+        ),
+        display_name="MobileNetV2",
+        strides=(4, 8, 16, 32),
     ),
     "swinv2_small": _swinv2_timm("swinv2_small_window8_256", "SwinV2-S"),
     "swinv2_tiny": _swinv2_timm("swinv2_tiny_window8_256", "SwinV2-T"),
@@ -516,7 +575,7 @@ def read_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | Non
     source = os.fspath(source)
     if not os.path.isfile(source):
         raise FileNotFoundError(f"Backbone weights file {source!r} does not exist.")
-    state_dict = _read_state_dict_file(source)
+    state_dict = spec.builder.convert_state_dict(config, _read_state_dict_file(source))
     spec.builder.check_state_dict(config, state_dict, source)
     return state_dict
 
@@ -632,5 +691,6 @@ __all__ = [
     "CTALFeatureInfo",
     "CTALBackbone",
     "read_backbone_state_dict",
+    "torchvision_mobilenet_v2_to_timm",
     "pretrained_backbone_state_dict",
 ]

@@ -104,7 +104,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     )  # fmt: skip
     num_parameters = sum(p.numel() for p in model.parameters())  # before FSDP shards them
     weighting = build_loss_weighting(args.loss_weighting, config).to(accelerator.device)
-    param_groups = [{"params": list(model.parameters())}]
+    param_groups = building.optimizer_param_groups(model, recipe)  # recipe.fusion_lr_scale
     if weighting.trainable_parameters():  # learned loss weights: trained by the same optimizer, no weight decay
         param_groups.append({"params": weighting.trainable_parameters(), "weight_decay": 0.0})
     optimizer = torch.optim.Adam(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
@@ -151,6 +151,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         "loss_weights": ", ".join(f"{t}={w:g}" for t, w in config.loss_weights.items()),
         "loss_weighting": args.loss_weighting, "gradient_aggregator": args.gradient_aggregator,
         "optimizer": "Adam", "learning_rate": recipe.learning_rate, "weight_decay": recipe.weight_decay,
+        "fusion_lr_scale": recipe.fusion_lr_scale,
         "lr_scheduler": f"{scheduler_name} (per {recipe.lr_scheduler_interval})", "epochs": num_epochs,
         "max_train_steps": max_train_steps, "drop_last": recipe.drop_last,
         "total_batch_size": recipe.per_device_train_batch_size * accelerator.num_processes
@@ -292,7 +293,13 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
                 result = run_evaluation(desc=f"evaluating epoch {epoch}")
                 accelerator.log(result.log_dict("val"), step=completed_steps)
                 history.append(
-                    {"epoch": epoch, "step": completed_steps, "losses": result.losses, "final": result.final}
+                    {
+                        "epoch": epoch,
+                        "step": completed_steps,
+                        "losses": result.losses,
+                        "final": result.final,
+                        "initial": result.initial,
+                    }  # fmt: skip
                 )
                 losses = ", ".join(
                     f"{t} {result.losses['final'][t]:.4f}"
@@ -306,6 +313,8 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
     result = run_evaluation()
     table = metrics_table(result.final, result.initial, config)
     accelerator.print(f"\nValidation metrics ({dataset_name}, {len(eval_dataset)} images):\n{table}\n")
+    refined = evaluation.refinement(result.final, result.initial, config.get_tasks())
+    accelerator.print(evaluation.refinement_report(refined) + "\n" if refined else "", end="")
     results = {
         "final": result.final, "initial": result.initial, "losses": result.losses,
         "headline": {task: result.final[task][spec.metric] for task, spec in config.get_tasks().items()},
@@ -314,6 +323,7 @@ def main(argv=None, hub_api=None, on_step=None) -> dict:
         "dataset": dataset_name, "num_validation_images": len(eval_dataset), "decoder": config.decoder,
         "tasks": tasks, "num_parameters": num_parameters, "completed_steps": completed_steps,
         "loss_weights_final": weighting.current_weights(), "history": history, "settings": settings,
+        "refinement": refined,
     }  # fmt: skip
     if args.report_to != "none":
         accelerator.log(result.log_dict("eval"), step=completed_steps)

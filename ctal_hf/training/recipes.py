@@ -17,6 +17,8 @@ LOSS_WEIGHT_RULES: tuple[str, ...] = ("preset", "release")
 MULTI_SCALE_DECODERS: tuple[str, ...] = ("ctal_ms", "mtinet")
 SCHEDULERS: tuple[str, ...] = ("cosine", "cosine_warm_restarts", "poly", "step", "constant")
 SCHEDULER_INTERVALS: tuple[str, ...] = ("step", "epoch")
+# How CTAL's fusion conv learns relative to the rest (`CTALRecipe.fusion_lr_scale`).
+FUSION_LR_SCALES: tuple[str, ...] = ("none", "num_pixels")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,12 @@ class CTALRecipe:
         pretrained_backbone: ImageNet weights the backbone starts from (`--pretrained_backbone`): `"timm"` (timm's
             own, downloaded from the Hub), a file, a Hub id, or `None` (random weights).
         num_train_images, num_validation_images: synthetic dataset only: how many scenes to render.
+        fusion_lr_scale: `"none"` (every parameter trains with `learning_rate`, as the release) or `"num_pixels"`:
+            the parameters of CTAL's fusion conv (`CTALFusionConv`, one weight per affinity pixel and task, summed
+            over all N pixels in `D = V M^T`) train with `learning_rate / N`, so each Adam step moves `D` as much as
+            a step moves the other layers' outputs. With `fusion_init="scaled"` this trains exactly the model that
+            `affinity_normalization="num_pixels"` trains (up to weight decay), keeping the paper's
+            parametrisation (docs/efficacy.md). Models without a CTAL module are unaffected.
     """
 
     name: str
@@ -84,6 +92,7 @@ class CTALRecipe:
     pretrained_backbone: str | None = None
     num_train_images: int | None = None
     num_validation_images: int | None = None
+    fusion_lr_scale: str = "none"
 
     def __post_init__(self):
         if self.lr_scheduler not in SCHEDULERS:
@@ -91,6 +100,10 @@ class CTALRecipe:
         if self.lr_scheduler_interval not in SCHEDULER_INTERVALS:
             raise ValueError(
                 f"Unknown lr_scheduler_interval {self.lr_scheduler_interval!r}; choose from {list(SCHEDULER_INTERVALS)}."
+            )
+        if self.fusion_lr_scale not in FUSION_LR_SCALES:
+            raise ValueError(
+                f"Unknown fusion_lr_scale {self.fusion_lr_scale!r}; choose from {list(FUSION_LR_SCALES)}."
             )
         if self.loss_weight_rule not in LOSS_WEIGHT_RULES:
             raise ValueError(
@@ -209,5 +222,6 @@ __all__ = [
     "SCHEDULERS",
     "SCHEDULER_INTERVALS",
     "LOSS_WEIGHT_RULES",
+    "FUSION_LR_SCALES",
     "get_recipe",
 ]
