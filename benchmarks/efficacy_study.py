@@ -26,15 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 
-# name -> (decoder, config overrides, what it is)
-VARIANTS: dict[str, tuple[str, str, str]] = {
-    "default": ("ctal_ss", "", "CTAL-SS as the release: PyTorch's default fusion init"),
-    "gamma0": ("ctal_ss", "gamma=0", "control: gamma = 0 (same layers, no diffusion)"),
-    "zero": ("ctal_ss", "fusion_init=zero", "fusion conv initialised to zero (faithful)"),
-    "scaled": ("ctal_ss", "fusion_init=scaled", "fusion conv default init / N (faithful)"),
-    "num_pixels": ("ctal_ss", "affinity_normalization=num_pixels", "M divided by N in the forward (departure)"),
-    "mtl": ("mtl", "", "MTL (hard sharing), the multitask reference"),
-}
+# name -> (decoder, config overrides, extra train.py arguments, what it is)
+VARIANTS: dict[str, tuple[str, str, list[str], str]] = {
+    "default": ("ctal_ss", "", [], "CTAL-SS as the release: PyTorch's default fusion init"),
+    "gamma0": ("ctal_ss", "gamma=0", [], "control: gamma = 0 (same layers, no diffusion)"),
+    "zero": ("ctal_ss", "fusion_init=zero", [], "fusion conv initialised to zero (faithful)"),
+    "scaled": ("ctal_ss", "fusion_init=scaled", [], "fusion conv default init / N (faithful)"),
+    "scaled_lr": (
+        "ctal_ss", "fusion_init=scaled", ["--fusion_lr_scale", "num_pixels"],
+        "fusion conv default init / N, trained at lr / N (faithful; = num_pixels up to weight decay)",
+    ),
+    "num_pixels": ("ctal_ss", "affinity_normalization=num_pixels", [], "M divided by N in the forward (departure)"),
+    "mtl": ("mtl", "", [], "MTL (hard sharing), the multitask reference"),
+}  # fmt: skip
 WINDOW = 25  # training steps per row of the curves
 
 
@@ -61,40 +65,41 @@ class BlendProbe:
         self.ratios: list[float] = []
         self.final_losses: list[dict[str, float]] = []
         self.total_losses: list[dict[str, float]] = []
-        self.installed = False
 
-    def install(self, model):
+    def install(self):
+        """Wraps `CTALAffinityModule._diffuse` and `CTALCriterion.forward` for every model of this process (from the
+        first training step on); returns a function that restores them."""
         import torch
 
         from ctal_hf.ctal_module import CTALAffinityModule
+        from ctal_hf.losses import CTALCriterion
 
-        for module in model.modules():
-            if isinstance(module, CTALAffinityModule):
-                diffuse = module._diffuse
+        diffuse, criterion_forward = CTALAffinityModule._diffuse, CTALCriterion.forward
+        probe = self
 
-                def probed(stacked, values, _diffuse=diffuse, _module=module):
-                    diffused = _diffuse(stacked, values)
-                    if _module.training:
-                        with torch.no_grad():
-                            blend = _module.gamma * diffused.norm() / ((1.0 - _module.gamma) * stacked.norm())
-                        self.ratios.append(float(blend) if _module.gamma < 1 else float("inf"))
-                    return diffused
+        def probed_diffuse(module, stacked, values):
+            diffused = diffuse(module, stacked, values)
+            if module.training and module.gamma < 1:
+                with torch.no_grad():
+                    blend = module.gamma * diffused.norm() / ((1.0 - module.gamma) * stacked.norm())
+                probe.ratios.append(float(blend))
+            return diffused
 
-                module._diffuse = probed
-        criterion = model.criterion
-        forward = criterion.forward
-
-        def probed_criterion(predictions, initial, labels, _forward=forward):
-            losses = _forward(predictions, initial, labels)
+        def probed_criterion(criterion, predictions, initial, labels):
+            losses = criterion_forward(criterion, predictions, initial, labels)
             if criterion.training and initial:
                 with torch.no_grad():
-                    final = _forward(predictions, {}, labels)
-                self.final_losses.append({t: float(v) for t, v in final.items() if t != "loss"})
-                self.total_losses.append({t: float(v) for t, v in losses.items() if t != "loss"})
+                    final = criterion_forward(criterion, predictions, {}, labels)
+                probe.final_losses.append({t: float(v) for t, v in final.items() if t != "loss"})
+                probe.total_losses.append({t: float(v) for t, v in losses.items() if t != "loss"})
             return losses
 
-        criterion.forward = probed_criterion
-        self.installed = True
+        CTALAffinityModule._diffuse, CTALCriterion.forward = probed_diffuse, probed_criterion
+
+        def restore():
+            CTALAffinityModule._diffuse, CTALCriterion.forward = diffuse, criterion_forward
+
+        return restore
 
     def windows(self) -> list[dict]:
         rows = []
@@ -118,7 +123,7 @@ def run_one(variant: str, seed: int, args, path: Path) -> dict:
 
     from ctal_hf.training.arguments import parse_args as train_parse_args
 
-    decoder, overrides, _ = VARIANTS[variant]
+    decoder, overrides, extra, _ = VARIANTS[variant]
     argv = [
         "--decoder",
         decoder,
@@ -134,15 +139,14 @@ def run_one(variant: str, seed: int, args, path: Path) -> dict:
         argv += ["--config_overrides", overrides]
     if not args.no_eval_every_epoch:
         argv.append("--eval_every_epoch")
-    argv += args.train_args
+    argv += extra + args.train_args
     probe = BlendProbe()
-
-    def on_step(step, run):
-        if not probe.installed:
-            probe.install(run.accelerator.unwrap_model(run.model))
-
+    restore = probe.install()
     start = time.time()
-    results = train.main(train_parse_args(argv), on_step=on_step)
+    try:
+        results = train.main(train_parse_args(argv))
+    finally:
+        restore()
     record = {
         "variant": variant, "seed": seed, "command": "python examples/train.py " + shlex.join(argv),
         "wall_s": round(time.time() - start, 1), "final": results["final"], "initial": results["initial"],
