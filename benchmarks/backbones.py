@@ -7,12 +7,12 @@ random weights. Writes a Markdown table.
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _common import cpu_description, write_table
 
 
 def _cases() -> dict:
@@ -44,22 +44,6 @@ def _cases() -> dict:
             },
         ),
     }
-
-
-def cpu_description() -> str:
-    """CPU model name and the bf16 / AMX flags its cpuinfo lists."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
-    listed = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
-    return f"{name} ({listed})"
 
 
 def measure(fields: dict, image_size: list[int], repeats: int) -> dict:
@@ -128,10 +112,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = args.output.with_suffix(args.output.suffix + ".tmp")
-        temporary.write_text(text)
-        temporary.replace(args.output)
+        write_table(args.output, [text])
     print(text)
 
 

@@ -13,12 +13,12 @@
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from _common import cpu_description, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,19 +58,6 @@ def stopping_epoch(curve: list[float], patience: int, tolerance: float) -> int:
     return len(curve)
 
 
-def cpu_line() -> str:
-    model = platform.processor() or "unknown CPU"
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        cpu_flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
-        flags = ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in cpu_flags) or "no bf16/AMX"
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({os.cpu_count()} cores; {flags})"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     output = Path(args.output_dir)
@@ -102,7 +89,7 @@ def main(argv=None) -> int:
         "",
         f"Candidate: synthetic scenes at {args.image_size[0]}x{args.image_size[1]}, {args.num_train_images} "
         f"training and {args.num_validation_images} validation images, batch {args.per_device_train_batch_size}, "
-        f"seed {args.seed}. CPU: {cpu_line()}.",
+        f"seed {args.seed}. CPU: {cpu_description()}.",
         "",
         "| epoch | step | relative val loss | " + " | ".join(f"{t} loss" for t in tasks) + " |",
         "|---|---|---|" + "---|" * len(tasks),
@@ -121,7 +108,7 @@ def main(argv=None) -> int:
     print(text)
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(text)
+        write_table(args.table, [text])
     print(f"epochs={epochs}")
     return 0
 

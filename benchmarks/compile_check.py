@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from _common import machine_line, make_batch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def relative_error(actual, expected) -> float:
@@ -39,7 +40,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import torch
-    from profile_step import machine_line, make_batch
 
     from ctal_hf import CTALConfig, CTALForDenseMultitask
 

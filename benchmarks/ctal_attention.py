@@ -15,12 +15,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import machine_line, reset_peak_rss, status_kib, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ctal_attention.md"
@@ -52,23 +53,6 @@ SWEEP = [
 
 
 # ----------------------------------------------------------------------------------------------- worker (one case)
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def worker(args) -> dict:
     import gc
 
@@ -104,8 +88,8 @@ def worker(args) -> dict:
         return out
 
     gc.collect()
-    baseline = _status_kib("VmRSS")
-    exact_peak = _reset_peak()
+    baseline = status_kib("VmRSS")
+    exact_peak = reset_peak_rss()
     step()  # warm-up
     times = []
     while len(times) < args.repeats or (sum(times) < args.min_seconds and len(times) < 200):
@@ -113,7 +97,7 @@ def worker(args) -> dict:
         out = step()
         times.append(time.perf_counter() - start)
         del out
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {
         "impl": args.impl,
         "resolved": resolved,
@@ -240,21 +224,6 @@ def sweep_section(args) -> str:
 SECTIONS = {"attention": attention_section, "sweep": sweep_section}
 
 
-def machine_info(threads: int) -> str:
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs visible, {threads} torch threads; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, {platform.system()} {platform.release()}"
-    )
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -290,12 +259,12 @@ def main(argv=None):
         "",
         f"Made by `{command.strip()}` on {started:%Y-%m-%d %H:%M %Z}.",
         "",
-        f"Machine: {machine_info(args.threads)}. Load average (1/5/15 min) before "
+        f"Machine: {machine_line(args.threads)}. Load average (1/5/15 min) before "
         f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)} "
         "(the CPU is shared; a load above the thread count means contended timings).",
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(header) + "\n\n" + "\n\n".join(bodies) + "\n")
+    write_table(args.output, ["\n".join(header), "", "\n\n".join(bodies)])
     print(f"wrote {args.output}", file=sys.stderr)
 
 

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import machine_line, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 DEFAULT_MODEL = REPO / "outputs" / "ctal-synthetic"
 OUTPUT = REPO / "benchmarks" / "results" / "export_accuracy.md"
@@ -240,12 +240,6 @@ def render_rows(results: list[tuple[str, dict, str]], config, reference: dict) -
     return lines
 
 
-def machine_line(threads: int) -> str:
-    from backbones import cpu_description
-
-    return f"{cpu_description()}, {os.cpu_count()} CPUs visible, {threads} threads"
-
-
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -361,7 +355,7 @@ def _write(args, config, model_dir, calibration, load, started, lines, lines_sen
     if reports:
         text += ["## Reports of `quantize_exported`", "", "```json", json.dumps(reports, indent=1), "```", ""]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("\n".join(text))
+    write_table(args.output, text)
 
 
 if __name__ == "__main__":

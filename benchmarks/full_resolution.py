@@ -22,21 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from _common import make_batch, reset_peak_rss, status_kib, write_table
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 MAPS = [(36, 48), (72, 96), (120, 160), (128, 256)]
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 def run_case(case: dict) -> dict:
@@ -68,8 +58,6 @@ def run_case(case: dict) -> dict:
                 tensor.grad = None
 
     else:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from profile_step import make_batch
 
         from ctal_hf import CTALConfig, CTALForDenseMultitask
 
@@ -87,14 +75,14 @@ def run_case(case: dict) -> dict:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-    baseline = _status_kib("VmRSS")
-    _reset_peak()
+    baseline = status_kib("VmRSS")
+    reset_peak_rss()
     times = []
     for _ in range(case["repeats"] + 1):  # the first is the warm-up
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {**case, "seconds": statistics.median(times[1:]), "peak_gb": (_status_kib("VmHWM") - baseline) / 1e6}
+    return {**case, "seconds": statistics.median(times[1:]), "peak_gb": (status_kib("VmHWM") - baseline) / 1e6}
 
 
 def fitted_exponent(rows: list[dict]) -> str:
@@ -235,7 +223,7 @@ def main(argv=None) -> None:
         f"CPU: times are noisy). Median of {args.repeats} runs after a warm-up (whole steps: one run).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n")
+    write_table(args.out, ["\n".join(header), "", "\n\n".join(sections)])
     print(args.out.read_text())
 
 

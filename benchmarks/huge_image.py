@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import cpu_description, write_table
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -65,21 +67,6 @@ print(json.dumps({"seconds": seconds, "peak_gb": (max(peak[0], rss()) - baseline
 """
 
 
-def cpu_description() -> str:
-    cpu, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    marks = [flag for flag in ("avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
-    return f"{cpu} (bf16/AMX flags: {', '.join(marks) or 'none'}), {os.cpu_count()} logical CPUs"
-
-
 def run(side: int, tiny: bool, visualize: bool, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     arguments = [str(side), str(int(tiny)), str(int(visualize)), str(threads)]
@@ -122,7 +109,7 @@ def main(argv=None) -> None:
     lines.append("")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n".join(lines))
+    write_table(output, lines)
     print(f"Wrote {output}")
 
 

@@ -31,10 +31,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from _common import machine_line, reset_peak_rss, status_kib, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 OUTPUT = REPO / "benchmarks" / "results" / "inference.md"
 # Done-when targets of NYUv2 CTAL-SS at batch 1: the runtime's latency over eager PyTorch fp32's.
@@ -58,34 +58,17 @@ def model_settings(tiny: bool) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def _status_kib(field: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def loaded(build, pixel_values, warmup: int):
     """(runner, peak MB, held MB): the peak resident memory (VmHWM, reset through /proc/self/clear_refs) while the
     runner is built and runs `warmup` times, and the resident memory it still holds afterwards, both above the
     resident set before (None where /proc lacks them)."""
     gc.collect()
-    reset = _reset_peak()
-    before = _status_kib("VmRSS")
+    reset = reset_peak_rss()
+    before = status_kib("VmRSS")
     runner = build()
     for _ in range(max(1, warmup)):
         runner(pixel_values)
-    peak, after = _status_kib("VmHWM"), _status_kib("VmRSS")
+    peak, after = status_kib("VmHWM"), status_kib("VmRSS")
     if before is None or after is None:
         return runner, None, None
     return runner, (max(0.0, (peak - before) / 1024) if reset and peak else None), max(0.0, (after - before) / 1024)
@@ -341,12 +324,6 @@ def render(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_line() -> str:
-    from backbones import cpu_description
-
-    return f"{cpu_description()}, {os.cpu_count()} CPUs visible"
-
-
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -404,7 +381,7 @@ def main(argv=None) -> None:
             results.append(measure(name, fields, args, work))
             meta.update(seconds=time.time() - started, load_end=" / ".join(f"{v:.1f}" for v in os.getloadavg()))
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(render(results, meta))  # after every model: a cut-short run keeps its rows
+            write_table(args.output, [render(results, meta)])  # after every model: a cut-short run keeps its rows
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

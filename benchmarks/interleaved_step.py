@@ -27,9 +27,10 @@ import time
 import types
 from pathlib import Path
 
+from _common import machine_line, make_batch, write_table
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 VARIANTS = {"today": (None, False), "fp32": (None, False), "fp32+cl": (None, True), "bf16": ("bf16", False)}
 VARIANTS["bf16+cl"] = ("bf16", True)
@@ -69,7 +70,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import torch
-    from profile_step import machine_line, make_batch
 
     from ctal_hf import CTALConfig, CTALForDenseMultitask
 
@@ -157,7 +157,7 @@ def write(args, command, started, load_before, times, machine, rounds_done) -> N
             label = "training step" if mode == "train" else "inference"
             lines.append(f"| {label} | {batch} | {variant} | {median:.2f} | {median / reference:.2f}x | {all_steps} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@
 #       --output benchmarks/results/loss_balancing.md
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -17,6 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import machine_line, make_batch, write_table
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask  # noqa: E402
 from ctal_hf.training.aggregation import AGGREGATORS, GradientAggregation, make_aggregator  # noqa: E402
@@ -36,35 +36,6 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default=None, help="Markdown file for the table.")
     return parser.parse_args(argv)
-
-
-def cpu_line() -> str:
-    model, flags = platform.processor() or "unknown CPU", "unknown flags"
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        cpu_flags = next(line for line in lines if line.startswith("flags")).split()
-        flags = ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in cpu_flags) or "no bf16/AMX"
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores ({flags}), {torch.get_num_threads()} threads"
-
-
-def make_batch(config, batch_size: int) -> tuple[torch.Tensor, dict]:
-    generator = torch.Generator().manual_seed(0)
-    size = tuple(config.image_size)
-    labels = {}
-    for task in config.tasks:
-        if task in ("semseg", "parts"):
-            classes = config.num_semseg_classes if task == "semseg" else config.num_parts_classes
-            labels[task] = torch.randint(0, classes, (batch_size, *size), generator=generator)
-        elif task == "normals":
-            labels[task] = torch.nn.functional.normalize(torch.randn(batch_size, 3, *size, generator=generator), dim=1)
-        elif task == "depth":
-            labels[task] = torch.rand(batch_size, 1, *size, generator=generator) + 0.1
-        else:
-            labels[task] = (torch.rand(batch_size, 1, *size, generator=generator) > 0.5).float()
-    return torch.randn(batch_size, 3, *size, generator=generator), labels
 
 
 class Method:
@@ -129,7 +100,7 @@ def main(argv=None) -> str:
         "",
         f"{config.decoder} ({args.preset} preset, {args.image_size[0]}x{args.image_size[1]}, batch "
         f"{args.batch_size}, float32): forward + backward + optimizer step, median of {args.rounds} interleaved "
-        f"rounds. CPU: {cpu_line()}.",
+        f"rounds. CPU: {machine_line(torch.get_num_threads())}.",
         "",
         "| method | kind | step (s) | relative to fixed |",
         "|---|---|---|---|",
@@ -148,7 +119,7 @@ def main(argv=None) -> str:
     print(text)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+        write_table(args.output, [text])
     return text
 
 

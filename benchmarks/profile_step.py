@@ -18,13 +18,15 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine_line as common_machine_line
+from _common import make_batch, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name: (autocast dtype or None, channels-last, compiled)
@@ -67,25 +69,6 @@ def measure_peaks(dtype, channels_last: bool, quick: bool = False) -> dict:
         x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
     conv = 2 * 2 * 128 * 128 * 9 * height * width / _median_time(lambda: F.conv2d(x, w, padding=1), 3) / 1e9
     return {"matmul": matmul, "conv": conv}
-
-
-def make_batch(config, batch: int):
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    height, width = config.image_size
-    labels = {}
-    for task in config.tasks:
-        if task in ("semseg", "parts"):
-            labels[task] = torch.randint(0, config.task_channels(task), (batch, height, width), generator=generator)
-        elif task == "normals":
-            normals = torch.randn(batch, 3, height, width, generator=generator)
-            labels[task] = torch.nn.functional.normalize(normals, dim=1)
-        elif task == "depth":
-            labels[task] = torch.rand(batch, 1, height, width, generator=generator) + 0.1
-        else:
-            labels[task] = (torch.rand(batch, 1, height, width, generator=generator) > 0.5).float()
-    return torch.randn(batch, 3, height, width, generator=generator), labels
 
 
 def component_probes(model):
@@ -252,22 +235,12 @@ def export_baseline(ref: str, destination: Path) -> Path:
 
 
 def machine_line(threads: int) -> str:
+    """`_common.machine_line` and what decides this script's bf16 paths: oneDNN's bf16 support."""
     import torch
 
-    cpu, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    bf16 = "avx512_bf16" in flags
-    amx = sorted(flag for flag in flags if flag.startswith("amx"))
     return (
-        f"{cpu}, {os.cpu_count()} CPUs visible, {threads} torch threads; AVX-512 BF16: {'yes' if bf16 else 'no'}, "
-        f"AMX: {', '.join(amx) if amx else 'no'}; oneDNN bf16 support: "
-        f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}; torch {torch.__version__}, float32 matmul precision "
-        "highest"
+        f"{common_machine_line(threads)}; oneDNN bf16 support: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, "
+        "float32 matmul precision highest"
     )
 
 
@@ -328,10 +301,10 @@ def main(argv=None) -> None:
                     runs.setdefault((mode, variant), []).append(result)
                     print(f"{mode} {variant}: {', '.join(f'{t:.2f}' for t in result['times'])} s", flush=True)
     load_after = os.getloadavg()
-    print("\n".join(write_table(args, command, started, load_before, load_after, runs)))
+    print("\n".join(table_lines(args, command, started, load_before, load_after, runs)))
 
 
-def write_table(args, command, started, load_before, load_after, runs) -> list[str]:
+def table_lines(args, command, started, load_before, load_after, runs) -> list[str]:
     lines = [
         f"# Where the time goes: CTAL-SS, preset `{args.preset}`",
         "",
@@ -405,7 +378,7 @@ def write_table(args, command, started, load_before, load_after, runs) -> list[s
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {flops / 1e9:.1f} |")
         lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_table(args.out, lines)
     return lines
 
 

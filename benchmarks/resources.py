@@ -27,6 +27,8 @@ import time
 import traceback
 from pathlib import Path
 
+from _common import reset_peak_rss, status_kib, write_table
+
 from ctal_hf.configuration_ctal import DECODER_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,23 +138,6 @@ COMPONENT_ORDER = ("backbone", "initial heads", "distillation", "final heads")
 
 
 # ----------------------------------------------------------------------------------------------- worker (one model)
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _build(setting: str, row: dict, attention_impl: str):
     from ctal_hf import CTALConfig, CTALForDenseMultitask
 
@@ -244,10 +229,10 @@ def measure(setting: str, row: dict, args) -> dict:
     with torch.no_grad():
         # Memory: the first forward after building grows the heap from the model's own footprint, so its peak above
         # that footprint is the forward's working memory (later forwards reuse freed heap and would hide it).
-        baseline = _status_kib("VmRSS")
-        reset = _reset_peak_rss()
+        baseline = status_kib("VmRSS")
+        reset = reset_peak_rss()
         model(pixel_values)  # also the warm-up of the timed forwards
-        peak = _status_kib("VmHWM") if reset else _status_kib("VmRSS")
+        peak = status_kib("VmHWM") if reset else status_kib("VmRSS")
         times = []
         while len(times) < args.repeats:
             start = time.perf_counter()
@@ -669,7 +654,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps({"meta": meta, "results": all_results}, indent=1))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(all_results, meta))
+    write_table(args.output, [render(all_results, meta)])
     print(f"wrote {args.output}", file=sys.stderr)
 
 

@@ -17,6 +17,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _common import cpu_description, write_table  # noqa: E402
 
 from dataset_scripts.synthetic import SyntheticScenes, render_scene  # noqa: E402
 
@@ -41,16 +42,6 @@ def build_seconds(config: str) -> tuple[float, int]:
         return time.perf_counter() - start, rows
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=100, help="images per timing")
@@ -61,7 +52,7 @@ def main() -> None:
     lines = [
         "# SyntheticScenes rendering speed (one CPU core)",
         "",
-        f"Machine: {cpu_name()}, numpy {np.__version__}, Python {platform.python_version()}; "
+        f"Machine: {cpu_description()}, numpy {np.__version__}, Python {platform.python_version()}; "
         f"load average at start {os.getloadavg()[0]:.1f} (other jobs share the cores, so these are lower bounds).",
         f"Each rate: {args.count} scenes rendered with `render_scene` in one process, thread pools limited to 1; "
         f"median / best of {args.repeats} runs.",
@@ -84,7 +75,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        write_table(args.output, [text])
     print(text)
 
 

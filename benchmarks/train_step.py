@@ -8,7 +8,6 @@ baseline after building the model) is its own. Writes a markdown table.
 """
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -17,18 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _vm_hwm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> None:
-    # Writing 5 to clear_refs resets the peak RSS counter (Linux), so the baseline excludes model building.
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+from _common import peak_rss_bytes, reset_peak_rss, write_table
 
 
 def run_case(preset: str, decoder: str, attention_impl: str, batch: int, threads: int, repeats: int) -> dict:
@@ -46,8 +34,8 @@ def run_case(preset: str, decoder: str, attention_impl: str, batch: int, threads
     step = lambda: model(pixel_values, labels=labels).loss.backward()  # noqa: E731
     step()  # warm-up (allocator, oneDNN primitives)
     model.zero_grad(set_to_none=True)
-    _reset_hwm()
-    baseline = _vm_hwm_bytes()
+    reset_peak_rss()
+    baseline = peak_rss_bytes()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -60,7 +48,7 @@ def run_case(preset: str, decoder: str, attention_impl: str, batch: int, threads
         "attention_impl": attention_impl,
         "params": sum(p.numel() for p in model.parameters()),
         "seconds": statistics.median(times),
-        "peak_gb": (_vm_hwm_bytes() - baseline) / 1e9,
+        "peak_gb": (peak_rss_bytes() - baseline) / 1e9,
     }
 
 
@@ -118,7 +106,7 @@ def main() -> None:
             f"| {r['peak_gb']:.2f} |"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_table(args.out, lines)
     print("\n".join(lines))
 
 

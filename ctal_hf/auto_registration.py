@@ -1,20 +1,24 @@
 """How `import ctal_hf` registers CTAL with transformers without importing torch or transformers.
 
-The registrations (`AutoConfig`, `AutoModel`, `AutoImageProcessor`, `pipeline("dense-multitask")`) live in
-transformers modules that are expensive to import (`transformers.pipelines` pulls in every pipeline, the image
-processing modules pull in torchvision). Each registration is therefore made when the transformers module that holds
-its registry is first imported (or at once, when it already is): a small `sys.meta_path` finder runs a callback right
-after that module has executed. Any lookup through a registry therefore sees CTAL, while `import ctal_hf` itself costs
-milliseconds and `ctal-predict --help` answers before torch is imported.
+Every registration is the documented call (`AutoConfig.register`, `AutoModel.register` and the per-task
+`AutoModelForDepthEstimation` / `AutoModelForSemanticSegmentation` / `AutoModelForNormalEstimation.register`,
+`AutoImageProcessor.register`, `PIPELINE_REGISTRY.register_pipeline`, `register_for_auto_class`). What is not plain
+is *when* each is made: the registries live in transformers modules that are expensive to import
+(`transformers.pipelines` pulls in every pipeline, the image processing modules pull in torchvision, the model class
+needs `transformers.modeling_utils`), and making the calls in `ctal_hf/__init__.py` would put all of that, and
+torch, into `import ctal_hf` and `ctal-predict --help` (measured: docs/design.md, "Registration"). So each call is
+made when the transformers module that holds its registry is first imported (or at once, when it already is): a
+small `sys.meta_path` finder runs a callback right after that module has executed. Any lookup through a registry
+therefore sees CTAL, while `import ctal_hf` itself costs milliseconds and `ctal-predict --help` answers before torch
+is imported.
 
-The model class is registered as a deferred entry, imported at the first lookup: `transformers.modeling_utils` (which
-the model class needs) takes seconds to import and may be mid-import when the auto-model module is first imported.
-This module is not part of a saved model folder's code (folders load with `trust_remote_code=True` and register
-themselves through `auto_map`)."""
+The model class is registered when the auto-model module is imported, importing the model class then (which imports
+`transformers.modeling_utils`); in the one order where that module is itself mid-import at that moment, the
+registration is made when the model class is first imported instead. This module is not part of a saved model
+folder's code (folders load with `trust_remote_code=True` and register themselves through `auto_map`)."""
 
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import sys
 import threading
@@ -24,40 +28,6 @@ _CONFIGURATION_AUTO = "transformers.models.auto.configuration_auto"
 _MODELING_AUTO = "transformers.models.auto.modeling_auto"
 _IMAGE_PROCESSING_AUTO = "transformers.models.auto.image_processing_auto"
 _PIPELINES = "transformers.pipelines"
-
-
-class _Deferred:
-    """A class named by module and attribute, imported when the registry entry holding it is first read."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def load(self) -> type:
-        return getattr(importlib.import_module(self.module), self.name)
-
-    def __repr__(self) -> str:
-        return f"<deferred {self.module}.{self.name}>"
-
-
-class _DeferredEntries(dict):
-    """The `_extra_content` dict of a transformers auto mapping, whose values may be `_Deferred` (resolved and cached
-    on first read). transformers reads that dict with `[]`, `in`, `keys()`, `values()` and `items()`."""
-
-    def __getitem__(self, key):
-        value = super().__getitem__(key)
-        if isinstance(value, _Deferred):
-            value = value.load()
-            super().__setitem__(key, value)
-        return value
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-    def values(self):
-        return [self[key] for key in self]
-
-    def items(self):
-        return [(key, self[key]) for key in self]
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
@@ -138,12 +108,30 @@ def _register_config() -> None:
     AutoConfig.register("ctal", _config_class(), exist_ok=True)
 
 
-def _register_model() -> None:
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+def _is_importing(name: str) -> bool:
+    module = sys.modules.get(name)
+    return module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False)
 
-    if not isinstance(MODEL_MAPPING._extra_content, _DeferredEntries):
-        MODEL_MAPPING._extra_content = _DeferredEntries(MODEL_MAPPING._extra_content)
-    MODEL_MAPPING._extra_content[_config_class()] = _Deferred(f"{__package__}.modeling_ctal", "CTALForDenseMultitask")
+
+def _register_models(modeling_auto) -> None:
+    """`AutoModel.register(CTALConfig, CTALForDenseMultitask)` and, for the per-task views of the same checkpoint,
+    `AutoModelForDepthEstimation.register(CTALConfig, CTALForDepthEstimation)`,
+    `AutoModelForSemanticSegmentation.register(CTALConfig, CTALForSemanticSegmentation)` and
+    `AutoModelForNormalEstimation.register(CTALConfig, CTALForNormalEstimation)` (`modeling_ctal.AUTO_CLASSES`)."""
+    from .modeling_ctal import AUTO_CLASSES
+
+    for auto_class, model_class in AUTO_CLASSES.items():
+        getattr(modeling_auto, auto_class).register(_config_class(), model_class, exist_ok=True)
+
+
+def _register_model() -> None:
+    # The model classes need `transformers.modeling_utils`; importing them while that module is mid-import would
+    # fail, so in that (rare) order they are registered when first imported (`_register_model_for_auto_class`).
+    if _is_importing("transformers.modeling_utils"):
+        return
+    from transformers.models.auto import modeling_auto
+
+    _register_models(modeling_auto)
 
 
 def _register_image_processor() -> None:
@@ -179,9 +167,13 @@ def _register_config_for_auto_class() -> None:
 
 
 def _register_model_for_auto_class() -> None:
-    from .modeling_ctal import CTALForDenseMultitask
+    from .modeling_ctal import AUTO_CLASSES
 
-    CTALForDenseMultitask.register_for_auto_class("AutoModel")
+    for auto_class, model_class in AUTO_CLASSES.items():
+        model_class.register_for_auto_class(auto_class)
+    modeling_auto = sys.modules.get(_MODELING_AUTO)
+    if modeling_auto is not None and not _is_importing(_MODELING_AUTO):
+        _register_models(modeling_auto)
 
 
 def _register_image_processor_for_auto_class() -> None:

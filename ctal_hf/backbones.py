@@ -4,15 +4,16 @@ channels and strides (read from the built model, never hard-coded). See docs/des
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .registry import BACKBONE_INFO, HRNET_FUSE_UPSAMPLING, CTALBackboneInfo, affinity_stride
 
 if TYPE_CHECKING:
     from .configuration_ctal import CTALConfig
@@ -32,7 +33,11 @@ def _check_state_dict(expected: dict[str, torch.Tensor], state_dict: dict[str, t
     mismatched = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
     problems = [
         f"{label} {keys[:10]}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch for", mismatched))
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("size mismatch for", mismatched),
+        )
         if keys
     ]
     if problems:
@@ -58,6 +63,14 @@ class CTALTimmBuilder:
     pass_image_size: bool = False
     key_converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     library = "timm"
+
+    @classmethod
+    def from_info(cls, info: CTALBackboneInfo) -> CTALTimmBuilder:
+        converter = KEY_CONVERTERS[info.foreign_weights] if info.foreign_weights else None
+        return cls(
+            info.model_name, kwargs=dict(info.model_kwargs), pass_image_size=info.pass_image_size,
+            key_converter=converter,
+        )  # fmt: skip
 
     @property
     def description(self) -> str:
@@ -122,6 +135,10 @@ class CTALTorchvisionBuilder:
     weights: str
     library = "torchvision"
 
+    @classmethod
+    def from_info(cls, info: CTALBackboneInfo) -> CTALTorchvisionBuilder:
+        return cls(info.model_name, info.weights)
+
     @property
     def description(self) -> str:
         return f"torchvision's {self.name}"
@@ -157,42 +174,25 @@ class CTALTorchvisionBuilder:
         return {key: value for key, value in full.items() if key.startswith("features.")}
 
 
+# The builder class of each library a `registry.CTALBackboneInfo` names.
+BACKBONE_BUILDERS: dict[str, type[CTALTimmBuilder] | type[CTALTorchvisionBuilder]] = {
+    "timm": CTALTimmBuilder,
+    "torchvision": CTALTorchvisionBuilder,
+}
+
+
 @dataclass(frozen=True)
-class CTALBackboneSpec:
-    """A named backbone (`config.backbone`): how it is built (`builder`) and what the decoders need to know before it
-    is built.
+class CTALBackboneSpec(CTALBackboneInfo):
+    """A named backbone (`config.backbone`): its registry entry (`registry.BACKBONE_INFO`) and how it is built
+    (`builder`: the features model, the full classification model whose state dict ImageNet weight files hold, and
+    the download of those weights)."""
 
-    Args:
-        builder: builds the features model, the full (classification) model whose state dict ImageNet weight files
-            hold, and downloads those weights (`CTALTimmBuilder`, `CTALTorchvisionBuilder`).
-        display_name: how tables and model cards name it.
-        strides: output stride of each feature map the decoders read, finest first (checked against the built model).
-        channels_last_output: whether the features model returns NHWC maps (permuted to NCHW here).
-        head_family: the decoder head family these models use by default (`config.head_family`).
-        normals_loss: the surface-normal loss of the paper's recipe for this backbone (`CTALConfig.from_preset`).
-        final_norm: whether the full model ends with a LayerNorm `norm` over the last map's channels, which
-            `config.backbone_final_norm` applies to the map (the SwinV2 models).
-        hrnet_fuse_layers: whether the model has HRNet fuse layers, whose upsampling `config.hrnet_fuse_upsampling`
-            chooses.
-    """
+    builder: CTALTimmBuilder | CTALTorchvisionBuilder = field(kw_only=True)
 
-    builder: CTALTimmBuilder | CTALTorchvisionBuilder
-    display_name: str
-    strides: tuple[int, ...]
-    channels_last_output: bool = False
-    head_family: str = "bottleneck"
-    normals_loss: str = "cosine"
-    final_norm: bool = False
-    hrnet_fuse_layers: bool = False
-
-    @property
-    def num_maps(self) -> int:
-        return len(self.strides)
-
-    @property
-    def timm_name(self) -> str | None:
-        """The `timm.create_model` name (`None` for a backbone built by another library)."""
-        return self.builder.name if self.builder.library == "timm" else None
+    @classmethod
+    def from_info(cls, info: CTALBackboneInfo) -> CTALBackboneSpec:
+        values = {item.name: getattr(info, item.name) for item in fields(info)}
+        return cls(**values, builder=BACKBONE_BUILDERS[info.library].from_info(info))
 
     def create_model(self, config: CTALConfig, **overrides) -> nn.Module:
         """The features model (random weights unless `overrides` ask timm for pretrained ones), with the config's
@@ -208,14 +208,6 @@ class CTALBackboneSpec:
         """The full model (classifier included), whose state dict is what ImageNet weight files hold."""
         return self.builder.create_reference(config)
 
-    def uses_final_norm(self, config: CTALConfig) -> bool:
-        return self.final_norm and config.backbone_final_norm
-
-
-# `hrnet_fuse_upsampling` -> (nn.Upsample mode, align_corners): the release's `F.interpolate(mode="bilinear")`
-# leaves align_corners at its default, False.
-HRNET_FUSE_UPSAMPLING: dict[str, tuple[str, bool | None]] = {"nearest": ("nearest", None), "bilinear": ("bilinear", False)}
-
 
 def hrnet_fuse_upsamplers(model: nn.Module) -> list[nn.Upsample]:
     """The `nn.Upsample` modules of an HRNet's fuse layers (timm's `HighResolutionModule.fuse_layers`), which bring
@@ -225,28 +217,6 @@ def hrnet_fuse_upsamplers(model: nn.Module) -> list[nn.Upsample]:
         if name.split(".")[-1] == "fuse_layers":
             upsamplers += [m for m in module.modules() if isinstance(m, nn.Upsample)]
     return upsamplers
-
-
-def _swinv2(builder, display_name: str) -> CTALBackboneSpec:
-    # The last stage only (768 or 1024 channels at 1/32), NHWC, with the full model's final LayerNorm. timm fixes
-    # its attention windows to the input size (`pass_image_size`); torchvision pads them (any input size).
-    return CTALBackboneSpec(
-        builder=builder,
-        display_name=display_name,
-        strides=(32,),
-        channels_last_output=True,
-        head_family="deeplab",
-        normals_loss="l1",
-        final_norm=True,
-    )
-
-
-def _swinv2_timm(name: str, display_name: str) -> CTALBackboneSpec:
-    return _swinv2(CTALTimmBuilder(name, kwargs={"out_indices": (3,)}, pass_image_size=True), display_name)
-
-
-def _swinv2_torchvision(name: str, weights: str, display_name: str) -> CTALBackboneSpec:
-    return _swinv2(CTALTorchvisionBuilder(name, weights), display_name)
 
 
 # torchvision's MobileNetV2 (`features.<i>`) -> timm's `mobilenetv2_100`: the stem, 17 inverted-residual blocks in
@@ -283,31 +253,15 @@ def torchvision_mobilenet_v2_to_timm(state_dict: dict[str, torch.Tensor]) -> dic
     return converted
 
 
+# timm builders convert a weights file with another library's key names (`CTALBackboneInfo.foreign_weights`).
+KEY_CONVERTERS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "torchvision_mobilenet_v2": torchvision_mobilenet_v2_to_timm,
+}
+
+
+# The model side of `registry.BACKBONE_INFO`: each entry with its builder.
 BACKBONES: dict[str, CTALBackboneSpec] = {
-    # Raw branch outputs 18/36/72/144 at strides 4..32 (`feature_location=""`), not timm's default "incre"
-    # 128..1024 channels.
-    "hrnet_w18_small_v2": CTALBackboneSpec(
-        builder=CTALTimmBuilder("hrnet_w18_small_v2", kwargs={"feature_location": "", "out_indices": (1, 2, 3, 4)}),
-        display_name="HRNet-W18-small-v2",
-        strides=(4, 8, 16, 32),
-        hrnet_fuse_layers=True,
-    ),
-    # MobileNetV2 (not in the paper: a small ImageNet backbone for CPU runs); its stages at strides 4..32 (24, 32,
-    # 96, 320 channels). Takes timm's weights or torchvision's IMAGENET1K_V1 file (docs/efficacy.md).
-    "mobilenet_v2": CTALBackboneSpec(
-        builder=CTALTimmBuilder(
-            "mobilenetv2_100", kwargs={"out_indices": (1, 2, 3, 4)}, key_converter=torchvision_mobilenet_v2_to_timm
-        ),
-        display_name="MobileNetV2",
-        strides=(4, 8, 16, 32),
-    ),
-    "swinv2_small": _swinv2_timm("swinv2_small_window8_256", "SwinV2-S"),
-    "swinv2_tiny": _swinv2_timm("swinv2_tiny_window8_256", "SwinV2-T"),
-    "swinv2_base": _swinv2_timm("swinv2_base_window8_256", "SwinV2-B"),
-    # The authors' release: torchvision's models with their IMAGENET1K_V1 weights.
-    "swin_v2_s": _swinv2_torchvision("swin_v2_s", "Swin_V2_S_Weights.IMAGENET1K_V1", "SwinV2-S (torchvision)"),
-    "swin_v2_t": _swinv2_torchvision("swin_v2_t", "Swin_V2_T_Weights.IMAGENET1K_V1", "SwinV2-T (torchvision)"),
-    "swin_v2_b": _swinv2_torchvision("swin_v2_b", "Swin_V2_B_Weights.IMAGENET1K_V1", "SwinV2-B (torchvision)"),
+    name: CTALBackboneSpec.from_info(info) for name, info in BACKBONE_INFO.items()
 }
 
 
@@ -349,9 +303,8 @@ class CTALFeatureInfo:
         return self.strides[0]
 
     def affinity_stride(self, affinity_scale: int) -> int:
-        """Stride of the maps CTAL and PAP-Net diffuse on: max(`affinity_scale`, the finest map's stride), i.e. the
-        finest map itself unless `affinity_scale` asks for a coarser one (paper Table 5)."""
-        return max(affinity_scale, self.finest_stride)
+        """Stride of the maps CTAL and PAP-Net diffuse on (`registry.affinity_stride`)."""
+        return affinity_stride(affinity_scale, self.finest_stride)
 
     def affinity_map_size(self, affinity_scale: int) -> tuple[int, int]:
         """Size (h, w) of the maps CTAL and PAP-Net diffuse on."""
@@ -392,6 +345,10 @@ class CTALBackbone(nn.Module):
                     module.momentum = config.backbone_bn_momentum
         self.upsample_factor = 1
         channels, strides = self._measure(config)
+        # Another input size (`interpolate_affinity`, `from_pretrained(..., image_size=...)`) must be a multiple of
+        # the largest stride, and is refused for models fixed to their input size at creation.
+        self.max_stride = max(strides)
+        self.fixed_size_reason = self._fixed_size_reason(config)
         # The full model's final LayerNorm on the last map (`backbone_final_norm`; SwinV2), weights `norm.*` of the
         # full model; eps 1e-5 in timm and torchvision.
         use_norm = not self.uses_backbone_config and BACKBONES[config.backbone].uses_final_norm(config)
@@ -427,6 +384,20 @@ class CTALBackbone(nn.Module):
         # Set by `model.gradient_checkpointing_enable()`: recompute the backbone in the backward pass (timm's
         # HRNet has no per-stage checkpointing of its own).
         self.gradient_checkpointing = False
+
+    def _fixed_size_reason(self, config: CTALConfig) -> str | None:
+        """Why the backbone cannot run at another input size than `config.image_size` (None when it can)."""
+        if self.uses_backbone_config:
+            if self._runs_at_double_size:
+                return None
+            return f"the backbone {self.name} does not run at twice its image_size (a model tied to its input size)."
+        if BACKBONES[config.backbone].pass_image_size:
+            return (
+                f"{self.name} is built by timm with its attention windows and masks fixed to image_size "
+                f"{list(config.image_size)} (`img_size` at creation). Use sliding windows "
+                '(`resolution="sliding"`), or a torchvision SwinV2 entry (swin_v2_s, ...), which pads its windows.'
+            )
+        return None
 
     @property
     def reductions(self) -> list[int]:
@@ -479,6 +450,7 @@ class CTALBackbone(nn.Module):
             doubled = self._map_shapes(2 * height, 2 * width) if self.uses_backbone_config else None
         except Exception:  # a model tied to one input size: the first look stands
             doubled = None
+        self._runs_at_double_size = doubled is not None
         channels, strides = [], []
         for index, shape in enumerate(shapes):
             if len(shape) != 4:
@@ -544,145 +516,6 @@ class CTALBackbone(nn.Module):
         self.load_state_dict(state_dict, strict=True)
 
 
-# ------------------------------------------------------------------------------------------ pretrained weights
-def _read_state_dict_file(source: str) -> dict[str, torch.Tensor]:
-    """A `.safetensors` file or a torch state dict file (read with `weights_only=True`, so a file holding code is
-    refused); a checkpoint that nests its weights under "state_dict" or "model" is unwrapped."""
-    if source.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state_dict = load_file(source)
-    else:
-        state_dict = torch.load(source, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
-                state_dict = state_dict[key]
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{source!r} does not hold a state dict (found {type(state_dict).__name__}).")
-    return state_dict
-
-
-def read_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
-    """A named backbone's full ImageNet state dict (timm's or torchvision's classification model), checked against
-    the architecture.
-
-    `source` is `None` (the building library's own pretrained weights: timm's from the Hub, torchvision's from its
-    download path), a `.safetensors` file, or a torch state dict file. A missing, unexpected or mis-shaped key raises,
-    naming the file."""
-    spec = BACKBONES[config.backbone]
-    if source is None:
-        return spec.builder.download_state_dict(config)
-    source = os.fspath(source)
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"Backbone weights file {source!r} does not exist.")
-    state_dict = spec.builder.convert_state_dict(config, _read_state_dict_file(source))
-    spec.builder.check_state_dict(config, state_dict, source)
-    return state_dict
-
-
-def _weights_file_in(folder: str) -> str:
-    for name in ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth"):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"Backbone weights folder {folder!r} holds no model.safetensors or pytorch_model.bin.")
-
-
-def _timm_backbone_state_dict(backbone_config, source: str | None) -> dict[str, torch.Tensor]:
-    """Pretrained weights of a `TimmBackboneConfig` backbone, as a state dict of transformers' `TimmBackbone`."""
-    overlay = {}
-    if source is not None:
-        if os.path.isdir(source):
-            source = _weights_file_in(source)
-        if os.path.isfile(source):
-            state_dict = _read_state_dict_file(source)
-            # timm loads a features-only model leniently (it drops the classifier): check against the full model.
-            reference = _timm().create_model(
-                backbone_config.backbone, pretrained=False, in_chans=backbone_config.num_channels
-            )
-            try:
-                reference.load_state_dict(state_dict, strict=True)
-            except RuntimeError as error:
-                raise ValueError(f"{source!r} does not match timm's {backbone_config.backbone}: {error}") from None
-            overlay = {"state_dict": state_dict}
-        elif source.count("/") == 1 and not source.startswith((".", "/")):
-            overlay = {"hf_hub_id": source}  # a timm checkpoint on the Hub, e.g. "timm/resnet18.a1_in1k"
-        else:
-            raise FileNotFoundError(
-                f"Backbone weights {source!r}: no such file or folder (and not a Hub id org/name)."
-            )
-    model = _timm().create_model(
-        backbone_config.backbone,
-        pretrained=True,
-        pretrained_cfg_overlay=overlay or None,
-        **_timm_features_kwargs(backbone_config),
-    )
-    return {f"_backbone.{key}": value for key, value in model.state_dict().items()}
-
-
-def _auto_backbone_state_dict(backbone_config, source: str | None) -> dict[str, torch.Tensor]:
-    """Pretrained weights of a transformers backbone: a Hub id or folder (`AutoBackbone.from_pretrained`) or a state
-    dict file of the backbone; every tensor of the backbone must be in it."""
-    from transformers import AutoBackbone
-
-    if source is None:
-        source = backbone_config.name_or_path or None
-        if source is None:
-            raise ValueError(
-                f"`backbone_config` ({backbone_config.model_type}) names no checkpoint: pass `backbone_weights` (a Hub "
-                "id, a folder saved with `save_pretrained`, or a state dict file)."
-            )
-    reference = AutoBackbone.from_config(backbone_config)
-    expected = reference.state_dict()
-    if os.path.isfile(source):
-        state_dict = _read_state_dict_file(source)
-    else:
-        # The concrete class: `AutoBackbone.from_pretrained` takes anything that is not a Hub repo for a timm name.
-        try:
-            pretrained, info = type(reference).from_pretrained(
-                source, config=backbone_config, output_loading_info=True
-            )
-        except OSError as error:
-            raise FileNotFoundError(f"Backbone weights {source!r}: {error}") from None
-        if info["missing_keys"] or info["mismatched_keys"]:
-            raise ValueError(
-                f"{source!r} lacks tensors of the {backbone_config.model_type} backbone: missing "
-                f"{sorted(info['missing_keys'])[:10]}, mis-shaped {list(info['mismatched_keys'])[:10]}."
-            )
-        state_dict = pretrained.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    mismatched = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
-    if missing or mismatched:
-        raise ValueError(
-            f"{source!r} does not match the {backbone_config.model_type} backbone: missing keys {missing[:10]}, "
-            f"size mismatch for {mismatched[:10]}."
-        )
-    return {key: state_dict[key] for key in expected}
-
-
-def pretrained_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
-    """The state dict of a `CTALBackbone` (`model.*`, and `final_norm.*` with a final norm) holding pretrained weights,
-    read once for every backbone of a model.
-
-    Named backbones: `source` is `None` (the building library's weights: timm's from the Hub, torchvision's download)
-    or a file of the full timm / torchvision model. With
-    `backbone_config`: a timm backbone takes the same, a folder, or a timm Hub id; a transformers backbone a Hub id,
-    a folder saved with `save_pretrained`, or a state dict file (`None`: where `backbone_config` was loaded from)."""
-    source = None if source is None else os.fspath(source)
-    if config.backbone_config is None:
-        full = read_backbone_state_dict(config, source)
-        spec = BACKBONES[config.backbone]
-        state_dict = {f"model.{key}": value for key, value in spec.builder.features_state_dict(config, full).items()}
-        if spec.uses_final_norm(config):
-            state_dict.update({f"final_norm.{name}": full[f"norm.{name}"] for name in ("weight", "bias")})
-        return state_dict
-    if _is_timm_backbone_config(config.backbone_config):
-        state_dict = _timm_backbone_state_dict(config.backbone_config, source)
-    else:
-        state_dict = _auto_backbone_state_dict(config.backbone_config, source)
-    return {f"model.{key}": value for key, value in state_dict.items()}
-
-
 __all__ = [
     "BACKBONES",
     "CTALBackboneSpec",
@@ -690,7 +523,7 @@ __all__ = [
     "CTALTorchvisionBuilder",
     "CTALFeatureInfo",
     "CTALBackbone",
-    "read_backbone_state_dict",
+    "BACKBONE_BUILDERS",
+    "KEY_CONVERTERS",
     "torchvision_mobilenet_v2_to_timm",
-    "pretrained_backbone_state_dict",
 ]

@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .affinity_resampling import affinity_size_of
 from .backbones import CTALBackbone
 from .blocks import CTALHighResolutionHead, upsample_to
 from .ctal_module import CTALTaskProjection
 from .heads import HEAD_FAMILIES, CTALMultiScaleInitialHeads, CTALNeck, build_final_head, build_task_head
+from .registry import PAPNET_AFFINITY_NORMALIZATIONS, PAPNET_FEATURE_NORMALIZATIONS, check_choice
 
 if TYPE_CHECKING:
     from .backbones import CTALFeatureInfo
@@ -147,14 +149,8 @@ class CTALPatternAffinityDiffusion(nn.Module):
         feature_normalization: str = "channels",
     ):
         super().__init__()
-        if affinity_normalization not in ("rows", "columns"):
-            raise ValueError(
-                f"Unknown `papnet_affinity_normalization` {affinity_normalization!r}; choose from ['rows', 'columns']."
-            )
-        if feature_normalization not in ("channels", "pixels"):
-            raise ValueError(
-                f"Unknown `papnet_feature_normalization` {feature_normalization!r}; choose from ['channels', 'pixels']."
-            )
+        check_choice("papnet_affinity_normalization", affinity_normalization, PAPNET_AFFINITY_NORMALIZATIONS)
+        check_choice("papnet_feature_normalization", feature_normalization, PAPNET_FEATURE_NORMALIZATIONS)
         self.tasks = list(tasks)
         self.beta = beta
         self.diffusion_steps = diffusion_steps
@@ -198,6 +194,7 @@ class CTALPAPNetDecoder(nn.Module):
         self.tasks = list(config.tasks)
         self.neck = CTALNeck(config, feature_info)
         self.size = feature_info.affinity_map_size(config.affinity_scale)
+        self.strides = (feature_info.finest_stride, feature_info.affinity_stride(config.affinity_scale))
         # A plain 1x1 conv with bias, as in the authors' PAP-Net for both backbones.
         self.projections = nn.ModuleDict(
             {
@@ -218,7 +215,8 @@ class CTALPAPNetDecoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
         task_features, initial = self.neck(features)
-        projected = {task: upsample_to(self.projections[task](task_features[task]), self.size) for task in self.tasks}
+        size = affinity_size_of(features[0], *self.strides)  # `self.size` at the model's image_size
+        projected = {task: upsample_to(self.projections[task](task_features[task]), size) for task in self.tasks}
         diffused = self.diffusion(projected)
         return {task: self.final_heads[task](diffused[task]) for task in self.tasks}, initial
 

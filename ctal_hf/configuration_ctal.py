@@ -1,117 +1,43 @@
 """CTAL model configuration."""
 
-import copy
-import dataclasses
-import difflib
 import math
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
-from transformers.dynamic_module_utils import get_relative_import_files
 
-from .backbones import BACKBONES
-from .decoders import DECODER_NAMES, DECODERS
-from .heads import HEAD_FAMILIES
-from .tasks import CTALTask, resolve_tasks
+from .configuration_hub import (
+    PIPELINE_TASK,
+    check_unknown_kwargs,
+    declared_custom_pipelines,
+    save_pipeline_code,
+)
+from .presets import PRESETS, RELEASE_BEHAVIOUR
+from .registry import (
+    AFFINITY_SCALES,
+    ATTENTION_IMPLEMENTATIONS,
+    BACKBONE_INFO,
+    DECODER_INFO,
+    DECODER_INITS,
+    DECODER_NAMES,
+    FPM_GROUPINGS,
+    HEAD_FAMILY_INFO,
+    HRNET_FUSE_UPSAMPLINGS,
+    NORMALS_LOSSES,
+    PAPNET_AFFINITY_NORMALIZATIONS,
+    PAPNET_FEATURE_NORMALIZATIONS,
+    affinity_stride,
+    check_affinity_stride,
+    check_choice,
+    default_head_family,
+)
+from .tasks import CLASS_COUNT_FIELDS, CTALTask, resolve_tasks, serving_task
 
-ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "dense", "factorized")
-
-NORMALS_LOSSES: tuple[str, ...] = ("cosine", "l1")
-
-# Behaviours where the authors' release (which produced the paper's numbers) differs from the plain defaults; the
-# allowed values of each field, the plain default first. README "Parity with the authors' release" explains each.
-FPM_GROUPINGS: tuple[str, ...] = ("tasks", "consecutive")
-PAPNET_AFFINITY_NORMALIZATIONS: tuple[str, ...] = ("rows", "columns")
-PAPNET_FEATURE_NORMALIZATIONS: tuple[str, ...] = ("channels", "pixels")
-DECODER_INITS: tuple[str, ...] = ("he", "pytorch")
-HRNET_FUSE_UPSAMPLINGS: tuple[str, ...] = ("nearest", "bilinear")
 # CTAL's fusion conv: how it starts (`fusion_init`) and whether the fused map is divided by N (`affinity_normalization`).
 FUSION_INITS: tuple[str, ...] = ("default", "zero", "scaled")
 AFFINITY_NORMALIZATIONS: tuple[str, ...] = ("none", "num_pixels")
-
-# What `from_preset` sets for every dataset: the release's behaviour.
-RELEASE_BEHAVIOUR: dict[str, Any] = {
-    "fpm_grouping": "consecutive",
-    "papnet_affinity_normalization": "columns",
-    "papnet_feature_normalization": "pixels",
-    "aspp_dropout": 0.5,
-    "decoder_init": "pytorch",
-    "hrnet_fuse_upsampling": "bilinear",
-    "backbone_bn_momentum": 0.01,
-    "backbone_final_norm": True,
-}
-
-# The pipeline a saved folder declares in config.json (`custom_pipelines`) and carries the code of, for
-# `transformers.pipeline(model=folder, trust_remote_code=True)` in a process without this package.
-PIPELINE_TASK = "dense-multitask"
-PIPELINE_FILE = "pipeline_ctal.py"
-CUSTOM_PIPELINES: dict[str, dict[str, Any]] = {
-    PIPELINE_TASK: {"impl": "pipeline_ctal.DenseMultitaskPipeline", "pt": ["AutoModel"], "type": "image"}
-}
-
-# The paper's settings (docs/design.md, "Presets"): tasks in order, classes, input size (H, W), loss weights.
-PRESETS: dict[str, dict[str, Any]] = {
-    "nyuv2": {
-        "tasks": ["semseg", "depth", "normals"],
-        "num_semseg_classes": 13,
-        "image_size": [288, 384],
-        "loss_weights": {"semseg": 1.0, "depth": 1.0, "normals": 1.0},
-        "backbone": "hrnet_w18_small_v2",
-    },
-    "cityscapes": {
-        "tasks": ["semseg", "depth"],
-        "num_semseg_classes": 19,
-        "image_size": [128, 256],
-        "loss_weights": {"semseg": 1.0, "depth": 10.0},
-        "backbone": "hrnet_w18_small_v2",
-    },
-    "pascal_context": {
-        "tasks": ["semseg", "parts", "saliency", "normals", "edge"],
-        "num_semseg_classes": 21,
-        "num_parts_classes": 7,
-        "image_size": [512, 512],
-        "loss_weights": {"semseg": 2.0, "parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0},
-        "backbone": "swinv2_small",
-    },
-    # Full resolution, CTAL at 1/4 (affinity maps 120 x 160 and 128 x 256, N = 19,200 and 32,768): only the
-    # factorised diffusion fits (the dense form would need tens of GB of N x N maps per step).
-    "nyuv2_full": {
-        "tasks": ["semseg", "depth", "normals"],
-        "num_semseg_classes": 13,
-        "image_size": [480, 640],
-        "loss_weights": {"semseg": 1.0, "depth": 1.0, "normals": 1.0},
-        "backbone": "hrnet_w18_small_v2",
-        "attention_impl": "factorized",
-    },
-    "cityscapes_full": {
-        "tasks": ["semseg", "depth"],
-        "num_semseg_classes": 19,
-        "image_size": [512, 1024],
-        "loss_weights": {"semseg": 1.0, "depth": 10.0},
-        "backbone": "hrnet_w18_small_v2",
-        "attention_impl": "factorized",
-    },
-}
-
-
-# Keyword arguments `PreTrainedConfig` (and `from_pretrained` / `from_dict`) accept besides its dataclass fields: what
-# a config.json from transformers carries, and the legacy names it still reads. Anything else is a typo.
-PRETRAINED_CONFIG_KWARGS: frozenset[str] = frozenset(
-    {
-        "auto_map", "custom_pipelines", "model_type", "name_or_path", "_name_or_path", "_commit_hash", "torch_dtype",
-        "num_labels", "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
-        "_attn_implementation_internal", "_experts_implementation_internal", "rope_scaling", "rope_theta",
-        "rope_parameters", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id", "eos_token_id",
-        "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task", "tie_word_embeddings",
-        "torchscript", "pruned_heads", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
-        "tie_encoder_decoder", "base_model_tp_plan", "base_model_pp_plan", "base_model_ep_plan", "use_cache",
-    }
-)  # fmt: skip
 
 
 @strict
@@ -128,14 +54,17 @@ class CTALConfig(PreTrainedConfig):
         Specs of the tasks that are not built in, by name, e.g. `{"albedo": {"kind": "regression",
         "num_channels": 3}}`: `kind` (`"classification"`, `"regression"`, `"normals"` or `"binary"`) and
         optional `num_channels`, `loss`, `ignore_value`, `pos_weight`, `flip_negate_channels`, `divide_by_zoom`, `positive`,
-        `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type` (see `ctal_hf.tasks`). Saved in
-        config.json, so a model folder carries its tasks.
+        `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type`, `class_names`, `unit` (see
+        `ctal_hf.tasks`). For a built-in task only the descriptive keys `title`, `short_title`, `class_names` and
+        `unit`, e.g. `{"semseg": {"class_names": [...]}, "depth": {"unit": "metres"}}` (the presets set these).
+        Saved in config.json, so a model folder carries its tasks. The class names of the segmentation task become
+        `id2label` / `label2id`.
     num_semseg_classes (`int`, *optional*, defaults to 13):
         Number of semantic classes (NYUv2 13, Cityscapes 19, PASCAL-Context 21).
     num_parts_classes (`int`, *optional*, defaults to 7):
         Number of human-part classes, background included (PASCAL-Context 7).
     backbone (`str`, *optional*, defaults to `"hrnet_w18_small_v2"`):
-        A named backbone (`BACKBONES`): `"hrnet_w18_small_v2"` (four maps, strides 4-32, timm), `"swinv2_small"`
+        A named backbone (`registry.BACKBONE_INFO`): `"hrnet_w18_small_v2"` (four maps, strides 4-32, timm), `"swinv2_small"`
         (timm `swinv2_small_window8_256`, one map at 1/32), `"swinv2_tiny"` / `"swinv2_base"` (timm's window-8
         SwinV2-T / -B), or the authors' release's torchvision models `"swin_v2_s"`, `"swin_v2_t"`, `"swin_v2_b"`
         (`features`, one map at 1/32). Set to `None` when `backbone_config` is given.
@@ -148,7 +77,7 @@ class CTALConfig(PreTrainedConfig):
     backbone_kwargs (`dict`, *optional*):
         Extra keyword arguments for `timm.create_model` of a named backbone (for example `drop_path_rate`).
     head_family (`str`, *optional*):
-        How the decoders end (`HEAD_FAMILIES`): `"bottleneck"` (final heads of two bottlenecks + 1x1, MTI-Net's
+        How the decoders end (`registry.HEAD_FAMILY_INFO`): `"bottleneck"` (final heads of two bottlenecks + 1x1, MTI-Net's
         high-resolution STL / MTL heads, plain CTAL projections: the paper's HRNet models) or `"deeplab"` (DeepLab-v3
         heads, CTAL projections with BatchNorm + ReLU: its SwinV2 models). Defaults to the named backbone's family;
         with `backbone_config`, `"bottleneck"` for several maps and `"deeplab"` for a single map.
@@ -309,28 +238,46 @@ class CTALConfig(PreTrainedConfig):
         weights = self.loss_weights or {}
         self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}
         self._check_unknown_kwargs(kwargs)
+        self._set_labels(kwargs)
         super().__post_init__(**kwargs)
+
+    def _set_labels(self, kwargs: dict[str, Any]) -> None:
+        """`id2label` / `label2id` are the classes of the segmentation task the stock `image-segmentation` pipeline
+        serves (`semantic_segmentation_task`): its `class_names`, else `LABEL_{i}`. An `id2label` given (or read
+        from config.json) must have one name per class, and the class names where the task states them."""
+        task_name = self.semantic_segmentation_task
+        if task_name is None:
+            return
+        task = self.get_tasks()[task_name]
+        names = task.class_names or tuple(f"LABEL_{index}" for index in range(task.num_channels))
+        if self.id2label is not None:
+            given = {int(key): value for key, value in self.id2label.items()}
+            if sorted(given) != list(range(task.num_channels)):
+                raise ValueError(
+                    f"`id2label` has ids {sorted(given)} but the segmentation task {task_name!r} has "
+                    f"{task.num_channels} classes (ids 0..{task.num_channels - 1}); give one name per class, or set "
+                    f"`task_specs={{{task_name!r}: {{'class_names': [...]}}}}` instead."
+                )
+            if task.class_names is None or tuple(given[i] for i in range(task.num_channels)) == task.class_names:
+                names = tuple(given[i] for i in range(task.num_channels))
+            else:
+                raise ValueError(
+                    f"`id2label` {given} differs from the class names of {task_name!r} in `task_specs` "
+                    f"({list(task.class_names)}); set the names in one place (`task_specs`)."
+                )
+        kwargs.pop("num_labels", None)  # follows from the classes
+        self.id2label = dict(enumerate(names))
+        self.label2id = {name: index for index, name in self.id2label.items()}
+
+    @property
+    def semantic_segmentation_task(self) -> str | None:
+        """The task `AutoModelForSemanticSegmentation` / `pipeline("image-segmentation")` serve: the first
+        classification task with Hub task type `image-segmentation` (`semseg` before `parts`), or `None`."""
+        return serving_task(self.get_tasks(), "semantic-segmentation")
 
     @classmethod
     def _check_unknown_kwargs(cls, kwargs: dict[str, Any]) -> None:
-        """Refuses a keyword that is neither a field nor one `PreTrainedConfig` knows (a typo such as
-        `num_semseg_class=20` would otherwise become an unused attribute and leave the field at its default)."""
-        from transformers.generation import GenerationConfig
-
-        fields = [field.name for field in dataclasses.fields(cls)]
-        known = set(fields) | PRETRAINED_CONFIG_KWARGS | set(cls.attribute_map)
-        unknown = [name for name in kwargs if name not in known]
-        if unknown:
-            unknown = [name for name in unknown if name not in GenerationConfig._get_default_generation_params()]
-        if unknown:
-            hints = []
-            for name in unknown:
-                close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
-                hints.append(f"`{name}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
-            raise TypeError(
-                f"{cls.__name__} got unknown keyword argument(s) {', '.join(hints)}; its fields are documented in "
-                f"`help({cls.__name__})`."
-            )
+        check_unknown_kwargs(cls, kwargs)
 
     def _check_fields(self):
         """Checks that the fields describe a model that can be built, naming the field that is wrong. Runs in
@@ -339,17 +286,11 @@ class CTALConfig(PreTrainedConfig):
             raise ValueError("`tasks` is empty: a CTAL model needs at least one task.")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"`tasks` lists a task twice: {self.tasks}.")
-        if self.decoder not in DECODERS:
-            raise ValueError(f"Unknown `decoder` {self.decoder!r}; choose from {list(DECODERS)}.")
-        if self.head_family not in HEAD_FAMILIES:
-            raise ValueError(f"Unknown `head_family` {self.head_family!r}; choose from {list(HEAD_FAMILIES)}.")
-        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"Unknown `attention_impl` {self.attention_impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}."
-            )
-        if self.normals_loss not in NORMALS_LOSSES:
-            raise ValueError(f"Unknown `normals_loss` {self.normals_loss!r}; choose from {list(NORMALS_LOSSES)}.")
         for name, allowed in (
+            ("decoder", DECODER_INFO),
+            ("head_family", HEAD_FAMILY_INFO),
+            ("attention_impl", ATTENTION_IMPLEMENTATIONS),
+            ("normals_loss", NORMALS_LOSSES),
             ("fpm_grouping", FPM_GROUPINGS),
             ("papnet_affinity_normalization", PAPNET_AFFINITY_NORMALIZATIONS),
             ("papnet_feature_normalization", PAPNET_FEATURE_NORMALIZATIONS),
@@ -358,8 +299,7 @@ class CTALConfig(PreTrainedConfig):
             ("fusion_init", FUSION_INITS),
             ("affinity_normalization", AFFINITY_NORMALIZATIONS),
         ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"Unknown `{name}` {getattr(self, name)!r}; choose from {list(allowed)}.")
+            check_choice(name, getattr(self, name), allowed)
         momentum = self.backbone_bn_momentum
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
             raise ValueError(
@@ -372,7 +312,7 @@ class CTALConfig(PreTrainedConfig):
             raise ValueError(f"`kernel_size` must be a positive odd number, got {self.kernel_size}.")
         if len(self.image_size) != 2 or min(self.image_size) <= 0:
             raise ValueError(f"`image_size` must be [height, width] with positive values, got {self.image_size}.")
-        if self.affinity_scale not in (4, 6, 8):
+        if self.affinity_scale not in AFFINITY_SCALES:
             raise ValueError(
                 f"`affinity_scale` must be 4, 6 or 8 (paper Table 5), got {self.affinity_scale}; CTAL runs at "
                 "1/max(affinity_scale, finest map stride)."
@@ -381,7 +321,7 @@ class CTALConfig(PreTrainedConfig):
             raise ValueError(f"`decoder_stride` must be a positive stride, got {self.decoder_stride}.")
         if self.backbone is not None:
             self._check_named_backbone_fits()
-        if DECODERS[self.decoder].needs_multi_scale and self.num_backbone_maps < 2:
+        if DECODER_INFO[self.decoder].needs_multi_scale and self.num_backbone_maps < 2:
             raise ValueError(
                 f"decoder {self.decoder!r} needs a multi-scale backbone (it predicts and propagates between scales); "
                 f"{self.backbone_description} gives one map. Use a backbone with several maps (e.g. "
@@ -459,23 +399,23 @@ class CTALConfig(PreTrainedConfig):
                     "set the options on the backbone config."
                 )
             self.backbone = None  # `backbone_config` replaces the named backbone (e.g. a preset's)
-        elif self.backbone not in BACKBONES:
+        elif self.backbone not in BACKBONE_INFO:
             raise ValueError(
-                f"Unknown `backbone` {self.backbone!r}; choose from {sorted(BACKBONES)}, or pass any transformers "
+                f"Unknown `backbone` {self.backbone!r}; choose from {sorted(BACKBONE_INFO)}, or pass any transformers "
                 "backbone as `backbone_config` (e.g. `TimmBackboneConfig(backbone=...)`)."
             )
-        if self.backbone is not None and self.decoder_stride == BACKBONES[self.backbone].strides[-1]:
+        if self.backbone is not None and self.decoder_stride == BACKBONE_INFO[self.backbone].strides[-1]:
             self.decoder_stride = None  # the deepest map's own stride: nothing to resample (configs saved with 32)
         if self.head_family is None:
             if self.backbone is not None:
-                self.head_family = BACKBONES[self.backbone].head_family
+                self.head_family = BACKBONE_INFO[self.backbone].head_family
             else:
-                self.head_family = "bottleneck" if self.num_backbone_maps > 1 else "deeplab"
+                self.head_family = default_head_family(self.num_backbone_maps)
 
     def _check_named_backbone_fits(self) -> None:
         """The input-size checks a named backbone allows before it is built (`CTALBackbone` checks any backbone's
         maps when it is built)."""
-        spec = BACKBONES[self.backbone]
+        spec = BACKBONE_INFO[self.backbone]
         if any(side % spec.strides[-1] for side in self.image_size):
             raise ValueError(
                 f"`image_size` {self.image_size} is not divisible by the {self.backbone} backbone's stride "
@@ -493,30 +433,19 @@ class CTALConfig(PreTrainedConfig):
                     f"x2) for {self.backbone}, got {self.decoder_stride}."
                 )
         finest = self.decoder_stride or spec.strides[0]
-        if self.affinity_scale != 4 and self.affinity_scale < finest:
+        if self.affinity_scale != AFFINITY_SCALES[0] and self.affinity_scale < finest:
             raise ValueError(
                 f"`affinity_scale` {self.affinity_scale} is finer than {self.backbone}'s map (stride {finest}): CTAL "
                 "runs on the finest map or coarser. Leave it at 4."
             )
-        stride = max(self.affinity_scale, finest)
-        if min(self.image_size) < stride:
-            raise ValueError(
-                f"The affinity map does not fit: `image_size` {self.image_size} is smaller than its stride {stride} "
-                f"(`affinity_scale` {self.affinity_scale}, finest map stride {finest})."
-            )
+        check_affinity_stride(self.image_size, self.affinity_scale, finest)
 
     @property
     def custom_pipelines(self) -> dict[str, dict[str, Any]]:
         """The pipelines config.json declares (see `save_pretrained`), which `transformers.pipeline()` loads from the
         folder's code. Empty in a process where the task is registered (by `import ctal_hf`): `pipeline()` then uses
         the registered class, where a declared pipeline would make it demand `trust_remote_code=True`."""
-        declared = self.__dict__.get("custom_pipelines") or {}
-        if declared:
-            from transformers.pipelines import PIPELINE_REGISTRY
-
-            if any(task in PIPELINE_REGISTRY.supported_tasks for task in declared):
-                return {}
-        return copy.deepcopy(declared)  # `pipeline()` edits the dict it reads
+        return declared_custom_pipelines(self.__dict__.get("custom_pipelines"))
 
     @custom_pipelines.setter
     def custom_pipelines(self, value: dict[str, dict[str, Any]]) -> None:
@@ -528,12 +457,10 @@ class CTALConfig(PreTrainedConfig):
         `custom_pipelines`, so `transformers.pipeline(model=folder, trust_remote_code=True)` works without this
         package. Done here rather than in the model's `save_pretrained`, which saves its config before uploading
         with `push_to_hub=True`, so the files are uploaded too."""
-        pipeline_file = Path(__file__).with_name(PIPELINE_FILE)
-        if self._auto_class is not None and pipeline_file.is_file():  # a copy loaded as remote code may lack it
-            os.makedirs(save_directory, exist_ok=True)
-            for source in [pipeline_file, *map(Path, get_relative_import_files(pipeline_file))]:
-                shutil.copyfile(source, Path(save_directory, source.name))
-            self.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+        if self._auto_class is not None:
+            declared = save_pipeline_code(save_directory)
+            if declared is not None:
+                self.custom_pipelines = declared
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
@@ -541,14 +468,14 @@ class CTALConfig(PreTrainedConfig):
         """How many feature maps the backbone gives the decoders (several are fused at the finest)."""
         if self.backbone_config is not None:
             return len(self.backbone_config.out_indices)
-        return BACKBONES[self.backbone].num_maps
+        return BACKBONE_INFO[self.backbone].num_maps
 
     @property
     def backbone_description(self) -> str:
         """The backbone in words, for messages and model cards: a named backbone's display name, else the backbone
         config's model type (and timm model name)."""
         if self.backbone_config is None:
-            return BACKBONES[self.backbone].display_name
+            return BACKBONE_INFO[self.backbone].display_name
         timm_name = getattr(self.backbone_config, "backbone", None)
         model_type = self.backbone_config.model_type
         return f"timm {timm_name}" if model_type == "timm_backbone" and timm_name else model_type
@@ -562,15 +489,15 @@ class CTALConfig(PreTrainedConfig):
                 "`affinity_map_size` of a `backbone_config` model is measured on the built backbone: read "
                 "`model.backbone.feature_info.affinity_map_size(config.affinity_scale)`."
             )
-        finest = self.decoder_stride or BACKBONES[self.backbone].strides[0]
-        stride = max(self.affinity_scale, finest)
+        finest = self.decoder_stride or BACKBONE_INFO[self.backbone].strides[0]
+        stride = affinity_stride(self.affinity_scale, finest)
         height, width = self.image_size
         return height // stride, width // stride
 
     @property
     def timm_model_name(self) -> str | None:
         """The timm model name of a named backbone (`None` with `backbone_config` or a torchvision backbone)."""
-        return None if self.backbone is None else BACKBONES[self.backbone].timm_name
+        return None if self.backbone is None else BACKBONE_INFO[self.backbone].timm_name
 
     def get_tasks(self) -> dict[str, CTALTask]:
         """The task objects of `tasks`, in order (`ctal_hf.tasks`): built-in tasks set by this config's fields, the
@@ -589,6 +516,22 @@ class CTALConfig(PreTrainedConfig):
         """Number of output channels of `task`'s prediction."""
         return self.get_tasks()[task].num_channels
 
+    @staticmethod
+    def _preset_task_specs(name: str, fields: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+        """The preset's task descriptions (class names, units) under the `task_specs` given: class names are kept
+        only where the class count is still the preset's (`num_semseg_classes=5` drops the 13 NYUv2 names)."""
+        counts = {task: fields[field] for task, field in CLASS_COUNT_FIELDS.items() if field in fields}
+        described = {}
+        for task, spec in PRESETS[name].get("task_specs", {}).items():
+            spec = dict(spec)
+            if "class_names" in spec and len(spec["class_names"]) != counts.get(task, len(spec["class_names"])):
+                del spec["class_names"]
+            if spec:
+                described[task] = spec
+        for task, spec in (given or {}).items():
+            described[task] = {**described.get(task, {}), **spec} if task in described else spec
+        return described
+
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "CTALConfig":
         """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`), or NYUv2 / Cityscapes at
@@ -598,9 +541,10 @@ class CTALConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
         fields = {**RELEASE_BEHAVIOUR, **PRESETS[name], **kwargs}
-        if fields.get("backbone_config") is None and fields.get("backbone") in BACKBONES:
-            fields.setdefault("normals_loss", BACKBONES[fields["backbone"]].normals_loss)
+        fields["task_specs"] = cls._preset_task_specs(name, fields, kwargs.get("task_specs"))
+        if fields.get("backbone_config") is None and fields.get("backbone") in BACKBONE_INFO:
+            fields.setdefault("normals_loss", BACKBONE_INFO[fields["backbone"]].normals_loss)
         return cls(**fields)
 
 
-__all__ = ["CTALConfig", "PRESETS", "RELEASE_BEHAVIOUR", "BACKBONES", "DECODERS", "DECODER_NAMES", "PIPELINE_TASK"]
+__all__ = ["CTALConfig", "PRESETS", "RELEASE_BEHAVIOUR", "DECODER_NAMES", "PIPELINE_TASK"]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "factorized")
+from .registry import ATTENTION_IMPLEMENTATIONS, check_choice
 
 # How many factorised FLOPs one dense FLOP costs in time, per pass. The dense form streams several T x N x N
 # tensors through memory (affinities, their interleaved copy, the grouped convolution and, in training, their
@@ -288,6 +288,7 @@ def attention_flops(
     With `backward=True` the count covers forward + backward, with gradients for all four inputs. Elementwise
     work is left out, as the flop counter does. `impl="auto"` counts the implementation `auto` would pick.
     """
+    check_choice("attention_impl", impl, ATTENTION_IMPLEMENTATIONS, what="CTAL attention implementation")
     cv = channels if value_channels is None else value_channels
     k2 = kernel_size * kernel_size
     t = num_tasks
@@ -301,16 +302,12 @@ def attention_flops(
         if backward:
             # dV and dM (2 x diffuse); conv input and weight grads (2 x fuse); dXn from the affinity (2 x affinity)
             macs += 2 * diffuse + 2 * fuse + 2 * affinity
-    elif impl == "factorized":
+    else:  # factorized
         per_product = t * cv * channels * n  # one (T*Cv x N) @ (N x C) or (T*Cv x C) @ (C x N) product
         offsets = t * k2
         macs = 2 * offsets * per_product  # P and P @ (w * xn) per offset
         if backward:
             macs += 4 * offsets * per_product  # dQ = P^T G, dP = G Q^T, dV += dP S, dS = dP^T V
-    else:
-        raise ValueError(
-            f"Unknown CTAL attention implementation {impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}."
-        )
     return 2 * batch_size * macs
 
 
@@ -496,10 +493,7 @@ def cross_task_diffusion(
         raise ValueError(f"CTAL fusion kernel size must be odd, got {weight.shape[-1]}.")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"CTAL fusion bias must have shape ({n},), got {tuple(bias.shape)}.")
-    if impl not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"Unknown CTAL attention implementation {impl!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}."
-        )
+    check_choice("attention_impl", impl, ATTENTION_IMPLEMENTATIONS, what="CTAL attention implementation")
     dtype = diffusion_dtype(values, normalized)
     backward = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (values, normalized, weight, bias)

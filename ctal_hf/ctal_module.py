@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .affinity_resampling import DEFAULT_AFFINITY_RESAMPLING, resample_fusion, resize_fusion_conv
 from .blocks import conv_bn
 from .ctal_attention import check_dense_fits, cross_task_diffusion
 from .heads import HEAD_FAMILIES
@@ -78,9 +79,11 @@ class CTALFusionConv(nn.Conv2d):
 
 
 class CTALAffinityModule(nn.Module):
-    """CTAL for `tasks` at a fixed affinity size `(h, w)` (the grouped conv has one group per pixel).
+    """CTAL for `tasks` at an affinity size `(h, w)` (the grouped conv has one group per pixel).
 
-    Takes `{task: (B, in_channels, h, w)}` and returns `{task: (B, ctal_channels, 2h, 2w)}`."""
+    Takes `{task: (B, in_channels, h, w)}` and returns `{task: (B, ctal_channels, 2h, 2w)}`. Features of another
+    size run with the fusion parameters resampled to it (`ctal_hf.affinity_resampling`; the model allows it only
+    with `interpolate_affinity=True`); `resize` resamples them for good."""
 
     def __init__(self, config: CTALConfig, in_channels: int, size: tuple[int, int]):
         super().__init__()
@@ -102,9 +105,14 @@ class CTALAffinityModule(nn.Module):
         self.upsample = nn.ModuleDict({task: CTALUpsampleBlock(channels) for task in self.tasks})
         self.gradient_checkpointing = False
 
-    def check_memory(self, batch_size: int) -> None:
+    def resize(self, size: tuple[int, int], method: str = DEFAULT_AFFINITY_RESAMPLING) -> None:
+        """Rebuilds the module at affinity size `size` from its fusion parameters resampled (`resample_fusion`)."""
+        resize_fusion_conv(self.fusion, self.size, size, method)
+        self.size = tuple(size)
+
+    def check_memory(self, batch_size: int, size: tuple[int, int] | None = None) -> None:
         """Refuses, before the step starts, a dense diffusion whose N x N maps cannot fit in the available memory
-        (a `ValueError` with the estimate; see `check_dense_fits`)."""
+        (a `ValueError` with the estimate; see `check_dense_fits`), at affinity size `size` (default: its own)."""
         if self.attention_impl != "dense" or torch.compiler.is_compiling():
             return
         weight = self.fusion.weight
@@ -112,30 +120,28 @@ class CTALAffinityModule(nn.Module):
         autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
         backward = self.training and torch.is_grad_enabled()
-        num_pixels = self.size[0] * self.size[1]
+        num_pixels = (size or self.size)[0] * (size or self.size)[1]
         check_dense_fits(num_pixels, len(self.tasks), batch_size, dtype, weight.device, backward)
 
-    def _diffuse(self, stacked: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _diffuse(self, stacked: torch.Tensor, values: torch.Tensor, weight, bias) -> torch.Tensor:
         normalized = F.normalize(stacked, dim=2)
-        weight, bias = self.fusion.weight, self.fusion.bias
         if self.affinity_normalization == "num_pixels":  # a departure from the paper: M / N
-            num_pixels = self.size[0] * self.size[1]
-            weight, bias = weight / num_pixels, bias / num_pixels
+            num_pixels = weight.shape[0]  # the (possibly resampled) map's N
+            weight, bias = weight / num_pixels, None if bias is None else bias / num_pixels
         return cross_task_diffusion(values, normalized, weight, bias, impl=self.attention_impl)
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         projected = {task: self.projections[task](features[task]) for task in self.tasks}
-        if tuple(next(iter(projected.values())).shape[-2:]) != self.size:
-            raise ValueError(
-                f"CTAL was built for {self.size[0]}x{self.size[1]} affinity maps, got features of size "
-                f"{tuple(next(iter(projected.values())).shape[-2:])}."
-            )
+        size = tuple(next(iter(projected.values())).shape[-2:])
+        weight, bias = resample_fusion(self.fusion.weight, self.fusion.bias, self.size, size)
         stacked = stack_task_maps([projected[task] for task in self.tasks])  # (B, T, C, h, w)
         values = stack_task_maps([self.values[task](projected[task]) for task in self.tasks])
         if self.gradient_checkpointing and self.training:
-            diffused = torch.utils.checkpoint.checkpoint(self._diffuse, stacked, values, use_reentrant=False)
+            diffused = torch.utils.checkpoint.checkpoint(
+                self._diffuse, stacked, values, weight, bias, use_reentrant=False
+            )
         else:
-            diffused = self._diffuse(stacked, values)
+            diffused = self._diffuse(stacked, values, weight, bias)
         outputs = {}
         for index, task in enumerate(self.tasks):
             blended = self.gamma * diffused[:, index] + (1.0 - self.gamma) * projected[task]

@@ -1,5 +1,5 @@
-"""Decoders: everything between the backbone maps and the task predictions, and `DECODERS`, the one registry of
-decoder names (`config.decoder`) with what each needs.
+"""Decoders: everything between the backbone maps and the task predictions, and `DECODERS`, the model side of
+`registry.DECODER_INFO` (the decoder names of `config.decoder` with what each needs): name -> class.
 
 A decoder is built from the config and the backbone's `CTALFeatureInfo` (channels and strides of its maps, finest
 first), takes the maps and returns `(predictions, initial_predictions)`, both dicts keyed by task, at the decoder's
@@ -7,12 +7,13 @@ own resolution; the model upsamples them to the input size."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .affinity_resampling import affinity_size_of
 from .baselines import (
     CTALConcatDecoder,
     CTALHardSharingDecoder,
@@ -24,6 +25,7 @@ from .baselines import (
 from .blocks import CTALCrossScaleFusion, upsample_to
 from .ctal_module import CTALAffinityModule
 from .heads import CTALMultiScaleInitialHeads, CTALNeck, build_final_head
+from .registry import DECODER_INFO, DECODER_NAMES, CTALDecoderInfo
 
 if TYPE_CHECKING:
     from .backbones import CTALFeatureInfo
@@ -37,6 +39,7 @@ class CTALSingleScaleDecoder(nn.Module):
         super().__init__()
         self.tasks = list(config.tasks)
         self.size = feature_info.affinity_map_size(config.affinity_scale)
+        self.strides = (feature_info.finest_stride, feature_info.affinity_stride(config.affinity_scale))
         self.neck = CTALNeck(config, feature_info)
         self.ctal = CTALAffinityModule(config, config.head_channels, self.size)
         self.final_heads = nn.ModuleDict(
@@ -46,7 +49,8 @@ class CTALSingleScaleDecoder(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
         task_features, initial = self.neck(features)
         # Table 5's 1/6 and 1/8 variants run CTAL on resized features.
-        task_features = {task: upsample_to(hidden, self.size) for task, hidden in task_features.items()}
+        size = affinity_size_of(features[0], *self.strides)  # `self.size` at the model's image_size
+        task_features = {task: upsample_to(hidden, size) for task, hidden in task_features.items()}
         refined = self.ctal(task_features)
         predictions = {task: self.final_heads[task](refined[task]) for task in self.tasks}
         return predictions, initial
@@ -60,6 +64,7 @@ class CTALMultiScaleDecoder(nn.Module):
         super().__init__()
         self.tasks = list(config.tasks)
         self.size = feature_info.affinity_map_size(config.affinity_scale)
+        self.strides = (feature_info.finest_stride, feature_info.affinity_stride(config.affinity_scale))
         channels = list(feature_info.channels)
         out_channels = {task: config.task_channels(task) for task in self.tasks}
         self.initial_heads = CTALMultiScaleInitialHeads(self.tasks, channels, out_channels, config.fpm_grouping)
@@ -71,53 +76,46 @@ class CTALMultiScaleDecoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
         task_features, initial = self.initial_heads(features)
-        fused = {task: upsample_to(self.fusions[task](task_features[task]), self.size) for task in self.tasks}
+        size = affinity_size_of(features[0], *self.strides)  # `self.size` at the model's image_size
+        fused = {task: upsample_to(self.fusions[task](task_features[task]), size) for task in self.tasks}
         refined = self.ctal(fused)
         predictions = {task: self.final_heads[task](refined[task]) for task in self.tasks}
         return predictions, initial
 
 
+# The model side of `registry.DECODER_INFO`: the class each decoder name builds.
+DECODER_CLASSES: dict[str, type[nn.Module]] = {
+    "ctal_ss": CTALSingleScaleDecoder,
+    "ctal_ms": CTALMultiScaleDecoder,
+    "stl": CTALSingleTaskDecoder,
+    "mtl": CTALHardSharingDecoder,
+    "padnet": CTALPADNetDecoder,
+    "papnet": CTALPAPNetDecoder,
+    "mtinet": CTALMTINetDecoder,
+    "concat": CTALConcatDecoder,
+}
+
+
 @dataclass(frozen=True)
-class CTALDecoderSpec:
-    """One entry of `DECODERS`.
+class CTALDecoderSpec(CTALDecoderInfo):
+    """One entry of `DECODERS`: the registry entry (`registry.DECODER_INFO`: name and flags) and its class, built as
+    `decoder_class(config, feature_info)`, or `decoder_class(config)` when it `owns_backbones`."""
 
-    Args:
-        decoder_class: built as `decoder_class(config, feature_info)`, or `decoder_class(config)` when it
-            `owns_backbones`.
-        display_name: how the paper (tables, model cards, logs) names it.
-        needs_multi_scale: whether it reads several backbone maps at different scales (a single-map backbone is
-            refused with a `ValueError`).
-        owns_backbones: whether it builds its own backbones (STL: one per task) and reads `pixel_values`.
-        has_initial_heads: whether it makes deeply supervised initial predictions.
-        multi_scale_initial: whether its initial predictions are a list (one per backbone map, finest first).
-    """
-
-    decoder_class: type[nn.Module]
-    display_name: str
-    needs_multi_scale: bool = False
-    owns_backbones: bool = False
-    has_initial_heads: bool = True
-    multi_scale_initial: bool = False
+    decoder_class: type[nn.Module] = field(kw_only=True)
 
 
 DECODERS: dict[str, CTALDecoderSpec] = {
-    "ctal_ss": CTALDecoderSpec(CTALSingleScaleDecoder, "CTAL-SS"),
-    "ctal_ms": CTALDecoderSpec(CTALMultiScaleDecoder, "CTAL-MS", needs_multi_scale=True, multi_scale_initial=True),
-    "stl": CTALDecoderSpec(CTALSingleTaskDecoder, "STL", owns_backbones=True, has_initial_heads=False),
-    "mtl": CTALDecoderSpec(CTALHardSharingDecoder, "MTL", has_initial_heads=False),
-    "padnet": CTALDecoderSpec(CTALPADNetDecoder, "PAD-Net"),
-    "papnet": CTALDecoderSpec(CTALPAPNetDecoder, "PAP-Net"),
-    "mtinet": CTALDecoderSpec(CTALMTINetDecoder, "MTI-Net", needs_multi_scale=True, multi_scale_initial=True),
-    "concat": CTALDecoderSpec(CTALConcatDecoder, "Concat"),
+    name: CTALDecoderSpec(
+        **{item.name: getattr(info, item.name) for item in fields(info)}, decoder_class=DECODER_CLASSES[name]
+    )
+    for name, info in DECODER_INFO.items()
 }
-
-# How the paper names each decoder (tables, model cards, logs).
-DECODER_NAMES: dict[str, str] = {name: spec.display_name for name, spec in DECODERS.items()}
 
 __all__ = [
     "CTALSingleScaleDecoder",
     "CTALMultiScaleDecoder",
     "CTALDecoderSpec",
+    "DECODER_CLASSES",
     "DECODERS",
     "DECODER_NAMES",
 ]

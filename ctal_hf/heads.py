@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +21,7 @@ from .blocks import (
     CTALResidualHead,
     upsample_to,
 )
+from .registry import FPM_GROUPINGS, HEAD_FAMILY_INFO, CTALHeadFamilyInfo, check_choice
 
 if TYPE_CHECKING:
     from .backbones import CTALFeatureInfo
@@ -40,20 +41,20 @@ class CTALFusedDeepLabHead(CTALDeepLabHead):
 
 
 @dataclass(frozen=True)
-class CTALHeadFamily:
-    """How a model ends (`config.head_family`): the paper's CNN models and its SwinV2 models differ in three places.
+class CTALHeadFamily(CTALHeadFamilyInfo):
+    """How a model ends (`config.head_family`): the paper's CNN models and its SwinV2 models differ in three places,
+    the registry entry (`registry.HEAD_FAMILY_INFO`: `projection_norm`, whether the 1x1 projections into CTAL and
+    Concat's have BatchNorm + ReLU) and two head builders.
 
     Args:
         final_head: `(in_channels, out_channels, config) -> module` on one map: the final heads of CTAL and of the
             distillation baselines.
         task_head: `(backbone_channels, out_channels, config) -> module` on the backbone's list of maps: the heads
             of STL and MTL.
-        projection_norm: whether the 1x1 projections into CTAL (and Concat's) have BatchNorm + ReLU.
     """
 
-    final_head: Callable[[int, int, CTALConfig], nn.Module]
-    task_head: Callable[[list[int], int, CTALConfig], nn.Module]
-    projection_norm: bool
+    final_head: Callable[[int, int, CTALConfig], nn.Module] = field(kw_only=True)
+    task_head: Callable[[list[int], int, CTALConfig], nn.Module] = field(kw_only=True)
 
 
 def _residual_final_head(in_channels: int, out_channels: int, config: CTALConfig) -> nn.Module:
@@ -72,13 +73,20 @@ def _deeplab_task_head(in_channels: list[int], out_channels: int, config: CTALCo
     return CTALFusedDeepLabHead(in_channels, out_channels, dropout=config.aspp_dropout)
 
 
-HEAD_FAMILIES: dict[str, CTALHeadFamily] = {
+# The model side of `registry.HEAD_FAMILY_INFO`: the head builders of each family.
+HEAD_BUILDERS: dict[str, tuple[Callable, Callable]] = {
     # Two bottlenecks + 1x1 final heads; MTI-Net's high-resolution head (fusion + 1x1) for STL / MTL.
-    "bottleneck": CTALHeadFamily(
-        final_head=_residual_final_head, task_head=_high_resolution_task_head, projection_norm=False
-    ),
+    "bottleneck": (_residual_final_head, _high_resolution_task_head),
     # DeepLab-v3 heads everywhere (with `config.aspp_dropout`); projections with BatchNorm + ReLU.
-    "deeplab": CTALHeadFamily(final_head=_deeplab_final_head, task_head=_deeplab_task_head, projection_norm=True),
+    "deeplab": (_deeplab_final_head, _deeplab_task_head),
+}
+HEAD_FAMILIES: dict[str, CTALHeadFamily] = {
+    name: CTALHeadFamily(
+        **{item.name: getattr(info, item.name) for item in fields(info)},
+        final_head=HEAD_BUILDERS[name][0],
+        task_head=HEAD_BUILDERS[name][1],
+    )
+    for name, info in HEAD_FAMILY_INFO.items()
 }
 
 
@@ -178,8 +186,7 @@ class CTALFeaturePropagation(nn.Module):
 
     def __init__(self, tasks: list[str], channels: int, grouping: str = "tasks"):
         super().__init__()
-        if grouping not in ("tasks", "consecutive"):
-            raise ValueError(f"Unknown `fpm_grouping` {grouping!r}; choose from ['tasks', 'consecutive'].")
+        check_choice("fpm_grouping", grouping, FPM_GROUPINGS)
         self.tasks = list(tasks)
         self.grouping = grouping
         shared = len(self.tasks) * channels
@@ -250,6 +257,7 @@ class CTALMultiScaleInitialHeads(nn.Module):
 
 __all__ = [
     "CTALHeadFamily",
+    "HEAD_BUILDERS",
     "HEAD_FAMILIES",
     "CTALFusedDeepLabHead",
     "build_final_head",

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tasks import REGRESSION_LOSSES
+from .registry import NORMALS_LOSSES, REGRESSION_LOSSES, check_choice
 
 
 def _valid_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,7 @@ def regression_loss_sum(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`"l1"`, `"mse"` or `"smooth_l1"` (beta 1) summed over the label values that are finite and differ from
     `ignore_value`; the count is the number of such values (pixels times channels)."""
+    check_choice("loss", loss, REGRESSION_LOSSES, what="regression loss")
     valid = torch.isfinite(target)
     if ignore_value is not None:
         valid &= target != ignore_value
@@ -46,10 +47,8 @@ def regression_loss_sum(
         per_value = diff.abs()
     elif loss == "mse":
         per_value = diff * diff
-    elif loss == "smooth_l1":
+    else:  # smooth_l1
         per_value = F.smooth_l1_loss(pred, target, reduction="none")
-    else:
-        raise ValueError(f"Unknown regression loss {loss!r}; choose from {list(REGRESSION_LOSSES)}.")
     return per_value.masked_fill(~valid, 0.0).sum(), valid.sum()
 
 
@@ -61,6 +60,7 @@ def depth_l1_sum(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
 def normals_loss_sum(pred: torch.Tensor, target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`"cosine"`: 1 - cos(normalised prediction, target); `"l1"`: L1 between the normalised prediction and the
     target, summed over its 3 channels. Pixels whose target is the zero vector (or not finite) carry no normal."""
+    check_choice("normals_loss", kind, NORMALS_LOSSES)
     finite = torch.isfinite(target).all(dim=1, keepdim=True)
     target = target.masked_fill(~finite, 0.0)
     valid = target.abs().sum(dim=1) > 0

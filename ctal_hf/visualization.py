@@ -1,7 +1,7 @@
-"""Colour coding of the task maps (segmentation palette with legend, a colour map for one-channel regression such as
-depth, three-channel regression and normals as RGB, binary maps in grayscale; each task kind picks its coding, see
-`ctal_hf.tasks`) and a figure in the style of the paper's Fig. 4: image | semseg | depth | normals per row, with an
-optional ground-truth row under each prediction row.
+"""Pictures of predictions: `colorize` (one task's map, coded as its kind does: see `ctal_hf.color_coding`),
+`visualize_predictions` (the pipeline's pictures) and a figure in the style of the paper's Fig. 4: image | semseg |
+depth | normals per row, with an optional ground-truth row under each prediction row. Above the tasks in the layer
+order: the task objects say how each map is coded, titled and whether a figure shows it.
 
 Matplotlib is imported only inside the functions that need it, and no pyplot state is used (figures are
 `matplotlib.figure.Figure` objects), so this is safe in servers, threads and tests."""
@@ -13,151 +13,18 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from .color_coding import (
+    DEFAULT_DEPTH_CMAP,
+    colorize_depth,
+    colorize_normals,
+    colorize_probability,
+    colorize_rgb,
+    colorize_segmentation,
+    depth_range,
+    legend_patches,
+    palette,
+)
 from .tasks import BUILTIN_TASK_NAMES, as_tasks
-
-DEFAULT_DEPTH_CMAP = "magma_r"
-FIGURE_TASKS = ("semseg", "depth", "normals")
-TASK_TITLES = {
-    "semseg": "semantic seg.",
-    "parts": "human parts",
-    "depth": "depth",
-    "normals": "surface normals",
-    "saliency": "saliency",
-    "edge": "edges",
-}
-
-
-def palette(num_classes: int = 256) -> np.ndarray:
-    """`(num_classes, 3)` uint8 colours, class `i` -> `palette[i]`, by the PASCAL VOC bit-interleaving scheme: class
-    0 black, neighbouring ids far apart in colour, and the first colours the same whatever `num_classes` is, so one
-    legend fits every map of a dataset."""
-    if num_classes < 1:
-        raise ValueError(f"`num_classes` must be positive, got {num_classes}.")
-    ids = np.arange(num_classes)
-    colours = np.zeros((num_classes, 3), dtype=np.int64)
-    for shift in range(8):
-        for channel in range(3):
-            bit = (ids >> (shift * 3 + channel)) & 1
-            colours[:, channel] |= bit << (7 - shift)
-    return colours.astype(np.uint8)
-
-
-def legend_patches(class_names: Sequence[str], colours: np.ndarray | None = None) -> list:
-    """Matplotlib patches (one per class, in palette colours) for `fig.legend(handles=...)` or `ax.legend`."""
-    from matplotlib.patches import Patch
-
-    colours = palette(len(class_names)) if colours is None else np.asarray(colours)
-    if len(colours) < len(class_names):
-        raise ValueError(f"{len(class_names)} class names but only {len(colours)} colours.")
-    return [Patch(facecolor=colours[i] / 255.0, edgecolor="black", label=name) for i, name in enumerate(class_names)]
-
-
-def colorize_segmentation(
-    labels: np.ndarray, colours: np.ndarray | None = None, ignore_index: int | None = 255
-) -> np.ndarray:
-    """Class-id map `(H, W)` -> `(H, W, 3)` uint8 with `palette` colours; `ignore_index` pixels are white."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"A label map must be (height, width), got shape {labels.shape}.")
-    labels = labels.astype(np.int64)
-    colours = palette(256) if colours is None else np.asarray(colours, dtype=np.uint8)
-    ignored = labels == ignore_index if ignore_index is not None else np.zeros(labels.shape, dtype=bool)
-    valid = ~ignored
-    if valid.any() and (labels[valid].min() < 0 or labels[valid].max() >= len(colours)):
-        raise ValueError(
-            f"Label values span [{labels[valid].min()}, {labels[valid].max()}] but the palette has {len(colours)} "
-            "colours."
-        )
-    image = np.full(labels.shape + (3,), 255, dtype=np.uint8)
-    image[valid] = colours[labels[valid]]
-    return image
-
-
-def _single_channel(array: np.ndarray, what: str) -> np.ndarray:
-    """`(H, W)`, `(1, H, W)` or `(H, W, 1)` -> `(H, W)` float64. Only a channel axis is dropped: `np.squeeze` would
-    also drop the height or width of an image one pixel high or wide."""
-    array = np.asarray(array, dtype=np.float64)
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    elif array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise ValueError(f"A {what} map must be (height, width), got shape {np.shape(array)}.")
-    return array
-
-
-def depth_range(depth: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
-    """The default colour range of a one-channel map: the 2nd-98th percentile of its valid pixels."""
-    values = depth[valid]
-    if values.size == 0:
-        return 0.0, 1.0
-    low, high = np.percentile(values, [2, 98], overwrite_input=True)  # `values` is a copy: partition it in place
-    if high <= low:
-        low, high = float(values.min()), float(values.max())
-    return float(low), float(high) if high > low else float(low) + 1.0
-
-
-def colorize_depth(
-    depth: np.ndarray,
-    cmap: str = DEFAULT_DEPTH_CMAP,
-    vmin: float | None = None,
-    vmax: float | None = None,
-    invalid_value: float | None = 0.0,
-) -> np.ndarray:
-    """Depth `(H, W)` (or `(1, H, W)`) -> `(H, W, 3)` uint8 through a matplotlib colour map; the range defaults to
-    the 2nd-98th percentile of the valid pixels, pixels equal to `invalid_value` (0 in ground truth) are black."""
-    from matplotlib import colormaps
-
-    depth = _single_channel(depth, "depth")
-    valid = np.isfinite(depth)
-    if invalid_value is not None:
-        valid &= depth != invalid_value
-    if vmin is None or vmax is None:
-        low, high = depth_range(depth, valid)
-        vmin = low if vmin is None else vmin
-        vmax = high if vmax is None else vmax
-    scaled = np.clip((depth - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    image = (colormaps[cmap](np.where(valid, scaled, 0.0))[..., :3] * 255.0).round().astype(np.uint8)
-    image[~valid] = 0
-    return image
-
-
-def colorize_normals(normals: np.ndarray) -> np.ndarray:
-    """Normals `(H, W, 3)` (or `(3, H, W)`) in [-1, 1] -> RGB `(n + 1) / 2` as uint8; all-zero (invalid) pixels
-    are black."""
-    normals = np.asarray(normals, dtype=np.float64)
-    if normals.ndim == 3 and normals.shape[0] == 3 and normals.shape[-1] != 3:
-        normals = normals.transpose(1, 2, 0)
-    if normals.ndim != 3 or normals.shape[-1] != 3:
-        raise ValueError(f"A normals map must be (height, width, 3), got shape {normals.shape}.")
-    image = (np.clip((normals + 1.0) / 2.0, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    image[~np.any(normals != 0, axis=-1)] = 0
-    return image
-
-
-def colorize_rgb(
-    value: np.ndarray, valid: np.ndarray | None = None, vmin: float | None = None, vmax: float | None = None
-) -> np.ndarray:
-    """Three-channel map `(H, W, 3)` (e.g. albedo) -> RGB uint8, `[vmin, vmax]` mapped to `[0, 255]` (default: the
-    2nd-98th percentile of the valid values); invalid pixels are black."""
-    value = np.asarray(value, dtype=np.float64)
-    if value.ndim != 3 or value.shape[-1] != 3:
-        raise ValueError(f"An RGB map must be (height, width, 3), got shape {value.shape}.")
-    valid = np.isfinite(value).all(axis=-1) if valid is None else np.asarray(valid, dtype=bool)
-    if vmin is None or vmax is None:
-        low, high = depth_range(value, np.broadcast_to(valid[..., None], value.shape))
-        vmin = low if vmin is None else vmin
-        vmax = high if vmax is None else vmax
-    scaled = np.clip((np.where(np.isfinite(value), value, 0.0) - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    image = (scaled * 255.0).round().astype(np.uint8)
-    image[~valid] = 0
-    return image
-
-
-def colorize_probability(probability: np.ndarray) -> np.ndarray:
-    """Probability (or {0, 1} label) map `(H, W)` -> grayscale `(H, W)` uint8, white = 1."""
-    probability = _single_channel(probability, "probability")
-    return (np.clip(probability, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 def colorize(task: str, value: np.ndarray, task_specs: Any = None, label: bool = False, **kwargs: Any) -> np.ndarray:
@@ -238,6 +105,11 @@ def _image_to_array(image: Any) -> np.ndarray:
     return array
 
 
+# Bounds of `make_figure`: the widest (or tallest) panel shape, and the most pixels a figure has at its dpi.
+MAX_PANEL_ASPECT = 4.0
+FIGURE_PIXEL_BUDGET = 4096 * 4096
+
+
 def make_figure(
     images: Any,
     predictions: Any,
@@ -285,8 +157,8 @@ def make_figure(
     known = _known_tasks(list(predictions[0]) + list(tasks or []), task_specs)
     if tasks is None:
         available = [task for task in predictions[0] if task in known]
-        custom = [task for task in available if task not in BUILTIN_TASK_NAMES]
-        tasks = [task for task in FIGURE_TASKS if task in available] + custom or available
+        shown = [task for task in available if known[task].in_figures]
+        tasks = sorted(shown, key=lambda task: known[task].figure_order) or available
     tasks = list(tasks)
     unknown = [task for task in tasks if task not in known]
     if unknown:
@@ -311,12 +183,14 @@ def make_figure(
         if truth is not None:
             rows.append(("ground truth", array, truth, ranges))
 
-    aspect = arrays[0].shape[1] / arrays[0].shape[0]
+    # A panel's shape follows the image's only within MAX_PANEL_ASPECT (a 1 x 5000 image is drawn small inside a
+    # 4:1 panel), and the whole figure within FIGURE_PIXEL_BUDGET at `dpi`: its memory is bounded whatever the image.
+    aspect = min(max(arrays[0].shape[1] / arrays[0].shape[0], 1 / MAX_PANEL_ASPECT), MAX_PANEL_ASPECT)
     columns = 1 + len(tasks)
     legend_height = 0.0 if not class_names else 0.2 * int(np.ceil(len(class_names) / 8)) + 0.15  # inches
-    figure = Figure(
-        figsize=(panel_height * aspect * columns, panel_height * len(rows) + 0.35 + legend_height), dpi=dpi
-    )
+    width, height = panel_height * aspect * columns, panel_height * len(rows) + 0.35 + legend_height
+    shrink = min(1.0, (FIGURE_PIXEL_BUDGET / (width * height * dpi * dpi)) ** 0.5)
+    figure = Figure(figsize=(width * shrink, height * shrink), dpi=dpi)
     axes = figure.subplots(len(rows), columns, squeeze=False)
     for row, (label, array, maps, ranges) in enumerate(rows):
         axes[row, 0].imshow(array, cmap="gray" if array.ndim == 2 else None)
@@ -335,13 +209,13 @@ def make_figure(
             axes[row, column].set_xticks([])
             axes[row, column].set_yticks([])
             if row == 0:
-                title = "image" if column == 0 else TASK_TITLES.get(tasks[column - 1], known[tasks[column - 1]].title)
+                title = "image" if column == 0 else known[tasks[column - 1]].short_title
                 axes[row, column].set_title(title, fontsize=10)
     if class_names:
         figure.legend(
             handles=legend_patches(class_names), loc="lower center", ncol=min(8, len(class_names)), fontsize=8
         )
-    figure.tight_layout(rect=(0, legend_height / figure.get_figheight(), 1, 1))
+    figure.tight_layout(rect=(0, legend_height * shrink / figure.get_figheight(), 1, 1))
     if path is not None:
         save_figure(figure, path, dpi=dpi)
     return figure

@@ -1,4 +1,4 @@
-# Makes the README's pipeline figure: pipeline("dense-multitask") on some images, drawn by the Fig.-4-style helper
+# Makes the pipeline figure of docs/inference.md: pipeline("dense-multitask") on some images, drawn by the Fig.-4-style helper
 # (image | semseg | depth | normals, optionally a ground-truth row per image).
 #
 #   python examples/make_figure.py --model path/to/trained --image room.png --out docs/pipeline_example.png

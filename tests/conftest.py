@@ -1,5 +1,10 @@
-"""Shared pytest fixtures: an offline, throw-away Hugging Face environment for every test, the real sample data
-(skipped when absent), and a local Hub mirror (olah) for download tests."""
+"""Shared test set-up: one torch thread setting for the whole run, the model-side helpers every test file uses (a
+tiny config, valid random labels from each task's `CTALTask.random_label`, batch-norm calibration), the test tiers
+(`slow`, `multiprocess`), an offline, throw-away Hugging Face environment for every test, the real sample data
+(skipped when absent), and a local Hub mirror (olah) for download tests.
+
+Helpers are imported by the test files (`from conftest import tiny_config, random_labels`); fixtures arrive by
+name."""
 
 import os
 import shutil
@@ -12,11 +17,53 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+
+from ctal_hf import CTALConfig, CTALForDenseMultitask
+
+# One thread setting for the whole run (no test file sets its own): one intra-op thread per process keeps the
+# `pytest -n 2` workers of `make test` on one core each and makes runs bit-reproducible. CTAL_TEST_THREADS overrides
+# it (e.g. a serial run on a many-core machine).
+torch.set_num_threads(int(os.environ.get("CTAL_TEST_THREADS", "1")))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 
 
+# ------------------------------------------------------------------------------------------------ model helpers
+def tiny_config(**kwargs) -> CTALConfig:
+    """A small CTAL-SS config: semseg, depth and normals at 64 x 64, 5 classes, the default HRNet-W18-small-v2
+    backbone. Any field can be overridden."""
+    fields = dict(tasks=["semseg", "depth", "normals"], image_size=[64, 64], num_semseg_classes=5)
+    fields.update(kwargs)
+    return CTALConfig(**fields)
+
+
+def random_labels(config: CTALConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Valid random labels at the config's image size for every task (built-in or custom), from each task's
+    `CTALTask.random_label`, and checked by the task itself."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = config.image_size
+    labels = {name: task.random_label(batch, height, width, generator) for name, task in config.get_tasks().items()}
+    for name, task in config.get_tasks().items():
+        task.check_label(labels[name], batch, (height, width))
+    return labels
+
+
+def calibrate_batch_norm(model: CTALForDenseMultitask, batch: int = 2, seed: int = 0) -> CTALForDenseMultitask:
+    """Eval-mode model whose batch-norm statistics come from one random batch: with the initial statistics (mean 0,
+    variance 1) a random HRNet's activations grow to ~1e4 or inf and its outputs mean nothing. (A model that already
+    ran in training mode averages the new batch into its statistics.)"""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average: on a new model, one batch sets the statistics exactly
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(batch, 3, *model.config.image_size, generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
 def _patch_hf_modules(monkeypatch, *, offline: bool, home: Path | None = None, endpoint: str | None = None):
     """Patch the module-level constants that huggingface_hub / datasets read once at import time."""
     hub_constants = sys.modules.get("huggingface_hub.constants")
@@ -202,4 +249,4 @@ def hub_mirror(tmp_path_factory):
         log.close()
 
 
-__all__ = ["REALDATA", "REPO_ROOT", "HubMirror"]
+__all__ = ["REALDATA", "REPO_ROOT", "HubMirror", "calibrate_batch_norm", "random_labels", "tiny_config"]

@@ -11,14 +11,12 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import calibrate_batch_norm, random_labels
 from transformers import ConvNextConfig, Dinov2Config, TimmBackboneConfig
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask
 from ctal_hf.backbones import BACKBONES, CTALBackbone
 from ctal_hf.decoders import DECODER_NAMES, DECODERS
-
-torch.set_num_threads(2)
 
 TASKS = ["semseg", "depth", "normals"]
 SIZE = [32, 32]
@@ -68,26 +66,6 @@ def make_config(backbone_config, decoder="ctal_ss", **kwargs) -> CTALConfig:
     return CTALConfig(**fields)
 
 
-def make_labels(batch: int = 2) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "semseg": torch.randint(0, 4, (batch, *SIZE), generator=generator),
-        "depth": torch.rand(batch, 1, *SIZE, generator=generator) + 0.5,
-        "normals": F.normalize(torch.randn(batch, 3, *SIZE, generator=generator), dim=1),
-    }
-
-
-def calibrated(model: CTALForDenseMultitask) -> CTALForDenseMultitask:
-    """Eval-mode model with BatchNorm statistics from one batch (random-init statistics make outputs meaningless)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(1)))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     """Every case built, trained one step, calibrated and saved, with an input and its outputs next to it."""
@@ -96,17 +74,15 @@ def saved_models(tmp_path_factory):
     for name, (factory, decoder, _, _) in CASES.items():
         torch.manual_seed(0)
         model = CTALForDenseMultitask(make_config(factory(), decoder))
-        out = model(torch.randn(2, 3, *SIZE), labels=make_labels())
+        out = model(torch.randn(2, 3, *SIZE), labels=random_labels(model.config))
         out.loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters()}
-        model = calibrated(model)
+        model = calibrate_batch_norm(model, seed=1)
         folder = root / name
         model.save_pretrained(folder)
         pixel_values = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(2))
-        torch.set_num_threads(1)
         with torch.no_grad():
             expected = model(pixel_values).predictions
-        torch.set_num_threads(2)
         torch.save({"pixel_values": pixel_values, "expected": expected}, folder / "io.pt")
         built[name] = {"model": model, "out": out, "grads": grads, "folder": folder}
     return built
@@ -145,10 +121,8 @@ def test_backbone_config_models_reload_with_identical_outputs(saved_models, name
     io = torch.load(folder / "io.pt")
     reloaded = CTALForDenseMultitask.from_pretrained(folder).eval()
     assert reloaded.backbone.strides == saved_models[name]["model"].backbone.strides
-    torch.set_num_threads(1)
     with torch.no_grad():
         actual = reloaded(io["pixel_values"]).predictions
-    torch.set_num_threads(2)
     for task in TASKS:
         torch.testing.assert_close(actual[task], io["expected"][task], rtol=1e-5, atol=1e-5)
 
@@ -244,7 +218,7 @@ def test_stl_and_the_baselines_run_on_a_backbone_config_and_stl_owns_one_backbon
     for decoder in ("stl", "mtl", "padnet", "papnet", "concat", "mtinet"):
         torch.manual_seed(0)
         model = CTALForDenseMultitask(make_config(mobilenet(), decoder))
-        out = model(torch.randn(2, 3, *SIZE), labels=make_labels(2))
+        out = model(torch.randn(2, 3, *SIZE), labels=random_labels(model.config, batch=2))
         assert torch.isfinite(out.loss), decoder
         assert all(out.predictions[task].shape[-2:] == tuple(SIZE) for task in TASKS)
     stl = CTALForDenseMultitask(make_config(dinov2(), "stl"))
@@ -353,6 +327,6 @@ def test_named_paper_backbones_keep_their_parameter_counts(preset, decoder, para
 def test_the_configuration_module_imports_first_in_a_fresh_process():
     # `ctal_hf` registers its Auto classes when transformers' Auto modules load: the configuration module must not
     # load them itself while it is being imported (what `train.py` does first).
-    script = "from ctal_hf.configuration_ctal import BACKBONES, DECODERS, CTALConfig; print(CTALConfig().head_family)"
+    script = "from ctal_hf.configuration_ctal import CTALConfig; print(CTALConfig().head_family)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.stdout.strip().endswith("bottleneck"), result.stderr[-2000:]

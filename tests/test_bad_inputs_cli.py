@@ -15,8 +15,6 @@ import torch
 from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor
 from ctal_hf.cli import main as cli_main
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> Path:

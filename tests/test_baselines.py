@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_labels, tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask
 from ctal_hf.baselines import CTALMultiTaskDistillation, CTALPatternAffinityDiffusion
-
-torch.set_num_threads(2)
 
 HRNET = "hrnet_w18_small_v2"
 SWIN = "swinv2_small"
@@ -20,23 +19,6 @@ CNN_DECODERS = ["stl", "mtl", "padnet", "papnet", "mtinet", "concat", "ctal_ss",
 SWIN_DECODERS = ["stl", "mtl", "padnet", "papnet", "concat", "ctal_ss"]
 MULTI_SCALE = {"mtinet", "ctal_ms"}
 WITHOUT_INITIAL_HEADS = {"stl", "mtl"}
-
-
-def tiny_config(**kwargs) -> CTALConfig:
-    fields = dict(tasks=["semseg", "depth", "normals"], image_size=[64, 64], num_semseg_classes=5, backbone=HRNET)
-    fields.update(kwargs)
-    return CTALConfig(**fields)
-
-
-def make_labels(config: CTALConfig, batch: int = 2) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    height, width = config.image_size
-    labels = {
-        "semseg": torch.randint(0, config.num_semseg_classes, (batch, height, width), generator=generator),
-        "depth": torch.rand(batch, 1, height, width, generator=generator) + 0.5,
-        "normals": F.normalize(torch.randn(batch, 3, height, width, generator=generator), dim=1),
-    }
-    return {task: labels[task] for task in config.tasks}
 
 
 # A narrow, shallow SwinV2 (128 output channels): the same code paths as SwinV2-S at a fraction of the cost; the real
@@ -59,7 +41,7 @@ def test_forward_backward_reaches_every_parameter(decoder, backbone):
     model = build(decoder, backbone)
     config = model.config
     pixel_values = torch.randn(2, 3, *config.image_size)
-    out = model(pixel_values, labels=make_labels(config))
+    out = model(pixel_values, labels=random_labels(config))
     height, width = config.image_size
     for task in config.tasks:
         assert out.predictions[task].shape == (2, config.task_channels(task), height, width)
@@ -127,7 +109,7 @@ def test_stl_holds_no_parameter_shared_between_tasks():
     pointers = [p.data_ptr() for p in model.parameters()]
     assert len(pointers) == len(set(pointers))
 
-    labels = make_labels(model.config)
+    labels = random_labels(model.config)
     out = model(torch.randn(2, 3, *model.config.image_size), labels={"depth": labels["depth"]})
     out.loss.backward()
     for task in tasks:
@@ -322,7 +304,7 @@ def test_swin_decoder_stride_16_feeds_every_decoder_the_backbone_map_upsampled_t
 @pytest.mark.parametrize("decoder", ["stl", "padnet", "papnet", "ctal_ss"])
 def test_swin_decoders_train_on_the_1_16_map(decoder):
     model = build(decoder, SWIN, decoder_stride=16)
-    out = model(torch.randn(2, 3, 64, 64), labels=make_labels(model.config))
+    out = model(torch.randn(2, 3, 64, 64), labels=random_labels(model.config))
     out.loss.backward()
     assert out.predictions["semseg"].shape == (2, 5, 64, 64) and torch.isfinite(out.loss)
 

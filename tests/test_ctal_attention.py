@@ -15,15 +15,6 @@ from ctal_hf.ctal_attention import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest and does not fight the other processes for the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_inputs(batch, num_tasks, channels, value_channels, height, width, kernel, dtype=torch.float64, seed=0):
     generator = torch.Generator().manual_seed(seed)
     n = height * width

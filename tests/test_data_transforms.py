@@ -20,7 +20,6 @@ from ctal_hf.data import (
 )
 from dataset_scripts.synthetic import SyntheticScenes, render_scene
 
-torch.set_num_threads(1)
 PASCAL_TASKS = ["semseg", "parts", "saliency", "normals", "edge"]
 NYU_TASKS = ["semseg", "depth", "normals"]
 

@@ -31,8 +31,6 @@ from ctal_hf.export.exportable import EXPORT_FORM
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'ctal-hf[deploy]')")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'ctal-hf[deploy]')")
 
-torch.set_num_threads(2)
-
 TASKS = ["semseg", "depth"]
 SIZE = [64, 64]
 REPO_ROOT = Path(__file__).resolve().parents[1]

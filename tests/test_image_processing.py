@@ -17,8 +17,6 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor
 from ctal_hf.image_processing_ctal import load_image
 
-torch.set_num_threads(1)
-
 ALL_TASKS = ["semseg", "depth", "normals", "saliency", "edge", "parts"]
 
 

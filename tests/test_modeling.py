@@ -8,53 +8,13 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import calibrate_batch_norm, random_labels, tiny_config
 from transformers import AutoModel
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask
 from ctal_hf.ctal_module import CTALAffinityModule
 
-torch.set_num_threads(2)
-
 ALL_TASKS = ["semseg", "parts", "depth", "normals", "saliency", "edge"]
-
-
-def tiny_config(**kwargs) -> CTALConfig:
-    fields = dict(tasks=["semseg", "depth", "normals"], image_size=[64, 64], num_semseg_classes=5)
-    fields.update(kwargs)
-    return CTALConfig(**fields)
-
-
-def calibrated(model: CTALForDenseMultitask, seed: int = 0) -> CTALForDenseMultitask:
-    """Eval-mode model whose BatchNorm statistics come from one batch: at random initialisation the default
-    statistics (mean 0, variance 1) let activations grow to inf through HRNet, which makes outputs meaningless."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # cumulative average: one batch sets the statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(2, 3, *model.config.image_size, generator=generator))
-    return model.eval()
-
-
-def make_labels(config: CTALConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    height, width = config.image_size
-    labels = {}
-    for task in config.tasks:
-        if task in ("semseg", "parts"):
-            target = torch.randint(0, config.task_channels(task), (batch, height, width), generator=generator)
-            target[:, :4] = config.ignore_index
-        elif task == "depth":
-            target = torch.rand(batch, 1, height, width, generator=generator) + 0.5
-            target[..., :3, :] = 0
-        elif task == "normals":
-            target = F.normalize(torch.randn(batch, 3, height, width, generator=generator), dim=1)
-            target[..., :5] = 0
-        else:
-            target = (torch.rand(batch, 1, height, width, generator=generator) > 0.7).float()
-        labels[task] = target
-    return labels
 
 
 @pytest.mark.parametrize(
@@ -65,7 +25,7 @@ def test_every_task_has_full_resolution_outputs_and_a_loss(decoder, backbone, im
     config = tiny_config(tasks=ALL_TASKS, decoder=decoder, backbone=backbone, image_size=image_size)
     model = CTALForDenseMultitask(config)
     pixel_values = torch.randn(2, 3, *image_size)
-    out = model(pixel_values, labels=make_labels(config))
+    out = model(pixel_values, labels=random_labels(config))
     height, width = image_size
     expected = {"semseg": 5, "parts": 7, "depth": 1, "normals": 3, "saliency": 1, "edge": 1}
     for task, channels in expected.items():
@@ -84,7 +44,7 @@ def test_swin_backbone_ctal_ss_uses_its_1_32_map_and_deeplab_heads():
     model = CTALForDenseMultitask(config)
     assert model.decoder.ctal.size == (2, 2)
     assert type(model.decoder.final_heads["semseg"]).__name__ == "CTALDeepLabHead"
-    out = model(torch.randn(2, 3, 64, 64), labels=make_labels(config))
+    out = model(torch.randn(2, 3, 64, 64), labels=random_labels(config))
     assert out.predictions["normals"].shape == (2, 3, 64, 64)
     out.loss.backward()
     assert model.backbone.model.layers_0.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
@@ -94,7 +54,7 @@ def test_swin_backbone_ctal_ss_uses_its_1_32_map_and_deeplab_heads():
 def test_gradients_reach_backbone_initial_heads_ctal_and_final_heads(decoder):
     config = tiny_config(decoder=decoder)
     model = CTALForDenseMultitask(config)
-    model(torch.randn(2, 3, 64, 64), labels=make_labels(config)).loss.backward()
+    model(torch.randn(2, 3, 64, 64), labels=random_labels(config)).loss.backward()
     parts = {
         "backbone": model.backbone,
         "initial heads": model.decoder.neck.initial_heads if decoder == "ctal_ss" else model.decoder.initial_heads,
@@ -230,7 +190,7 @@ def test_bad_inputs_raise_value_errors():
 def test_tasks_absent_from_labels_are_not_trained():
     config = tiny_config()
     model = CTALForDenseMultitask(config)
-    labels = make_labels(config)
+    labels = random_labels(config)
     out = model(torch.randn(2, 3, 64, 64), labels={"depth": labels["depth"]})
     assert set(out.task_losses) == {"depth"}
     out.loss.backward()
@@ -242,7 +202,7 @@ def test_loss_weights_scale_each_task_loss():
     torch.manual_seed(0)
     config = tiny_config()
     model = CTALForDenseMultitask(config).eval()
-    pixel_values, labels = torch.randn(2, 3, 64, 64), make_labels(config)
+    pixel_values, labels = torch.randn(2, 3, 64, 64), random_labels(config)
     base = model(pixel_values, labels=labels).task_losses
     model.criterion.loss_weights = {"semseg": 1.0, "depth": 10.0, "normals": 0.5}
     weighted = model(pixel_values, labels=labels).task_losses
@@ -252,7 +212,7 @@ def test_loss_weights_scale_each_task_loss():
 
 def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
     config = tiny_config(decoder="ctal_ms", attention_impl="factorized")
-    model = calibrated(CTALForDenseMultitask(config))
+    model = calibrate_batch_norm(CTALForDenseMultitask(config))
     pixel_values = torch.randn(1, 3, 64, 64)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
@@ -268,14 +228,15 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_saved_folder_loads_with_trust_remote_code_in_a_process_without_ctal_hf(tmp_path):
-    model = calibrated(CTALForDenseMultitask(tiny_config()))
+    model = calibrate_batch_norm(CTALForDenseMultitask(tiny_config()))
     model.save_pretrained(tmp_path / "model")
     torch.manual_seed(0)
     pixel_values = torch.randn(1, 3, 64, 64)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the process below: bit-identical outputs
     with torch.no_grad():
         expected = model(pixel_values).predictions["semseg"]
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.save({"pixel_values": pixel_values, "expected": expected}, tmp_path / "io.pt")
     script = textwrap.dedent(
         f"""
@@ -298,7 +259,7 @@ def test_saved_folder_loads_with_trust_remote_code_in_a_process_without_ctal_hf(
 
 
 def test_model_served_by_a_local_hub_mirror_loads_by_repo_id(tmp_path, hub_mirror, monkeypatch):
-    model = calibrated(CTALForDenseMultitask(tiny_config()))
+    model = calibrate_batch_norm(CTALForDenseMultitask(tiny_config()))
     model.save_pretrained(tmp_path / "repo")
     hub_mirror.add_repo("model", "testorg/ctal-tiny", tmp_path / "repo")
     hub_mirror.use(monkeypatch)
@@ -365,7 +326,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     config = tiny_config()
     model = CTALForDenseMultitask(config)
-    pixel_values, labels = torch.randn(2, 3, 64, 64), make_labels(config)
+    pixel_values, labels = torch.randn(2, 3, 64, 64), random_labels(config)
     model(pixel_values, labels=labels).loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()

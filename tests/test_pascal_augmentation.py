@@ -16,8 +16,6 @@ from ctal_hf.data import (
     sample_generator,
 )
 
-torch.set_num_threads(1)  # many tiny tensor ops: threads only add overhead
-
 SIZE = (64, 64)
 BLOCK = 8
 

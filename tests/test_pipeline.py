@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import calibrate_batch_norm
 from transformers import pipeline
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor, DenseMultitaskPipeline
@@ -25,30 +26,15 @@ from ctal_hf.visualization import (
     palette,
 )
 
-torch.set_num_threads(1)
-
 ALL_TASKS = ["semseg", "depth", "normals", "saliency", "edge", "parts"]
 NUM_CLASSES = {"semseg": 5, "parts": 7}
-
-
-def calibrate_batch_norm(model: CTALForDenseMultitask) -> CTALForDenseMultitask:
-    """Sets the batch-norm statistics from one random batch, so a random model's outputs are O(1) (with the initial
-    statistics they reach ~1e4 and every probability saturates at 0 or 1), then switches to eval mode."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average: one batch sets the statistics exactly
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, *model.config.image_size, generator=torch.Generator().manual_seed(0)))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> CTALForDenseMultitask:
     torch.manual_seed(0)
     config = CTALConfig(tasks=ALL_TASKS, image_size=[64, 64], num_semseg_classes=NUM_CLASSES["semseg"])
-    return calibrate_batch_norm(CTALForDenseMultitask(config))
+    return calibrate_batch_norm(CTALForDenseMultitask(config), batch=4)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ from ctal_hf.blocks import CTALASPP, CTALClassifier
 from ctal_hf.configuration_ctal import PRESETS, RELEASE_BEHAVIOUR
 from ctal_hf.heads import CTALFeaturePropagation
 
-torch.set_num_threads(2)
-
 TINY = dict(tasks=["semseg", "depth"], image_size=[64, 64], num_semseg_classes=5)
 
 
@@ -190,7 +188,8 @@ def test_torchvision_swin_recipe_offline_names_the_flag_and_a_wrong_library_is_r
 def test_timm_swin_final_norm_is_the_full_model_norm_loaded_from_its_file(tmp_path):
     import timm
 
-    from ctal_hf.backbones import CTALBackbone, pretrained_backbone_state_dict
+    from ctal_hf.backbone_weights import pretrained_backbone_state_dict
+    from ctal_hf.backbones import CTALBackbone
 
     torch.manual_seed(0)
     config = CTALConfig.from_preset(

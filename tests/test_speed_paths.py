@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from test_modeling import make_labels, tiny_config
+from conftest import random_labels, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask, ctal_attention
@@ -18,14 +18,6 @@ from ctal_hf.ctal_module import stack_task_maps
 
 MATMULS = ("aten.bmm.default", "aten.baddbmm.default", "aten.baddbmm.out", "aten.mm.default")
 COPIES = ("aten.clone.default", "aten._to_copy.default", "aten.copy_.default", "aten.contiguous.default")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class OpLog(TorchDispatchMode):
@@ -137,7 +129,7 @@ def loss_and_grads(model, pixel_values, labels, autocast=None):
 def test_whole_model_bf16_autocast_matches_float32():
     model = conditioned_model()
     pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    labels = make_labels(model.config)
+    labels = random_labels(model.config)
     reference, reference_grads = loss_and_grads(model, pixel_values, labels)
     with OpLog() as log:
         outputs, grads = loss_and_grads(model, pixel_values, labels, autocast=torch.bfloat16)
@@ -182,7 +174,7 @@ def test_channels_last_diffusion_equals_nchw_without_copies(impl):
 def test_channels_last_model_equals_nchw_and_saves_the_same_weights(tmp_path):
     model = conditioned_model()
     pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    labels = make_labels(model.config)
+    labels = random_labels(model.config)
     expected, expected_grads = loss_and_grads(model, pixel_values, labels)
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
     assert fast.is_channels_last and not model.is_channels_last
@@ -216,7 +208,7 @@ def test_training_step_compiles_without_graph_breaks():
     """The whole CTAL-SS training forward (loss included), channels-last under bf16 autocast: one graph."""
     config = tiny_config(attention_impl="factorized", image_size=[32, 32])
     model = CTALForDenseMultitask(config).train().to(memory_format=torch.channels_last)
-    labels = make_labels(config, batch=2)
+    labels = random_labels(config, batch=2)
     torch._dynamo.reset()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         explanation = torch._dynamo.explain(lambda pixels: model(pixels, labels=labels).loss)(
@@ -238,7 +230,7 @@ def test_dense_form_that_cannot_fit_is_refused_up_front(monkeypatch):
     ran = []
     model.backbone.register_forward_pre_hook(lambda *args: ran.append(True))
     with pytest.raises(ValueError, match="attention_impl='dense' at N = 256"):
-        model(torch.randn(2, 3, 64, 64), labels=make_labels(config))
+        model(torch.randn(2, 3, 64, 64), labels=random_labels(config))
     assert not ran  # refused before the backbone ran, not halfway through the step
     with torch.no_grad():  # inference holds fewer maps: it fits
         model.eval()(torch.randn(2, 3, 64, 64))

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import calibrate_batch_norm, random_labels  # each kind's random labels are valid labels
 from transformers import pipeline
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor, MultiTaskEvaluator, delta_m
 from ctal_hf.data import CTALTransform, collate_samples, fit_to_size, hflip, random_scale_crop, row_to_sample
 from ctal_hf.tasks import LOWER_IS_BETTER, TASK_KINDS, TASKS, CTALTask, resolve_tasks
 from ctal_hf.visualization import colorize, make_figure, visualize_predictions
-
-torch.set_num_threads(2)
 
 SIZE = (32, 32)
 # One custom task of each kind, with non-default optional fields.
@@ -37,25 +36,10 @@ def custom_config(**kwargs) -> CTALConfig:
     return CTALConfig(**fields)
 
 
-def random_labels(config: CTALConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    labels = {name: task.random_label(batch, *SIZE, generator) for name, task in config.get_tasks().items()}
-    for name, task in config.get_tasks().items():  # each kind's random labels are valid labels
-        task.check_label(labels[name], batch, SIZE)
-    return labels
-
-
 @pytest.fixture(scope="module")
 def model() -> CTALForDenseMultitask:
     torch.manual_seed(0)
-    model = CTALForDenseMultitask(custom_config())
-    for module in model.modules():  # batch statistics of one batch: O(1) outputs from a random model
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(4, 3, *SIZE, generator=torch.Generator().manual_seed(0)))
-    return model.eval()
+    return calibrate_batch_norm(CTALForDenseMultitask(custom_config()), batch=4)
 
 
 # ------------------------------------------------------------------------------------------------- config / specs
@@ -519,7 +503,9 @@ def test_train_py_with_task_specs_trains_evaluates_saves_and_serves_albedo(tmp_p
     assert 0 < results["headline"]["albedo"] == results["final"]["albedo"]["abs_err"] < 1
     card = (output / "README.md").read_text()
     assert "`albedo`: Albedo (regression task, 3 output channel(s)" in card and "| albedo | abs_err ↓ |" in card
-    assert json.loads((output / "config.json").read_text())["task_specs"] == {"albedo": ALBEDO_TASK_SPEC}
+    saved = json.loads((output / "config.json").read_text())
+    assert saved["task_specs"]["albedo"] == ALBEDO_TASK_SPEC  # beside the synthetic recipe's class names and units
+    assert saved["id2label"]["6"] == "figure" and saved["task_specs"]["depth"] == {"unit": "metres"}
     assert (output / "predictions" / "validation_0.png").stat().st_size > 5_000
 
     model = CTALForDenseMultitask.from_pretrained(output)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(EXAMPLES))
 import make_table  # noqa: E402
 import train  # noqa: E402
 
-from ctal_hf.training import building, checkpointing, evaluation, recipes  # noqa: E402
+from ctal_hf.training import building, checkpointing, evaluation, hub, recipes  # noqa: E402
 from ctal_hf.training.arguments import parse_args  # noqa: E402
 
 TINY = [
@@ -49,17 +49,22 @@ def _run(args: list[str], launcher: list[str] | None = None, env: dict | None = 
     return subprocess.run(command, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
 
 
-# Runs examples/train.py's main in a fresh process and SIGKILLs it right after optimizer step N (a hard kill).
+# Runs examples/train.py's main in a fresh process and SIGKILLs it right after optimizer step N (a hard kill): the
+# script's own `after_optimizer_step` (schedule, logs, checkpoint) runs first, then the kill.
 KILL_DRIVER = """
 import os, signal, sys
 sys.path.insert(0, {examples!r})
 import train
 
-def on_step(step, run):
-    if step == {step}:
+step_done = train.after_optimizer_step
+
+def after_optimizer_step(run, epoch):
+    step_done(run, epoch)
+    if run.completed_steps == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
 
-train.main(sys.argv[1:], on_step=on_step)
+train.after_optimizer_step = after_optimizer_step
+train.main(sys.argv[1:])
 """
 
 
@@ -272,6 +277,7 @@ def _ddp_run(args: list[str]) -> subprocess.CompletedProcess:
     return _run(args, launcher=launcher, env={**_env(), "ACCELERATE_USE_CPU": "1"})
 
 
+@pytest.mark.multiprocess
 def test_ddp_on_cpu_evaluation_equals_single_process(tmp_path):
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     # 5 validation images in batches of 2: 3 batches for 2 processes, the last one short.
@@ -332,10 +338,11 @@ def test_push_to_hub_uploads_model_and_card_then_loads_from_the_mirror(
     output = tmp_path / "model"
     argv = [*TINY, "--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", str(output)]
     argv += ["--push_to_hub", "--hub_model_id", "ctal-org/ctal-tiny", "--push_checkpoints"]
+    monkeypatch.setattr(hub, "make_hub_api", lambda token=None: api)  # the only mock: the Hub upload
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = train.main(argv, hub_api=api)
+        results = train.main(argv)
     finally:
         torch.set_num_threads(threads)
 
@@ -422,7 +429,7 @@ SMALL = [
 ]  # fmt: skip
 
 
-def _main(argv: list[str], **kwargs) -> dict:
+def _main(argv: list[str]) -> dict:
     """One in-process run with one CPU thread (bit-reproducible) and a fresh accelerate state."""
     from accelerate.state import AcceleratorState
 
@@ -430,7 +437,7 @@ def _main(argv: list[str], **kwargs) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train.main(argv, **kwargs)
+        return train.main(argv)
     finally:
         torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -489,11 +496,15 @@ class _Crash(Exception):
 
 
 def _crash_at(step: int):
-    def on_step(completed_steps, run):
-        if completed_steps == step:
+    """examples/train.py's `after_optimizer_step` that raises right after step `step` (and its checkpoint)."""
+    step_done = train.after_optimizer_step
+
+    def after_optimizer_step(run, epoch):
+        step_done(run, epoch)
+        if run.completed_steps == step:
             raise _Crash(step)
 
-    return on_step
+    return after_optimizer_step
 
 
 @pytest.mark.parametrize(
@@ -502,15 +513,16 @@ def _crash_at(step: int):
     + [["--loss_weighting", "famo"]],
     ids=["uncertainty+upgrad", "dwa", "famo"],
 )
-def test_loss_balancing_resumes_exactly(tmp_path, method, reset_accelerate):
+def test_loss_balancing_resumes_exactly(tmp_path, method, reset_accelerate, monkeypatch):
     if "--gradient_aggregator" in method:
         pytest.importorskip("torchjd")
     # 8 images in batches of 4: 2 steps an epoch, so DWA's weights move after epoch 2 (step 4); the crash (right
     # after the checkpoint of step 3) is mid-epoch.
     common = [*SMALL, "--max_train_steps", "6", "--checkpointing_steps", "3", "--seed", "1", *method]
     reference = _main([*common, "--output_dir", str(tmp_path / "reference")])
-    with pytest.raises(_Crash):
-        _main([*common, "--output_dir", str(tmp_path / "resumed")], on_step=_crash_at(3))
+    with monkeypatch.context() as patch, pytest.raises(_Crash):
+        patch.setattr(train, "after_optimizer_step", _crash_at(3))
+        _main([*common, "--output_dir", str(tmp_path / "resumed")])
     resumed = _main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
     expected = load_file(tmp_path / "reference" / "model.safetensors")
     actual = load_file(tmp_path / "resumed" / "model.safetensors")
@@ -523,16 +535,20 @@ def test_loss_balancing_resumes_exactly(tmp_path, method, reset_accelerate):
     assert reference["settings"]["loss_weighting"] == method[1]
 
 
-# Runs train.main under torchrun and writes, per rank, a checksum of the model and of the loss weighting after the
-# last step, so the test can check that every process holds the same weights.
+# Runs train.main under torchrun and writes (wrapping the script's `after_optimizer_step`), per rank, a checksum of
+# the model and of the loss weighting after the last step, so the test can check that every process holds the same
+# weights.
 DDP_DRIVER = """
 import json, os, sys
 sys.path.insert(0, {examples!r})
 import torch
 import train
 
-def on_step(step, run):
-    if step == {step}:
+step_done = train.after_optimizer_step
+
+def after_optimizer_step(run, epoch):
+    step_done(run, epoch)
+    if run.completed_steps == {step}:
         model = run.accelerator.unwrap_model(run.model)
         sums = {{name: float(p.detach().double().sum()) for name, p in model.named_parameters()}}
         sums.update({{"weighting/" + k: float(v.double().sum()) for k, v in run.weighting.state_dict().items()
@@ -541,10 +557,12 @@ def on_step(step, run):
         with open(path, "w") as handle:
             json.dump(sums, handle)
 
-train.main(sys.argv[1:], on_step=on_step)
+train.after_optimizer_step = after_optimizer_step
+train.main(sys.argv[1:])
 """
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "weighting, aggregator, precision", [("uncertainty", "upgrad", "no"), ("famo", "none", "bf16")]
 )
@@ -593,6 +611,7 @@ def _fsdp_env() -> dict:
     return env
 
 
+@pytest.mark.multiprocess
 def test_fsdp_two_processes_train_evaluate_like_one_process_and_resume_exactly(tmp_path):
     # What accelerate makes of the FSDP settings on this machine, before any training.
     probe = "from accelerate import Accelerator; print('distributed:', Accelerator().distributed_type)"

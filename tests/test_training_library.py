@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_labels
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask
+from ctal_hf.tasks import DESCRIPTIVE_FIELDS
 from ctal_hf.training import aggregation, building, loss_weighting, recipes
 from ctal_hf.training.arguments import parse_args
 
@@ -22,16 +24,6 @@ sys.path.insert(0, str(REPO / "examples"))
 import train  # noqa: E402
 
 TINY = CTALConfig.from_preset("nyuv2", num_semseg_classes=5, image_size=[32, 64])
-
-
-def _labels(batch: int = 2, size=(32, 64)) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    normals = torch.nn.functional.normalize(torch.randn(batch, 3, *size, generator=generator), dim=1)
-    return {
-        "semseg": torch.randint(0, 5, (batch, *size), generator=generator),
-        "depth": torch.rand(batch, 1, *size, generator=generator) + 0.1,
-        "normals": normals,
-    }
 
 
 # ------------------------------------------------------------------------------------------------------ arguments
@@ -171,7 +163,7 @@ def test_famo_update_and_state_round_trip():
 
 def test_fixed_weighting_is_the_models_loss():
     model = CTALForDenseMultitask(TINY).train()
-    outputs = model(pixel_values=torch.randn(2, 3, 32, 64), labels=_labels())
+    outputs = model(pixel_values=torch.randn(2, 3, 32, 64), labels=random_labels(TINY))
     terms = loss_weighting.build_loss_weighting("fixed", TINY)(outputs.task_losses)
     assert torch.equal(torch.stack(list(terms.values())).sum(), outputs.loss)
 
@@ -187,7 +179,7 @@ def test_torchjd_sum_aggregation_equals_plain_backward(decoder):
     config = CTALConfig.from_preset("nyuv2", num_semseg_classes=5, image_size=[32, 64], decoder=decoder)
     torch.manual_seed(0)
     model = CTALForDenseMultitask(config).train()
-    pixels, labels = torch.randn(2, 3, 32, 64), _labels()
+    pixels, labels = torch.randn(2, 3, 32, 64), random_labels(TINY)
     model(pixel_values=pixels, labels=labels).loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -241,7 +233,9 @@ def test_backbone_config_and_task_specs_reach_the_config_only_when_given(tmp_pat
     recipe = recipes.get_recipe("synthetic")
     with pytest.raises(RuntimeError, match="stop"):
         building.build_config(parse_args([], check_names=False), recipe)
-    assert "backbone_config" not in seen[-1] and "task_specs" not in seen[-1]
+    assert "backbone_config" not in seen[-1]
+    # Only the recipe's descriptions of built-in tasks (class names, units), no task of the user's.
+    assert all(set(spec) <= set(DESCRIPTIVE_FIELDS) for spec in seen[-1].get("task_specs", {}).values())
 
     backbone = tmp_path / "backbone.json"
     backbone.write_text(json.dumps({"model_type": "resnet", "depths": [1, 1, 1, 1]}))
@@ -251,7 +245,7 @@ def test_backbone_config_and_task_specs_reach_the_config_only_when_given(tmp_pat
     with pytest.raises(RuntimeError, match="stop"):
         building.build_config(args, recipe)
     assert seen[-1]["backbone_config"] == {"model_type": "resnet", "depths": [1, 1, 1, 1]}
-    assert seen[-1]["task_specs"] == {"albedo": {"kind": "regression", "channels": 3}}
+    assert seen[-1]["task_specs"]["albedo"] == {"kind": "regression", "channels": 3}
 
     # A folder (or Hub id) goes through AutoConfig.
     from transformers import ResNetConfig

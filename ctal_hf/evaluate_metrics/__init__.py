@@ -8,28 +8,42 @@
 >>> miou.compute(predictions=[pred_map], references=[label_map], num_classes=13)
 ```
 
-Each module wraps the metric class, so `evaluate` users get the same numbers as the streaming metrics."""
+Each module wraps the metric class, so `evaluate` users get the same numbers as the streaming metrics. Which module
+scores a task is the task object's answer (`CTALTask.evaluate_module`), so a custom task of a kind that has a module
+(`evaluate_module_path("albedo", task_specs=config)`) gets one like a built-in task."""
 
 from pathlib import Path
+from typing import Any
+
+from ..tasks import BUILTIN_TASK_NAMES, TASKS, as_tasks
 
 EVALUATE_METRICS_DIR = Path(__file__).resolve().parent
 
-# Task name -> evaluate module folder (human parts use the segmentation module).
+# Built-in task name -> evaluate module folder (human parts use the segmentation module), from the task objects.
 EVALUATE_MODULES: dict[str, str] = {
-    "semseg": "ctal_semseg",
-    "parts": "ctal_semseg",
-    "depth": "ctal_depth",
-    "normals": "ctal_normals",
-    "saliency": "ctal_saliency",
-    "edge": "ctal_edge",
+    name: task.evaluate_module for name, task in TASKS.items() if task.evaluate_module is not None
 }
 
 
-def evaluate_module_path(task: str) -> str:
-    """Folder of the `evaluate` module of `task`, to pass to `evaluate.load`."""
-    if task not in EVALUATE_MODULES:
-        raise ValueError(f"No evaluate module for task {task!r}; known tasks: {sorted(EVALUATE_MODULES)}.")
-    return str(EVALUATE_METRICS_DIR / EVALUATE_MODULES[task])
+def evaluate_module_path(task: Any, task_specs: Any = None) -> str:
+    """Folder of the `evaluate` module of `task` (a task name, or a task object), to pass to `evaluate.load`;
+    `task_specs` (a config, `config.get_tasks()` or a dict name -> spec) defines tasks that are not built in."""
+    if isinstance(task, str):
+        known = (
+            as_tasks(task_specs) if task_specs is not None else as_tasks([task] if task in BUILTIN_TASK_NAMES else [])
+        )
+        if task not in known:
+            raise ValueError(
+                f"No evaluate module for task {task!r}; known tasks: {sorted(EVALUATE_MODULES)} (pass "
+                "`task_specs=config` for tasks that are not built in)."
+            )
+        task = known[task]
+    if task.evaluate_module is None:
+        raise ValueError(
+            f"No evaluate module for task {task.name!r}: {task.kind} tasks without `positive` have none; use "
+            "`ctal_hf.metrics.MultiTaskEvaluator`."
+        )
+    return str(EVALUATE_METRICS_DIR / task.evaluate_module)
 
 
 __all__ = ["EVALUATE_METRICS_DIR", "EVALUATE_MODULES", "evaluate_module_path"]

@@ -4,7 +4,8 @@
 - `recipes`: the paper's hyper-parameters per dataset and the CPU recipe.
 - `building`: recipe, config, model and learning-rate schedule from the arguments.
 - `data_loading`: the splits of a dataset with their checks, the deterministic resumable sampler.
-- `checkpointing`: atomic checkpoints, rotation, `latest` with fallback, checks before resuming.
+- `checkpointing`: atomic checkpoints, rotation, and `resume_training`, the one resume path (checks, `latest` with
+  fallback).
 - `evaluation`: evaluation over exact shards (metrics and per-task losses), prediction pictures.
 - `loss_weighting`, `aggregation`: multitask loss balancing and TorchJD gradient aggregation.
 - `model_card`, `hub`: the model card of a trained model and uploads to the Hub.

@@ -16,16 +16,10 @@ import importlib.util
 
 import torch
 
+from ..registry import GRADIENT_AGGREGATOR_SPECS
+
 # Command-line name -> (TorchJD aggregator class, keyword arguments, extra its solver needs or None).
-AGGREGATORS: dict[str, tuple[str, dict, str | None]] = {
-    "upgrad": ("UPGrad", {}, None),
-    "mgda": ("MGDA", {}, None),
-    "cagrad": ("CAGrad", {"c": 0.5}, "cagrad"),
-    "nashmtl": ("NashMTL", {}, "nash-mtl"),
-    "pcgrad": ("PCGrad", {}, None),
-    "imtl_g": ("IMTLG", {}, None),
-    "aligned_mtl": ("AlignedMTL", {}, None),
-}
+AGGREGATORS = GRADIENT_AGGREGATOR_SPECS
 
 
 def make_aggregator(name: str, num_tasks: int):

@@ -4,17 +4,19 @@ authors' release) and a small CPU recipe for the offline synthetic dataset.
 A recipe fixes what the paper fixes (optimizer, learning rate, weight decay, epochs, scheduler, batch size,
 augmentation, the model preset with its loss weights); every field can be overridden on the command line. Where the
 paper and the authors' release differ, the paper recipes follow the release, which produced the paper's numbers
-(README "Parity with the authors' release"): schedulers stepped once per epoch, `drop_last`, [0, 1] inputs for the
-HRNet recipes, the PASCAL-Context augmentation, the loss weights per decoder and ImageNet backbone weights."""
+(docs/reproducing-the-paper.md, "Parity with the authors' release"): schedulers stepped once per epoch,
+`drop_last`, [0, 1] inputs for the HRNet recipes, the PASCAL-Context augmentation, the loss weights per decoder and
+ImageNet backbone weights."""
 
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..dataset_classes import DATASET_TASK_DESCRIPTIONS
+from ..registry import decoder_info
+
 # How a recipe derives each decoder's loss weights from the preset's (`CTALRecipe.loss_weights_for`).
 LOSS_WEIGHT_RULES: tuple[str, ...] = ("preset", "release")
 
-# Decoders whose initial predictions are multi-scale: on Cityscapes the paper trains them with warm restarts.
-MULTI_SCALE_DECODERS: tuple[str, ...] = ("ctal_ms", "mtinet")
 SCHEDULERS: tuple[str, ...] = ("cosine", "cosine_warm_restarts", "poly", "step", "constant")
 SCHEDULER_INTERVALS: tuple[str, ...] = ("step", "epoch")
 # How CTAL's fusion conv learns relative to the rest (`CTALRecipe.fusion_lr_scale`).
@@ -36,7 +38,8 @@ class CTALRecipe:
             power 2), `"step"` (halved after half the run, torch's `StepLR(T // 2, 0.5)`) or `"constant"`.
         lr_scheduler_interval: `"epoch"` (the learning rate changes once per epoch, as the release steps its
             schedulers) or `"step"` (once per optimizer step, a smooth version of the same curve).
-        multi_scale_lr_scheduler: scheduler used instead for multi-scale decoders (`ctal_ms`, `mtinet`).
+        multi_scale_lr_scheduler: scheduler used instead for decoders with multi-scale initial predictions
+            (`multi_scale_initial` in `ctal_hf.registry.DECODER_INFO`: CTAL-MS, MTI-Net).
         restart_epochs_divisor, restart_mult: warm restarts use `T_0 = epochs // divisor` epochs and `T_mult`.
         per_device_train_batch_size, per_device_eval_batch_size: batch sizes.
         drop_last: drop the last incomplete training batch of each epoch (the release does).
@@ -113,12 +116,13 @@ class CTALRecipe:
     def loss_weights_for(self, decoder: str, preset_weights: dict[str, float]) -> dict[str, float]:
         """The task loss weights `decoder` trains with, from the preset's (see `loss_weight_rule`)."""
         weights = {task: float(weight) for task, weight in preset_weights.items()}
-        if self.loss_weight_rule == "preset" or decoder not in ("stl", "mtl", "padnet", "papnet"):
+        rule = decoder_info(decoder).release_loss_weights  # `ctal_hf.registry.RELEASE_LOSS_WEIGHTS`
+        if self.loss_weight_rule == "preset" or rule == "preset":
             return weights
-        if decoder == "stl":
+        if rule == "uniform":
             return dict.fromkeys(weights, 1.0)
         baseline = {task: float(self.baseline_loss_weights.get(task, weight)) for task, weight in weights.items()}
-        if decoder == "mtl":
+        if rule == "baseline_doubled":
             return {task: 2.0 * weight for task, weight in baseline.items()}
         return baseline
 
@@ -136,7 +140,8 @@ class CTALRecipe:
 
     def scheduler_for(self, decoder: str) -> str:
         """The scheduler this recipe uses for `decoder`."""
-        if decoder in MULTI_SCALE_DECODERS and self.multi_scale_lr_scheduler is not None:
+        # Decoders whose initial predictions are multi-scale: on Cityscapes the paper trains them with warm restarts.
+        if decoder_info(decoder).multi_scale_initial and self.multi_scale_lr_scheduler is not None:
             return self.multi_scale_lr_scheduler
         return self.lr_scheduler
 
@@ -159,7 +164,12 @@ RECIPES: dict[str, CTALRecipe] = {
         name="synthetic",
         dataset="synthetic",
         preset="nyuv2",
-        model_overrides={"num_semseg_classes": 7, "image_size": [64, 96], "backbone_bn_momentum": None},
+        model_overrides={
+            "num_semseg_classes": 7,
+            "image_size": [64, 96],
+            "backbone_bn_momentum": None,
+            "task_specs": DATASET_TASK_DESCRIPTIONS["synthetic"],
+        },
         learning_rate=1e-3,
         weight_decay=1e-4,
         num_train_epochs=6,
@@ -218,7 +228,6 @@ def get_recipe(name: str) -> CTALRecipe:
 __all__ = [
     "CTALRecipe",
     "RECIPES",
-    "MULTI_SCALE_DECODERS",
     "SCHEDULERS",
     "SCHEDULER_INTERVALS",
     "LOSS_WEIGHT_RULES",

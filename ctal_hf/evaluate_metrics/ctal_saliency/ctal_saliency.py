@@ -10,7 +10,7 @@ _DESCRIPTION = """
 Saliency metric of the CTAL paper: at every threshold t, pixels with probability >= t are predicted salient;
 precision and recall are counted over all examples and `maxF` is the best F = (1 + b2) P R / (b2 P + R), b2 = 0.3.
 `double_sigmoid=True` reproduces the published InvPT-lineage numbers, whose evaluation applies a sigmoid to the
-probabilities a second time (see the ctal_hf README); the default is the correct metric.
+probabilities a second time (see the ctal_hf docs, docs/tasks.md); the default is the correct metric.
 """
 
 _KWARGS_DESCRIPTION = """
