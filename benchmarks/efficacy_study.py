@@ -50,6 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--table", default=None, help="Markdown file (default: <output_dir>/efficacy_study.md).")
     parser.add_argument("--report_only", action="store_true", help="Only write the table from finished runs.")
     parser.add_argument("--no_eval_every_epoch", action="store_true", help="Skip the per-epoch validation curves.")
+    parser.add_argument("--include", nargs="*", default=[], help="Other output folders whose runs join the table.")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="After `--`: arguments for train.py.")
     args = parser.parse_args(argv)
     if args.train_args and args.train_args[0] == "--":
@@ -77,8 +78,8 @@ class BlendProbe:
         diffuse, criterion_forward = CTALAffinityModule._diffuse, CTALCriterion.forward
         probe = self
 
-        def probed_diffuse(module, stacked, values):
-            diffused = diffuse(module, stacked, values)
+        def probed_diffuse(module, stacked, values, *args, **kwargs):
+            diffused = diffuse(module, stacked, values, *args, **kwargs)
             if module.training and module.gamma < 1:
                 with torch.no_grad():
                     blend = module.gamma * diffused.norm() / ((1.0 - module.gamma) * stacked.norm())
@@ -159,6 +160,14 @@ def run_one(variant: str, seed: int, args, path: Path) -> dict:
     return record
 
 
+def _setting(record: dict) -> str:
+    """The backbone of a run, from its command: MobileNetV2 with ImageNet weights or the recipe's (random init)."""
+    command = record["command"]
+    if "--backbone mobilenet_v2" in command:
+        return "MobileNetV2, ImageNet" if "--pretrained_backbone" in command else "MobileNetV2, random"
+    return "HRNet-W18-s, random"
+
+
 def _fmt(metric: str, value) -> str:
     if value is None:
         return "n/a"
@@ -169,8 +178,8 @@ def write_table(records: list[dict], table: Path) -> None:
     lines = ["# CTAL efficacy study", "", f"Machine: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs (shared), float32, one thread per training.", ""]  # fmt: skip
     lines += ["## Final vs initial predictions", ""]
-    lines += ["| variant | seed | semseg mIoU (%) final / initial ↑ | depth rel_err final / initial ↓ | "
-              "normals mean° final / initial ↓ | final better on | wall (s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["| variant | backbone | seed | semseg mIoU (%) final / initial ↑ | depth rel_err final / initial ↓ | "
+              "normals mean° final / initial ↓ | final better on | wall (s) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for rec in records:
         cells = []
         for task, metric in rec["headline_metrics"].items():
@@ -190,16 +199,16 @@ def write_table(records: list[dict], table: Path) -> None:
         header = [
             rec["windows"][i]["steps"] if i < len(rec["windows"]) else "" for rec in ctal[:1] for i in range(width)
         ]
-        lines += ["| variant | seed | " + " | ".join(header) + " |", "|---|---|" + "---|" * width]
+        lines += ["| variant | backbone | seed | " + " | ".join(header) + " |", "|---|---|---|" + "---|" * width]
         for rec in ctal:
             values = [f"{w['blend_ratio']:.3g}" if "blend_ratio" in w else "" for w in rec["windows"]]
-            lines.append(f"| {rec['variant']} | {rec['seed']} | " + " | ".join(values) + " |")
+            lines.append(f"| {rec['variant']} | {_setting(rec)} | {rec['seed']} | " + " | ".join(values) + " |")
     lines += ["", "## Training loss, final / initial predictions, per 25 steps", ""]
     for rec in records:
         if not rec["windows"] or not any(k.endswith("_final_loss") for k in rec["windows"][0]):
             continue
         tasks = [k[: -len("_final_loss")] for k in rec["windows"][0] if k.endswith("_final_loss")]
-        lines += [f"{rec['variant']}, seed {rec['seed']}:", "", "| steps | " + " | ".join(tasks) + " |",
+        lines += [f"{rec['variant']}, {_setting(rec)}, seed {rec['seed']}:", "", "| steps | " + " | ".join(tasks) + " |",
                   "|---|" + "---|" * len(tasks)]  # fmt: skip
         for w in rec["windows"]:
             lines.append(
@@ -213,7 +222,7 @@ def write_table(records: list[dict], table: Path) -> None:
         if not rec["history"]:
             continue
         metrics = rec["headline_metrics"]
-        lines += [f"{rec['variant']}, seed {rec['seed']}:", "", "| epoch | step | " + " | ".join(
+        lines += [f"{rec['variant']}, {_setting(rec)}, seed {rec['seed']}:", "", "| epoch | step | " + " | ".join(
             f"{t} {m}" for t, m in metrics.items()) + " |", "|---|---|" + "---|" * len(metrics)]  # fmt: skip
         for entry in rec["history"]:
             cells = []
@@ -246,7 +255,9 @@ def main(argv=None):
                 print(f"{variant} seed {seed}: {record['wall_s']:.0f} s, refinement {record['refinement']}")
     order = {name: i for i, name in enumerate(VARIANTS)}
     records = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*-s*.json"))]
-    records.sort(key=lambda r: (order.get(r["variant"], 99), r["seed"]))
+    for extra in args.include:  # finished runs of other output folders (another backbone, ...)
+        records += [json.loads(p.read_text()) for p in sorted(Path(extra).glob("*-s*.json"))]
+    records.sort(key=lambda r: (_setting(r), order.get(r["variant"], 99), r["seed"]))
     table = Path(args.table) if args.table else output_dir / "efficacy_study.md"
     write_table(records, table)
     print(f"Wrote {table} ({len(records)} runs)")

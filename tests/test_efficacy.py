@@ -103,7 +103,7 @@ def test_zero_init_starts_as_the_blend_without_diffusion():
     projected = {task: module.projections[task](features[task]) for task in module.tasks}
     stacked = torch.stack([projected[t] for t in module.tasks], 1)
     values = torch.stack([module.values[t](projected[t]) for t in module.tasks], 1)
-    assert torch.count_nonzero(module._diffuse(stacked, values)) == 0
+    assert torch.count_nonzero(module._diffuse(stacked, values, module.fusion.weight, module.fusion.bias)) == 0
     control = copy.deepcopy(module)
     control.gamma = 0.0
     for projection in control.projections.values():  # bottleneck family: a plain 1x1 conv with bias
@@ -138,7 +138,7 @@ def test_scaled_init_puts_the_diffusion_at_the_feature_scale_and_default_far_abo
         stacked = torch.stack([projected[t] for t in module.tasks], 1)
         values = torch.stack([module.values[t](projected[t]) for t in module.tasks], 1)
         with torch.no_grad():
-            diffused = module._diffuse(stacked, values)
+            diffused = module._diffuse(stacked, values, module.fusion.weight, module.fusion.bias)
         ratios[name] = (module.gamma * diffused.norm() / ((1 - module.gamma) * stacked.norm())).item()
     assert ratios["default"] > 20 * ratios["scaled"]
     assert ratios["scaled"] < 0.5
@@ -158,7 +158,17 @@ def test_fusion_lr_scale_puts_the_fusion_conv_in_its_own_group():
     assert {id(p) for p in groups[1]["params"]} == {id(fusion.weight), id(fusion.bias)}
     ids = [id(p) for group in groups for p in group["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
-    assert len(optimizer_param_groups(model, get_recipe("synthetic"))) == 1
+    assert len(optimizer_param_groups(model, recipe.replace(fusion_lr_scale="none"))) == 1
+
+
+def test_the_cpu_recipe_starts_ctal_scaled_and_the_paper_recipes_keep_the_release():
+    from ctal_hf.training.recipes import RECIPES
+
+    synthetic = RECIPES["synthetic"]
+    assert synthetic.model_overrides["fusion_init"] == "scaled" and synthetic.fusion_lr_scale == "num_pixels"
+    for name, recipe in RECIPES.items():
+        if name != synthetic.name:
+            assert recipe.fusion_lr_scale == "none" and "fusion_init" not in recipe.model_overrides, name
 
 
 def test_scaled_init_with_fusion_lr_over_n_trains_the_num_pixels_model():
