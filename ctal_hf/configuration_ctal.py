@@ -35,6 +35,10 @@ from .registry import (
 )
 from .tasks import CLASS_COUNT_FIELDS, CTALTask, resolve_tasks, serving_task
 
+# CTAL's fusion conv: how it starts (`fusion_init`) and whether the fused map is divided by N (`affinity_normalization`).
+FUSION_INITS: tuple[str, ...] = ("default", "zero", "scaled")
+AFFINITY_NORMALIZATIONS: tuple[str, ...] = ("none", "num_pixels")
+
 
 @strict
 class CTALConfig(PreTrainedConfig):
@@ -91,6 +95,17 @@ class CTALConfig(PreTrainedConfig):
         Blending factor of the diffused features (paper Eq. 2).
     kernel_size (`int`, *optional*, defaults to 3):
         Kernel of the grouped convolution that fuses the task affinities; odd.
+    fusion_init (`str`, *optional*, defaults to `"default"`):
+        How CTAL's fusion conv (the grouped conv that makes the fused map `M`) starts; the paper does not say, the
+        release keeps PyTorch's default. `"default"`: PyTorch's default (the release; `D = V M^T` sums over all
+        N affinity pixels, so `gamma * D` starts several times larger than the task features it is blended with);
+        `"zero"`: weights and bias zero (`M = 0`: CTAL starts as its blend with no diffusion, `(1 - gamma) X`, and
+        learns how much cross-task affinity to use); `"scaled"`: PyTorch's default divided by N (`D` starts at the
+        scale of the features). Same module and parameters in all three, only the starting point differs
+        (docs/efficacy.md).
+    affinity_normalization (`str`, *optional*, defaults to `"none"`):
+        `"none"`: the fused map `M` as the paper (Eq. 1) and the release; `"num_pixels"`: `M` divided by N in the
+        forward (a departure from the paper: the diffusion averages over the affinity pixels instead of summing).
     affinity_scale (`int`, *optional*, defaults to 4):
         CTAL (and PAP-Net) run at 1/max(`affinity_scale`, stride of the finest backbone map) of the input: HRNet's
         1/4 map at 4, 6 or 8 (paper Table 5; the map is resized to floor(input / 6) for 6); a single 1/32 map at
@@ -191,6 +206,8 @@ class CTALConfig(PreTrainedConfig):
     head_channels: int = 256
     gamma: float = 0.05
     kernel_size: int = 3
+    fusion_init: str = "default"
+    affinity_normalization: str = "none"
     affinity_scale: int = 4
     decoder_stride: int | None = None
     papnet_diffusion_steps: int = 1
@@ -279,6 +296,8 @@ class CTALConfig(PreTrainedConfig):
             ("papnet_feature_normalization", PAPNET_FEATURE_NORMALIZATIONS),
             ("decoder_init", DECODER_INITS),
             ("hrnet_fuse_upsampling", HRNET_FUSE_UPSAMPLINGS),
+            ("fusion_init", FUSION_INITS),
+            ("affinity_normalization", AFFINITY_NORMALIZATIONS),
         ):
             check_choice(name, getattr(self, name), allowed)
         momentum = self.backbone_bn_momentum
