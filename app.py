@@ -3,7 +3,8 @@ environment.
 
 - `CTAL_DEMO_MODEL`: the model, a Hub id or a folder (default: the `model` folder beside this file).
 - `CTAL_DEMO_EXAMPLES`: a folder of example images (default: `demo_examples` beside this file, when present).
-- `CTAL_DEMO_DEPTH_UNIT`: the unit written on the depth colour bar, e.g. `m`.
+- `CTAL_DEMO_UNITS`: units on the colour bars of regression tasks, e.g. `depth=metres` (space-separated pairs;
+  default: the units the model's config states).
 - `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: where to serve (a Space sets them; default 127.0.0.1:7860).
 
 The Space's requirements.txt needs `ctal-hf[demo]` (or this repository with that extra)."""
@@ -33,8 +34,8 @@ def space_arguments() -> list[str]:
     ]
     if examples:
         arguments += ["--examples", *examples]
-    if os.environ.get("CTAL_DEMO_DEPTH_UNIT"):
-        arguments += ["--depth_unit", os.environ["CTAL_DEMO_DEPTH_UNIT"]]
+    if os.environ.get("CTAL_DEMO_UNITS", "").split():
+        arguments += ["--units", *os.environ["CTAL_DEMO_UNITS"].split()]
     return arguments
 
 

@@ -16,6 +16,9 @@ Also: an ONNX export at 2x from interpolated weights through `ctal_hf.export.exp
 
     # trains the three models with examples/train.py (skipped when their folders exist), then evaluates:
     python benchmarks/any_resolution.py --work_dir runs/any_resolution --out benchmarks/results/any_resolution.md
+
+Rows accumulate in `<work_dir>/rows.json` (a rerun replaces the rows it measures), so `--variants` can measure some
+variants now and others later; the table is written from all of them.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import json
 import os
 import platform
 import statistics
@@ -116,8 +120,13 @@ def evaluate(args, folders: dict[str, Path]) -> tuple[list[dict], dict]:
     torch.set_num_threads(args.threads)
     base = CTALForDenseMultitask.from_pretrained(folders["base"]).eval()
     processor = CTALImageProcessor.from_pretrained(folders["base"])
-    finetuned = CTALForDenseMultitask.from_pretrained(folders["finetuned"]).eval()
-    trained_2x = CTALForDenseMultitask.from_pretrained(folders["trained_2x"]).eval()
+    loaded = {}
+
+    def trained(name):
+        if name not in loaded:
+            loaded[name] = CTALForDenseMultitask.from_pretrained(folders[name]).eval()
+        return loaded[name]
+
     unscaled_models = {}
 
     def native_pixels(image):
@@ -144,21 +153,22 @@ def evaluate(args, folders: dict[str, Path]) -> tuple[list[dict], dict]:
     def sliding(image):
         return sliding_window_predictions(base, native_pixels(image), overlap=DEFAULT_OVERLAP)
 
-    def at_own_size(model):
-        return lambda image: model(native_pixels(image), interpolate_affinity=True).predictions
+    def at_own_size(name):
+        return lambda image: trained(name)(native_pixels(image), interpolate_affinity=True).predictions
 
     variants = {
-        "(a) resize in / out": (resize, 1),
-        "(b) native, interpolated": (native, 1),
-        "(b) native, interpolated, unscaled": (native_unscaled, 2),
-        "(c) sliding windows (1/3 overlap)": (sliding, 1),
-        "(d) fine-tuned at 2x from interpolated": (at_own_size(finetuned), 2),
-        "(d) trained at 2x from the initialisation": (at_own_size(trained_2x), 2),
+        "resize": ("(a) resize in / out", resize, 1),
+        "native": ("(b) native, interpolated", native, 1),
+        "native_unscaled": ("(b) native, interpolated, unscaled", native_unscaled, 2),
+        "sliding": ("(c) sliding windows (1/3 overlap)", sliding, 1),
+        "finetuned": ("(d) fine-tuned at 2x from interpolated", at_own_size("finetuned"), 2),
+        "trained_2x": ("(d) trained at 2x from the initialisation", at_own_size("trained_2x"), 2),
     }
     rows = []
     for scale in args.scales:
         images = list(scenes(scale, args.num_images))
-        for name, (run, min_scale) in variants.items():
+        for key in args.variants:
+            name, run, min_scale = variants[key]
             if scale < min_scale:
                 continue
             evaluator = MultiTaskEvaluator(base.config)
@@ -172,8 +182,9 @@ def evaluate(args, folders: dict[str, Path]) -> tuple[list[dict], dict]:
                     times.append(time.perf_counter() - began)
                     evaluator.update({task: p.float() for task, p in predictions.items()}, labels)
             peak = _status_kib("VmHWM") - start_rss
-            rows.append({"scale": scale, "variant": name, "headline": evaluator.headline(),
-                         "ms": 1000 * statistics.median(times), "peak_mib": peak / 1024})  # fmt: skip
+            rows.append({"scale": scale, "variant": name, "order": list(variants).index(key),
+                         "headline": evaluator.headline(), "ms": 1000 * statistics.median(times),
+                         "peak_mib": peak / 1024, "load": os.getloadavg()[0]})  # fmt: skip
             print(f"[any_resolution] {scale}x {name}: {rows[-1]}", flush=True)
     export = {}
     if args.export:
@@ -231,6 +242,8 @@ def write_table(args, rows: list[dict], export: dict, header: str) -> str:
             f"{head['depth']:.4f} | {head['normals']:.2f} | {row['ms']:.0f} | {time_ratio} | "
             f"{row['peak_mib']:.0f} | {mem_ratio} |"
         )
+    if args.note:
+        lines += ["", args.note]
     if export:
         worst = ", ".join(f"{task} {value:.2e}" for task, value in export["worst_relative"].items())
         lines += [
@@ -252,11 +265,32 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune_steps", type=int, default=8)
     parser.add_argument("--finetune_batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["resize", "native", "native_unscaled", "sliding", "finetuned", "trained_2x"],
+        choices=["resize", "native", "native_unscaled", "sliding", "finetuned", "trained_2x"],
+    )
+    parser.add_argument(
+        "--note", default=None, help="A paragraph written under the table (e.g. how the models were trained)."
+    )
+    parser.add_argument("--no_train", action="store_true", help="Use the models in --work_dir as they are.")
     parser.add_argument("--no_export", dest="export", action="store_false", help="Skip the ONNX export check.")
     args = parser.parse_args(argv)
-    folders = train_models(args)
+    work = Path(args.work_dir)
+    if args.no_train:
+        folders = {name: work / name for name in ("base", "finetuned", "trained_2x")}
+    else:
+        folders = train_models(args)
     started = os.getloadavg()[0]
-    rows, export = evaluate(args, folders)
+    measured, export = evaluate(args, folders)
+    store = work / "rows.json"
+    saved = json.loads(store.read_text()) if store.is_file() else {"rows": [], "export": {}}
+    done = {(row["scale"], row["variant"]) for row in measured}
+    rows = [row for row in saved["rows"] if (row["scale"], row["variant"]) not in done] + measured
+    rows.sort(key=lambda row: (row["scale"], row["order"]))
+    export = export or saved["export"]
+    store.write_text(json.dumps({"rows": rows, "export": export}, indent=1))
     import torch
 
     header = (

@@ -21,9 +21,11 @@ from .ctal_module import CTALAffinityModule
 from .decoders import DECODERS
 from .input_checks import (
     check_checkpoint_matches,
+    check_not_exported_folder,
     check_pixel_values,
     held_load_report,
     saved_config_matches,
+    shape_mismatch_message,
     weights_file_error,
 )
 from .losses import CTALCriterion
@@ -101,6 +103,7 @@ class CTALPreTrainedModel(PreTrainedModel):
         multiples of the backbone's largest stride; docs/any-resolution.md)."""
         from safetensors import SafetensorError
 
+        check_not_exported_folder(pretrained_model_name_or_path)
         image_size = kwargs.pop("image_size", None)
         output_loading_info = kwargs.pop("output_loading_info", False)
         if image_size is not None:
@@ -119,6 +122,15 @@ class CTALPreTrainedModel(PreTrainedModel):
             except SafetensorError as error:
                 report.drop()
                 raise OSError(weights_file_error(pretrained_model_name_or_path, error)) from None
+            except RuntimeError as error:
+                if "ignore_mismatched_sizes" not in str(error):
+                    raise
+                report.drop()
+                config = (
+                    given if given is not None else cls.config_class.from_pretrained(pretrained_model_name_or_path)
+                )
+                message = shape_mismatch_message(cls, config, pretrained_model_name_or_path, error)
+                raise ValueError(message) from None
             if check:
                 check_checkpoint_matches(model.config, info, pretrained_model_name_or_path)
         return (model, info) if output_loading_info else model
@@ -395,17 +407,22 @@ class _CTALTaskView(CTALForDenseMultitask):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        interpolate_affinity: bool = False,
         **kwargs,
     ):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
-            Normalised images at `config.image_size` (see [`CTALImageProcessor`]).
+            Normalised images at `config.image_size` (see [`CTALImageProcessor`]); other sizes with
+            `interpolate_affinity=True`, as [`CTALForDenseMultitask.forward`].
         labels (`torch.Tensor`, *optional*):
             Targets of the served task in its layout (see [`CTALForDenseMultitask.forward`]); the loss is that task's.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = super().forward(
-            pixel_values, labels=None if labels is None else {self.task: labels}, return_dict=True
+            pixel_values,
+            labels=None if labels is None else {self.task: labels},
+            return_dict=True,
+            interpolate_affinity=interpolate_affinity,
         )
         result = self._output(outputs.loss, outputs.predictions[self.task])
         return result if return_dict else result.to_tuple()

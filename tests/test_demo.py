@@ -70,7 +70,7 @@ def saved_model(tiny_config, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------- pictures and input checks
 def test_every_task_kind_has_a_picture_with_its_key(tiny_config):
     tasks = tiny_config.get_tasks()
-    assert {task.kind for task in tasks.values()} <= {kind.kind for kind in RENDERERS}
+    assert all(isinstance(task, tuple(RENDERERS)) for task in tasks.values())
     rng = np.random.default_rng(0)
     size = (30, 50)
     result = {
@@ -82,10 +82,12 @@ def test_every_task_kind_has_a_picture_with_its_key(tiny_config):
         "edge": rng.uniform(0, 1, size).astype(np.float32),
         "visualizations": {},
     }
-    info = DisplayInfo.from_config(tiny_config, depth_unit="m")
+    info = DisplayInfo.from_config(tiny_config, units={"depth": "m"})
     assert info.class_names["semseg"] == ["wall", "floor", "table", "picture", "window"]
     assert info.class_names["parts"] == [f"class {i}" for i in range(7)]  # id2label names semseg only
-    assert info.depth_unit == "m"
+    assert info.units == {"depth": "m"}
+    with pytest.raises(ValueError, match="not regression tasks"):
+        DisplayInfo.from_config(tiny_config, units={"normals": "m"})
     pictures = render_all(result, tasks, info)
     assert sorted(pictures) == sorted(TASKS)
     for task, picture in pictures.items():
@@ -96,9 +98,15 @@ def test_every_task_kind_has_a_picture_with_its_key(tiny_config):
     assert pictures["depth"].width > pictures["normals"].width * 1.2
 
 
-def test_generic_label_names_are_replaced_by_class_numbers():
-    config = CTALConfig(tasks=["semseg"], image_size=[64, 64], num_semseg_classes=3)  # id2label LABEL_0, LABEL_1
-    assert DisplayInfo.from_config(config).class_names["semseg"] == ["class 0", "class 1", "class 2"]
+def test_names_and_units_come_from_the_task_specs_else_placeholders():
+    config = CTALConfig(tasks=["semseg", "depth"], image_size=[64, 64], num_semseg_classes=3)  # id2label LABEL_<i>
+    info = DisplayInfo.from_config(config)
+    assert info.class_names["semseg"] == ["class 0", "class 1", "class 2"]
+    assert info.units["depth"] == "the unit of the model's training data"
+    specs = {"semseg": {"class_names": ["sky", "road", "car"]}, "depth": {"unit": "disparity"}}
+    config = CTALConfig(tasks=["semseg", "depth"], image_size=[64, 64], num_semseg_classes=3, task_specs=specs)
+    info = DisplayInfo.from_config(config)
+    assert info.class_names["semseg"] == ["sky", "road", "car"] and info.units["depth"] == "disparity"
 
 
 def test_bad_uploads_are_one_sentence(tmp_path):
@@ -200,11 +208,11 @@ def test_space_app_reads_its_settings_from_the_environment(saved_model, tmp_path
     (examples / "readme.txt").write_text("not an example")
     monkeypatch.setenv("CTAL_DEMO_MODEL", str(saved_model))
     monkeypatch.setenv("CTAL_DEMO_EXAMPLES", str(examples))
-    monkeypatch.setenv("CTAL_DEMO_DEPTH_UNIT", "m")
+    monkeypatch.setenv("CTAL_DEMO_UNITS", "depth=m")
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
     args = parse_args(space_app.space_arguments())
-    assert (args.model, args.host, args.port, args.depth_unit) == (str(saved_model), "0.0.0.0", 7861, "m")
+    assert (args.model, args.host, args.port, args.units) == (str(saved_model), "0.0.0.0", 7861, {"depth": "m"})
     assert args.examples == [str(examples / "a.jpg"), str(examples / "b.png")]
     monkeypatch.delenv("CTAL_DEMO_MODEL")
     assert space_app.space_arguments()[:2] == ["--model", str(REPO / "model")]
@@ -243,7 +251,7 @@ def demo_server(saved_model, realdata, tmp_path):
         "OMP_NUM_THREADS": "1",
     }
     command = [sys.executable, "-m", "ctal_hf.demo", "--model", str(saved_model), "--port", str(port)]
-    command += ["--examples", str(example), "--max_pixels", "2000000", "--depth_unit", "m"]
+    command += ["--examples", str(example), "--max_pixels", "2000000", "--units", "depth=metres"]
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed at teardown
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/"

@@ -1,5 +1,5 @@
-"""Every command in the README's bash blocks against the installed tools: the program (and `hf` subcommand) exists and
-every `--flag` the README passes appears in that program's `--help`. `huggingface-cli` (removed in huggingface_hub
+"""Every command in the bash blocks of the README and the docs/ pages against the installed tools: the program (and
+`hf` subcommand) exists and every `--flag` passed appears in that program's `--help`. `huggingface-cli` (removed in huggingface_hub
 1.0) appears nowhere in the repository."""
 
 import re
@@ -22,16 +22,28 @@ PROGRAMS: dict[tuple[str, ...], list[str]] = {
     ("python", "-m", "dataset_scripts.publish"): [sys.executable, "-m", "dataset_scripts.publish", "--help"],
     ("ctal-predict",): [str(BIN / "ctal-predict"), "--help"],
     ("ctal-export",): [str(BIN / "ctal-export"), "--help"],
+    # The entry points of this checkout, whether or not the environment has them installed:
+    ("ctal-demo",): [sys.executable, "-m", "ctal_hf.demo", "--help"],
+    ("ctal-predict-bulk",): [sys.executable, "-m", "ctal_hf.bulk", "--help"],
+    ("python", "-m", "ctal_hf.bulk"): [sys.executable, "-m", "ctal_hf.bulk", "--help"],
+    ("python", "-m", "ctal_hf.demo"): [sys.executable, "-m", "ctal_hf.demo", "--help"],
     ("hf", "auth", "login"): [str(BIN / "hf"), "auth", "login", "--help"],
     ("hf", "upload"): [str(BIN / "hf"), "upload", "--help"],
     ("accelerate", "launch"): [str(BIN / "accelerate"), "launch", "--help"],
     ("torchrun",): [str(BIN / "torchrun"), "--help"],
 }
-SKIPPED = ("make", "echo", "pip", "accelerate config")  # make targets, shell, installs, an interactive wizard
+# Programs that start another (a script or `-m module` after their own options), and programs that pass what follows
+# `--` on to another.
+LAUNCHERS: tuple[tuple[str, ...], ...] = (("accelerate", "launch"), ("torchrun",))
+FORWARDS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("python", "examples/run_experiments.py"): ("python", "examples/train.py")
+}
+# Make targets, shell, installs, an interactive wizard, CI and test runners.
+SKIPPED = ("make", "echo", "pip", "apt-get", "accelerate config", ".ci/run", "pytest")
 
 
 def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
+    text = "\n".join(path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -43,19 +55,22 @@ def readme_commands() -> list[str]:
 
 
 def split(command: str) -> list[tuple[tuple[str, ...], list[str]]]:
-    """A command -> (program, its arguments) pairs: `accelerate launch ... script.py ...` gives two."""
-    words = [w for w in shlex.split(command) if w != "..."]
-    words = [w.strip("[]") for w in words]
+    """A command -> (program, its arguments) pairs: `accelerate launch ... script.py ...` (or `-m module`) gives two,
+    and so does a program that forwards what follows `--` (`FORWARDS`)."""
+    words = [w.strip("[]") for w in shlex.split(command) if w != "..."]
     parts = []
     while words:
         program = next((p for p in sorted(PROGRAMS, key=len, reverse=True) if tuple(words[: len(p)]) == p), None)
         if program is None:
-            raise AssertionError(f"README command {command!r} runs {words[0]!r}, which this test does not know")
+            raise AssertionError(f"command {command!r} runs {words[0]!r}, which this test does not know")
         rest = words[len(program) :]
-        script = next((i for i, w in enumerate(rest) if w.endswith(".py")), None)
-        if program in (("accelerate", "launch"), ("torchrun",)) and script is not None:
+        script = next((i for i, w in enumerate(rest) if w.endswith(".py") or w == "-m"), None)
+        if program in LAUNCHERS and script is not None:
             parts.append((program, rest[:script]))
             words = ["python", *rest[script:]]
+        elif program in FORWARDS and "--" in rest:
+            parts.append((program, rest[: rest.index("--")]))
+            words = [*FORWARDS[program], *rest[rest.index("--") + 1 :]]
         else:
             parts.append((program, rest))
             words = []
@@ -87,7 +102,7 @@ def test_no_huggingface_cli_anywhere():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_flags_exist(command):
+def test_documented_command_flags_exist(command):
     for program, arguments in split(command):
         text = help_text(program)
         flags = {word.split("=")[0] for word in arguments if word.startswith("--")}

@@ -72,12 +72,13 @@ def build_demo(
     predictor: Any,
     examples: Sequence[str | os.PathLike] = (),
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    depth_unit: str | None = None,
+    units: dict[str, str] | None = None,
     title: str = TITLE,
 ) -> gr.Blocks:
-    """The page for a loaded `pipeline("dense-multitask")`; `examples` are image files offered under the upload."""
+    """The page for a loaded `pipeline("dense-multitask")`; `examples` are image files offered under the upload,
+    `units` (task -> unit) overrides the units of the config's regression tasks on the colour bars."""
     config = predictor.model.config
-    callback = DemoPredictor(predictor, DisplayInfo.from_config(config, depth_unit), max_pixels)
+    callback = DemoPredictor(predictor, DisplayInfo.from_config(config, units), max_pixels)
     names = list(callback.tasks)
     model_name = getattr(config, "_name_or_path", "") or "model"
     with gr.Blocks(title=title) as demo:

@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Uploads with more pixels are refused with a message (default {DEFAULT_MAX_PIXELS:,}).",
     )
     parser.add_argument(
-        "--depth_unit", default=None, help="Unit written on the depth colour bar, e.g. `m` (default: the config's)."
+        "--units",
+        nargs="+",
+        default=[],
+        metavar="TASK=UNIT",
+        help="Units written on the colour bars of regression tasks, e.g. `depth=metres` (default: the task's `unit` "
+        "in the config).",
     )
     parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link.")
     return parser
@@ -56,6 +61,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--port must be in 1..65535, got {args.port}")
     if args.max_pixels < 1:
         parser.error(f"--max_pixels must be at least 1, got {args.max_pixels}")
+    bad = [item for item in args.units if "=" not in item or not all(item.split("=", 1))]
+    if bad:
+        parser.error(f"--units {' '.join(bad)}: give TASK=UNIT, e.g. depth=metres")
+    args.units = dict(item.split("=", 1) for item in args.units)
     if args.examples:
         _check_images(parser, args.examples)
     args.config = _local_config(parser, args.model)
@@ -81,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictor = load_predictor(args)
     from .app import build_demo
 
-    demo = build_demo(predictor, examples=args.examples, max_pixels=args.max_pixels, depth_unit=args.depth_unit)
+    try:
+        demo = build_demo(predictor, examples=args.examples, max_pixels=args.max_pixels, units=args.units)
+    except ValueError as error:  # units for tasks the model does not have
+        args.parser.error(f"--units: {error}")
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
     return 0
 

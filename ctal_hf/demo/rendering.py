@@ -2,7 +2,7 @@
 colour bar with the unit for depth and other one-channel regression, axis key for normals, a 0-1 colour bar for
 probabilities), the input checks that turn a bad upload into one sentence, and the raw maps as an `.npz` file.
 
-One renderer per task kind (`RENDERERS`), built on the colour coding of `ctal_hf.visualization`, so the pictures
+One renderer per task kind (`RENDERERS`, keyed by the task classes), built on the colour coding of `ctal_hf.visualization`, so the pictures
 match `ctal-predict`'s and the pipeline's `"visualizations"`."""
 
 from __future__ import annotations
@@ -31,43 +31,42 @@ class DemoInputError(ValueError):
     """An upload the demo cannot use; the message is shown on the page as is."""
 
 
+UNKNOWN_UNIT = "the unit of the model's training data"
+
+
 @dataclass
 class DisplayInfo:
-    """What the pictures say besides the maps: class names per classification task, the depth unit."""
+    """What the pictures say besides the maps: the class names of each classification task and the unit of each
+    regression task."""
 
     class_names: dict[str, list[str]] = field(default_factory=dict)
-    depth_unit: str = "the unit of the model's training data"
     units: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: Any, depth_unit: str | None = None) -> DisplayInfo:
-        """Class names per classification task: the task's own `class_names`, else `config.id2label` for the task
-        the stock segmentation pipeline serves when it names every class, else `class 0`, `class 1`, ... Units per
-        regression task: the task's `unit`; `depth_unit` (else `config.depth_unit`) fills in where a task states
-        none."""
+    def from_config(cls, config: Any, units: Mapping[str, str] | None = None) -> DisplayInfo:
+        """Class names from each task's `class_names`, else (for the segmentation task the stock pipeline serves)
+        `config.id2label` when it holds names rather than `LABEL_<i>`, else `class 0`, `class 1`, ...; units from
+        `units` (task -> unit, e.g. the command line's), else the task's `unit`."""
+        units = dict(units or {})
         tasks = config.get_tasks()
-        names, units = {}, {}
         id2label = {int(key): str(value) for key, value in (getattr(config, "id2label", None) or {}).items()}
-        generic = all(label.startswith("LABEL_") for label in id2label.values())  # transformers' placeholders
-        served = getattr(config, "semantic_segmentation_task", None)
+        named = not all(label.startswith("LABEL_") for label in id2label.values())  # transformers' placeholders
+        segmentation = getattr(config, "semantic_segmentation_task", None)
+        info = cls()
         for name, task in tasks.items():
-            if getattr(task, "unit", None):
-                units[name] = task.unit
-            if task.kind != "classification":
-                continue
-            count = task.num_channels
-            if getattr(task, "class_names", None):
-                names[name] = list(task.class_names)
-            elif name == served and sorted(id2label) == list(range(count)) and not generic:
-                names[name] = [id2label[i] for i in range(count)]
-            else:
-                names[name] = [f"class {i}" for i in range(count)]
-        unit = depth_unit or getattr(config, "depth_unit", None)
-        return cls(class_names=names, units=units, **({"depth_unit": unit} if unit else {}))
-
-    def unit_of(self, task_name: str) -> str:
-        """The unit written on a regression task's colour bar."""
-        return self.units.get(task_name, self.depth_unit)
+            if isinstance(task, CTALClassificationTask):
+                count = task.num_channels
+                if task.class_names:
+                    info.class_names[name] = list(task.class_names)
+                elif name == segmentation and named and sorted(id2label) == list(range(count)):
+                    info.class_names[name] = [id2label[i] for i in range(count)]
+                else:
+                    info.class_names[name] = [f"class {i}" for i in range(count)]
+            elif isinstance(task, CTALRegressionTask):
+                info.units[name] = units.pop(name, None) or task.unit or UNKNOWN_UNIT
+        if units:
+            raise ValueError(f"Units given for {sorted(units)}, which are not regression tasks of this model.")
+        return info
 
 
 # ------------------------------------------------------------------------------------------------------- input
@@ -161,7 +160,7 @@ def _render_regression(task: Any, value: np.ndarray, info: DisplayInfo) -> PIL.I
     vmin, vmax = task.display_range(value)
     figure, axis = _figure(value.shape, extra_width=1.4)
     axis.imshow(task.colorize(value, cmap=DEFAULT_DEPTH_CMAP, vmin=vmin, vmax=vmax))
-    unit = info.unit_of(task.name)
+    unit = info.units.get(task.name, UNKNOWN_UNIT)
     _colour_bar(figure, axis, DEFAULT_DEPTH_CMAP, vmin, vmax, f"{task.title or task.name} ({unit})")
     return _to_pil(figure)
 

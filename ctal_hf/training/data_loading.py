@@ -76,9 +76,14 @@ def load_splits(args: argparse.Namespace, recipe: CTALRecipe, tasks: list[str], 
             raise ValueError(f"--dataset {name!r} is a file; pass a folder holding Parquet files and README.md.")
         if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise FileNotFoundError(f"--dataset {name!r}: no such folder (and not a Hub id of the form org/name).")
-        splits = datasets.load_dataset(
-            str(path) if path.exists() else name, args.dataset_config, cache_dir=args.cache_dir
-        )
+        try:
+            splits = datasets.load_dataset(
+                str(path) if path.exists() else name, args.dataset_config, cache_dir=args.cache_dir
+            )
+        except ValueError as error:  # datasets' "Instruction 'train' corresponds to no data!"
+            if "corresponds to no data" not in str(error):
+                raise
+            raise ValueError(f"--dataset {name!r}: a split is empty ({error}); every split needs rows.") from None
         display = name
         layout = layout_for(name, getattr(args, "column_mapping", None))  # a known Hub copy's columns, or given
         splits = {
@@ -94,8 +99,9 @@ def load_splits(args: argparse.Namespace, recipe: CTALRecipe, tasks: list[str], 
     if val_name is None:
         raise ValueError(f"Dataset {display!r} has no validation split ({'/'.join(VALIDATION_SPLITS)}).")
     train, validation = splits["train"], splits[val_name]
-    if len(train) == 0 or len(validation) == 0:
-        raise ValueError(f"Dataset {display!r}: the train or {val_name} split is empty.")
+    for split_name, split in (("train", train), (val_name, validation)):
+        if len(split) == 0:
+            raise ValueError(f"Dataset {display!r}: the {split_name!r} split is empty (0 rows); it needs rows.")
     for split_name, split in (("train", train), (val_name, validation)):
         missing = [column for column in ("image", *tasks) if column not in split.column_names]
         if missing:
