@@ -225,7 +225,7 @@ def _likely_cause(key: str, config) -> str:
     tasks = list(getattr(config, "tasks", []))
     task = next((name for name in tasks if f".{name}." in key), None)
     if task is not None and "classifier" in key:
-        field = CLASS_COUNT_FIELDS.get(task)
+        field = CLASS_COUNT_FIELDS.get(task)  # a built-in task whose class count is a config field
         if field is not None:
             return f"the class count of {task!r} ({field} = {getattr(config, field, None)} in config.json) was changed"
         return f"the output channels of {task!r} were changed"
