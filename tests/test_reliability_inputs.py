@@ -197,6 +197,8 @@ def test_weights_of_another_shape_give_one_line_naming_keys_and_cause(saved, tmp
     folder = Path(shutil.copytree(saved, tmp_path / "edited"))
     config = json.loads((folder / "config.json").read_text())
     config[field] = value
+    if field == "num_semseg_classes":  # the class names too, as someone changing the class count would
+        config.pop("id2label", None), config.pop("label2id", None)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as error:
         CTALForDenseMultitask.from_pretrained(folder)

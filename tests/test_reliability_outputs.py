@@ -16,6 +16,7 @@ import torch
 from transformers import ConvNextConfig
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor
+from ctal_hf.bulk.cli import main as bulk_main
 from ctal_hf.cli import main as predict_main
 from ctal_hf.export_cli import main as export_main
 
@@ -175,6 +176,24 @@ def test_predict_never_overwrites_an_input_image(model_dir, tmp_path, capsys):
                      capsys)  # fmt: skip
     assert code == 2 and "would replace the input image room_panel.png" in err, err
     assert victim.read_bytes() == before
+
+
+def test_bulk_prediction_refuses_its_input_folder_and_a_locked_output_folder(model_dir, tmp_path, capsys):
+    OutputLock = _helpers().OutputLock
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _image(photos)
+    code, err = _run(bulk_main, ["--model", str(model_dir), str(photos), "--output_dir", str(photos / "maps")], capsys)
+    assert code == 2 and "lies inside) the input folder" in err, err
+    assert sorted(p.name for p in photos.iterdir()) == ["room.png"]
+    out = tmp_path / "maps"
+    with OutputLock(out, command="ctal-predict-bulk (another one)"):
+        code, err = _run(bulk_main, ["--model", str(model_dir), str(photos), "--output_dir", str(out)], capsys)
+    assert code == 2 and "in use by another run" in err and "another one" in err, err
+    code, err = _run(bulk_main, ["--model", str(model_dir), str(photos), "--output_dir", str(out), "--no_progress"],
+                     capsys)  # fmt: skip
+    assert code == 0, err
+    assert (out / "room_depth.npy").is_file() and not (tmp_path / ".maps.ctal-lock").exists()
 
 
 # ------------------------------------------------------------------------------------------------ publishing

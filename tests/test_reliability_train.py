@@ -28,15 +28,26 @@ SMALL = [
 ]  # fmt: skip
 
 
-def _main(argv, **kwargs) -> dict:
+def _main(argv, on_step=None) -> dict:
+    """One in-process run; `on_step(completed_steps, run)` is called after every optimizer step (wrapping the
+    script's `after_optimizer_step`)."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    original = train.after_optimizer_step
+    if on_step is not None:
+
+        def after_optimizer_step(run, epoch):
+            original(run, epoch)
+            on_step(run.completed_steps, run)
+
+        train.after_optimizer_step = after_optimizer_step
     try:
-        return train.main(argv, **kwargs)
+        return train.main(argv)
     finally:
+        train.after_optimizer_step = original
         torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
 

@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows_per_file", type=int, default=64, help="Inputs per Parquet file (default 64).")
     parser.add_argument("--tasks", nargs="+", default=None, help="Only these tasks (default: all the model predicts).")
     parser.add_argument("--batch_size", type=int, default=1, help="Images per forward pass (default 1).")
+    parser.add_argument(
+        "--resolution",
+        choices=("model", "native", "sliding"),
+        default="model",
+        help="Where the model runs, as in ctal-predict: model = each image resized to the model's image_size "
+        "(default); native = at the image's own size; sliding = windows of image_size, blended.",
+    )
+    parser.add_argument(
+        "--overlap", type=float, default=None, help="With --resolution sliding: fraction shared, in [0, 1)."
+    )
     parser.add_argument("--device", default=None, help="Default: the process's device (GPU <rank> when there are).")
     parser.add_argument("--revision", default=None, help="Hub revision of the model (branch, tag or commit).")
     parser.add_argument(
@@ -57,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--summary_file", default=None, help="Also write the summary as JSON to this file.")
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
+    parser.add_argument(
+        "--ignore_lock", action="store_true", help="Write --output_dir even while another run's lock file holds it."
+    )
     return parser
 
 
@@ -72,6 +85,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "rows_per_file"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.overlap is not None and args.resolution != "sliding":
+        parser.error(f"--overlap applies to --resolution sliding, not {args.resolution}")
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
+        parser.error(f"--overlap is a fraction of a window in [0, 1), got {args.overlap}")
+    if args.resolution != "model" and args.batch_size > 1:
+        parser.error(
+            f"--resolution {args.resolution} runs one image per forward pass (each at its own size); "
+            f"use --batch_size 1, not {args.batch_size}"
+        )
     if len({SAVE_CHOICES[value] for value in args.save}) != 1:
         parser.error(
             f"--save {' '.join(args.save)}: parquet is a format of its own; use npy and / or png, or parquet."
@@ -79,6 +101,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     output_dir = Path(args.output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {args.output_dir!r} is a file; give a folder (it is created when missing).")
+    target = output_dir.absolute().resolve()
+    for flag, source in [("--model", args.model)] + [("input", value) for value in args.inputs or ()]:
+        folder = Path(source).expanduser()
+        if folder.is_dir() and (target == folder.resolve() or folder.resolve() in target.parents):
+            parser.error(
+                f"--output_dir {args.output_dir!r} is (or lies inside) the {flag} folder {source!r}: the predictions "
+                "would be written among what the command reads. Choose another --output_dir."
+            )
     args.config = _local_config(parser, args.model)
     _check_tasks(parser, args.tasks, None if args.config is None else args.config.get("tasks"))
     args.parser = parser
@@ -120,12 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from accelerate import PartialState
 
+    from ..atomic_outputs import OutputInUseError, OutputLock
     from ..cli import _check_device, _load_pipeline
     from .runner import run_bulk
     from .writers import make_writer
 
     state = PartialState(cpu=_wants_cpu(args.device))
+    lock = None
     try:
+        if state.is_main_process:  # one run per --output_dir (a rerun after a crash takes a dead run's lock over)
+            try:
+                lock = OutputLock(args.output_dir, ignore_lock=args.ignore_lock, target_flag="--output_dir").acquire()
+            except OutputInUseError as error:
+                args.parser.error(str(error))
         source = open_source(args, state)
         if args.device is None:
             args.device = str(state.device)
@@ -133,8 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = _load_pipeline(args.parser, args, args.config)
         tasks = args.tasks or list(predictor.model.config.tasks)
         writer = make_writer(args.save, Path(args.output_dir).expanduser(), tasks, args.rows_per_file)
+        options = {} if args.resolution == "model" else {"resolution": args.resolution}
+        if args.overlap is not None:
+            options["overlap"] = args.overlap
         summary = run_bulk(
-            predictor, source, writer, state, batch_size=args.batch_size, tasks=tasks, progress=not args.no_progress
+            predictor,
+            source,
+            writer,
+            state,
+            batch_size=args.batch_size,
+            tasks=tasks,
+            progress=not args.no_progress,
+            options=options,
         )
         if state.is_main_process:
             sys.stderr.write(f"{PROG}: {summary.describe()}\n")
@@ -144,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 text = json.dumps(summary.to_dict(), indent=2).encode()
                 atomic_write(Path(args.summary_file).expanduser().absolute(), lambda stream: stream.write(text))
     finally:
+        if lock is not None:
+            lock.release()
         if state.use_distributed:
             state.destroy_process_group()
     return 1 if summary.failed else 0
