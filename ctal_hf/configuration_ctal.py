@@ -7,6 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
 
 from .configuration_hub import (
     PIPELINE_TASK,
@@ -38,6 +39,8 @@ from .tasks import CLASS_COUNT_FIELDS, CTALTask, resolve_tasks, serving_task
 # CTAL's fusion conv: how it starts (`fusion_init`) and whether the fused map is divided by N (`affinity_normalization`).
 FUSION_INITS: tuple[str, ...] = ("default", "zero", "scaled")
 AFFINITY_NORMALIZATIONS: tuple[str, ...] = ("none", "num_pixels")
+
+logger = logging.get_logger(__name__)
 
 
 @strict
@@ -244,7 +247,8 @@ class CTALConfig(PreTrainedConfig):
     def _set_labels(self, kwargs: dict[str, Any]) -> None:
         """`id2label` / `label2id` are the classes of the segmentation task the stock `image-segmentation` pipeline
         serves (`semantic_segmentation_task`): its `class_names`, else `LABEL_{i}`. An `id2label` given (or read
-        from config.json) must have one name per class, and the class names where the task states them."""
+        from config.json) names the classes when it has one name per class and the task states no names; otherwise
+        it is replaced, with a warning (the names belong in `task_specs`)."""
         task_name = self.semantic_segmentation_task
         if task_name is None:
             return
@@ -252,18 +256,14 @@ class CTALConfig(PreTrainedConfig):
         names = task.class_names or tuple(f"LABEL_{index}" for index in range(task.num_channels))
         if self.id2label is not None:
             given = {int(key): value for key, value in self.id2label.items()}
-            if sorted(given) != list(range(task.num_channels)):
-                raise ValueError(
-                    f"`id2label` has ids {sorted(given)} but the segmentation task {task_name!r} has "
-                    f"{task.num_channels} classes (ids 0..{task.num_channels - 1}); give one name per class, or set "
-                    f"`task_specs={{{task_name!r}: {{'class_names': [...]}}}}` instead."
-                )
-            if task.class_names is None or tuple(given[i] for i in range(task.num_channels)) == task.class_names:
-                names = tuple(given[i] for i in range(task.num_channels))
-            else:
-                raise ValueError(
-                    f"`id2label` {given} differs from the class names of {task_name!r} in `task_specs` "
-                    f"({list(task.class_names)}); set the names in one place (`task_specs`)."
+            given_names = tuple(given[i] for i in sorted(given))
+            if sorted(given) == list(range(task.num_channels)) and task.class_names in (None, given_names):
+                names = given_names
+            elif given_names != names and given_names != tuple(f"LABEL_{i}" for i in range(len(given))):
+                logger.warning(
+                    f"`id2label` {given} does not name the {task.num_channels} classes of the segmentation task "
+                    f"{task_name!r}; using {list(names)}. Set class names with `task_specs={{{task_name!r}: "
+                    "{'class_names': [...]}}`."
                 )
         kwargs.pop("num_labels", None)  # follows from the classes
         self.id2label = dict(enumerate(names))
