@@ -33,7 +33,7 @@ from .registry import (
     check_choice,
     default_head_family,
 )
-from .tasks import CTALTask, resolve_tasks
+from .tasks import CLASS_COUNT_FIELDS, CTALTask, resolve_tasks, serving_task
 
 
 @strict
@@ -50,8 +50,11 @@ class CTALConfig(PreTrainedConfig):
         Specs of the tasks that are not built in, by name, e.g. `{"albedo": {"kind": "regression",
         "num_channels": 3}}`: `kind` (`"classification"`, `"regression"`, `"normals"` or `"binary"`) and
         optional `num_channels`, `loss`, `ignore_value`, `pos_weight`, `flip_negate_channels`, `divide_by_zoom`, `positive`,
-        `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type` (see `ctal_hf.tasks`). Saved in
-        config.json, so a model folder carries its tasks.
+        `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type`, `class_names`, `unit` (see
+        `ctal_hf.tasks`). For a built-in task only the descriptive keys `title`, `short_title`, `class_names` and
+        `unit`, e.g. `{"semseg": {"class_names": [...]}, "depth": {"unit": "metres"}}` (the presets set these).
+        Saved in config.json, so a model folder carries its tasks. The class names of the segmentation task become
+        `id2label` / `label2id`.
     num_semseg_classes (`int`, *optional*, defaults to 13):
         Number of semantic classes (NYUv2 13, Cityscapes 19, PASCAL-Context 21).
     num_parts_classes (`int`, *optional*, defaults to 7):
@@ -218,7 +221,42 @@ class CTALConfig(PreTrainedConfig):
         weights = self.loss_weights or {}
         self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}
         self._check_unknown_kwargs(kwargs)
+        self._set_labels(kwargs)
         super().__post_init__(**kwargs)
+
+    def _set_labels(self, kwargs: dict[str, Any]) -> None:
+        """`id2label` / `label2id` are the classes of the segmentation task the stock `image-segmentation` pipeline
+        serves (`semantic_segmentation_task`): its `class_names`, else `LABEL_{i}`. An `id2label` given (or read
+        from config.json) must have one name per class, and the class names where the task states them."""
+        task_name = self.semantic_segmentation_task
+        if task_name is None:
+            return
+        task = self.get_tasks()[task_name]
+        names = task.class_names or tuple(f"LABEL_{index}" for index in range(task.num_channels))
+        if self.id2label is not None:
+            given = {int(key): value for key, value in self.id2label.items()}
+            if sorted(given) != list(range(task.num_channels)):
+                raise ValueError(
+                    f"`id2label` has ids {sorted(given)} but the segmentation task {task_name!r} has "
+                    f"{task.num_channels} classes (ids 0..{task.num_channels - 1}); give one name per class, or set "
+                    f"`task_specs={{{task_name!r}: {{'class_names': [...]}}}}` instead."
+                )
+            if task.class_names is None or tuple(given[i] for i in range(task.num_channels)) == task.class_names:
+                names = tuple(given[i] for i in range(task.num_channels))
+            else:
+                raise ValueError(
+                    f"`id2label` {given} differs from the class names of {task_name!r} in `task_specs` "
+                    f"({list(task.class_names)}); set the names in one place (`task_specs`)."
+                )
+        kwargs.pop("num_labels", None)  # follows from the classes
+        self.id2label = dict(enumerate(names))
+        self.label2id = {name: index for index, name in self.id2label.items()}
+
+    @property
+    def semantic_segmentation_task(self) -> str | None:
+        """The task `AutoModelForSemanticSegmentation` / `pipeline("image-segmentation")` serve: the first
+        classification task with Hub task type `image-segmentation` (`semseg` before `parts`), or `None`."""
+        return serving_task(self.get_tasks(), "semantic-segmentation")
 
     @classmethod
     def _check_unknown_kwargs(cls, kwargs: dict[str, Any]) -> None:
@@ -459,6 +497,22 @@ class CTALConfig(PreTrainedConfig):
         """Number of output channels of `task`'s prediction."""
         return self.get_tasks()[task].num_channels
 
+    @staticmethod
+    def _preset_task_specs(name: str, fields: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+        """The preset's task descriptions (class names, units) under the `task_specs` given: class names are kept
+        only where the class count is still the preset's (`num_semseg_classes=5` drops the 13 NYUv2 names)."""
+        counts = {task: fields[field] for task, field in CLASS_COUNT_FIELDS.items() if field in fields}
+        described = {}
+        for task, spec in PRESETS[name].get("task_specs", {}).items():
+            spec = dict(spec)
+            if "class_names" in spec and len(spec["class_names"]) != counts.get(task, len(spec["class_names"])):
+                del spec["class_names"]
+            if spec:
+                described[task] = spec
+        for task, spec in (given or {}).items():
+            described[task] = {**described.get(task, {}), **spec} if task in described else spec
+        return described
+
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "CTALConfig":
         """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`), or NYUv2 / Cityscapes at
@@ -468,6 +522,7 @@ class CTALConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
         fields = {**RELEASE_BEHAVIOUR, **PRESETS[name], **kwargs}
+        fields["task_specs"] = cls._preset_task_specs(name, fields, kwargs.get("task_specs"))
         if fields.get("backbone_config") is None and fields.get("backbone") in BACKBONE_INFO:
             fields.setdefault("normals_loss", BACKBONE_INFO[fields["backbone"]].normals_loss)
         return cls(**fields)

@@ -16,9 +16,11 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.utils import logging
 
+from .image_values import HIGH_DEPTH_MODES, pil_high_depth_to_unit, value_scale
 from .registry import IMAGENET_MEAN, IMAGENET_STD
 from .tasks import BUILTIN_TASK_NAMES, as_tasks
 
@@ -45,43 +47,102 @@ def _bilinear_taps(out_size: int, in_size: int) -> tuple[tuple[torch.Tensor, tor
     return (lower, upper), (source - lower).clamp_(0, 1).float()
 
 
+# Seconds an image fetch may wait for the server (connecting, and between bytes) before it fails; `timeout=`
+# (the pipeline's call option) overrides it.
+DEFAULT_FETCH_TIMEOUT = 30.0
+
+
+def pixel_limit() -> int | None:
+    """The most pixels an image file may have: Pillow's `PIL.Image.MAX_IMAGE_PIXELS` (about 89 million; set it to
+    another number, or None, to change the limit). Larger files are refused before they are decoded (a
+    decompression bomb would take gigabytes)."""
+    return PIL.Image.MAX_IMAGE_PIXELS
+
+
+def _check_pixel_count(image: PIL.Image.Image, name: str) -> None:
+    limit = pixel_limit()
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise ValueError(
+            f"{name} is {width} x {height} = {width * height} pixels, more than the limit of {limit} (a "
+            "decompression bomb, or a very large image): resize it first, or raise `PIL.Image.MAX_IMAGE_PIXELS` if "
+            "you trust the file."
+        )
+
+
+def _open_checked(source, name: str) -> PIL.Image.Image:
+    """Opens (header), checks the pixel count, then decodes fully and applies the EXIF orientation."""
+    try:
+        with PIL.Image.open(source) as image:
+            _check_pixel_count(image, name)
+            image.load()  # decode now: a truncated file fails here, not later inside a batch
+            return PIL.ImageOps.exif_transpose(image)  # a new, file-independent image
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(
+            f"{name} is refused as a possible decompression bomb ({error}): resize it first, or raise "
+            "`PIL.Image.MAX_IMAGE_PIXELS` if you trust the file."
+        ) from None
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, ValueError) and str(error).startswith(name):
+            raise
+        raise ValueError(
+            f"Cannot read {name} as an image ({type(error).__name__}: {error}); the file is corrupt, truncated, or "
+            "not an image format Pillow can open."
+        ) from error
+
+
+def fetch_url(url: str, timeout: float | None = None) -> bytes:
+    """The body of `url`, with a timeout (`DEFAULT_FETCH_TIMEOUT` unless given) and the HTTP status checked: an
+    error names the URL and the status or the network failure."""
+    import httpx
+
+    timeout = DEFAULT_FETCH_TIMEOUT if timeout is None else float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}.")
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+    except httpx.TimeoutException:
+        raise ValueError(
+            f"Fetching {url!r} timed out after {timeout:g} s (the server did not answer); check the address, or pass "
+            "a larger `timeout=`."
+        ) from None
+    except httpx.HTTPError as error:
+        raise ValueError(
+            f"Cannot fetch {url!r} ({type(error).__name__}: {error}); check the address and the network, or download "
+            "the file and pass its path."
+        ) from None
+    if response.status_code >= 400:
+        raise ValueError(
+            f"Fetching {url!r} failed: the server answered HTTP {response.status_code} {response.reason_phrase}; "
+            "check the address."
+        )
+    return response.content
+
+
 def load_image(source: "str | os.PathLike | PIL.Image.Image", timeout: float | None = None) -> PIL.Image.Image:
     """Opens an image file (or URL) fully, with EXIF orientation applied; the mode (L, RGBA, ...) is kept so the
-    processor can convert it. Raises `FileNotFoundError` for a missing file and `ValueError` naming the file when it
-    is not a readable image (corrupt, truncated, or another kind of file)."""
+    processor can convert it. Raises `FileNotFoundError` for a missing file, `IsADirectoryError` for a folder, and
+    `ValueError` naming the file or URL when it is not a readable image (corrupt, truncated, another kind of file,
+    above the pixel limit, an HTTP error or a network timeout)."""
     if isinstance(source, PIL.Image.Image):
         return source
     if isinstance(source, str) and source.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image as load_remote_image
+        import io
 
-        try:
-            return load_remote_image(source, timeout=timeout)
-        except Exception as error:  # httpx, socket and Pillow errors alike: name the URL, not the library
-            raise ValueError(
-                f"Cannot fetch the image at {source!r} ({type(error).__name__}: {error}); check the address and the "
-                "network (or pass `timeout=`), or download the file and pass its path."
-            ) from error
+        return _open_checked(io.BytesIO(fetch_url(source, timeout)), f"the image at {source!r}")
     path = Path(source)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder, not an image file; pass the image files in it.")
     if not path.is_file():
         raise FileNotFoundError(f"Image file not found: {str(path)!r}.")
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, not later inside a batch
-            return PIL.ImageOps.exif_transpose(image)  # a new, file-independent image
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(
-            f"Cannot read {str(path)!r} as an image ({type(error).__name__}: {error}); the file is corrupt, "
-            "truncated, or not an image format Pillow can open."
-        ) from error
+    return _open_checked(path, repr(str(path)))
 
 
 def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
     """PIL image -> (H, W, 3) uint8 RGB array; transparency is composited onto white (as transformers does) and
     16-bit / float grayscale is scaled to 8 bits instead of being clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        array = np.clip(array / peak * 255.0, 0, 255).round().astype(np.uint8)
+    if image.mode in HIGH_DEPTH_MODES:  # float [0, 1] stays [0, 1]; 16-bit is scaled by its peak
+        array = (pil_high_depth_to_unit(image) * 255.0).round().astype(np.uint8)
         return np.repeat(array[..., None], 3, axis=-1)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
@@ -301,10 +362,17 @@ class CTALImageProcessor(TorchvisionBackend):
             return tensor.to(torch.uint8) if tensor.dtype != torch.uint8 and peak <= 255 else tensor
         if not torch.isfinite(tensor).all():
             raise ValueError("The image contains NaN or infinite values.")
-        if do_rescale and float(tensor.max()) <= 1.0 and float(tensor.min()) >= 0.0:
-            logger.warning_once(
-                "A float image with values in [0, 1] is being rescaled by 1/255 again; pass `do_rescale=False` if "
-                "it is already scaled."
+        if not do_rescale:
+            return tensor
+        # The values decide: a float image already in [0, 1] is brought to 0..255 here so that the rescale gives it
+        # back unchanged (it is never divided by 255 twice); other ranges are refused with the fix.
+        scale = value_scale(tensor, "The image")
+        if scale == 1.0:
+            return tensor / rescale_factor
+        if abs(scale - rescale_factor) > 1e-12:
+            raise ValueError(
+                f"A float image in 0..255 does not match `rescale_factor` {rescale_factor:g}; pass uint8 images or "
+                "`do_rescale=False` with values already in [0, 1]."
             )
         return tensor
 
@@ -409,6 +477,117 @@ class CTALImageProcessor(TorchvisionBackend):
             results.append(result)
         return results
 
+    # ----------------------------------------------------------------------------- stock post-processing names
+    # The names and signatures of transformers' depth / segmentation / normal estimators (as TIPSv2-DPT's), so the
+    # stock pipelines and user code written for them run on a CTAL per-task view (`CTALForDepthEstimation`, ...).
+    # Each also takes a `CTALDenseMultitaskOutput` with `task=` the task to read. The maps equal
+    # `post_process_multitask`'s for the same task (bilinear resize of the raw prediction, then the task's decoding).
+    def post_process_depth_estimation(
+        self,
+        outputs: Any,
+        target_sizes: "torch.Tensor | list[tuple[int, int]] | None" = None,
+        task: str | None = "depth",
+    ) -> list[dict[str, torch.Tensor]]:
+        """Depth maps, one dict `{"predicted_depth": (height, width) tensor}` per image, resized to `target_sizes`
+        (`None` keeps the model's size); values in the unit of the depth task (`config.get_tasks()[task].unit`).
+
+        Args:
+            outputs: a [`CTALForDepthEstimation`] output (`predicted_depth` `(batch, height, width)`), or a
+                `CTALDenseMultitaskOutput` whose `task` prediction is read."""
+        depth = _stock_prediction(outputs, "predicted_depth", task, "post_process_depth_estimation")
+        if depth.ndim == 4:
+            depth = depth[:, 0]
+        sizes = _check_target_sizes(target_sizes, len(depth)) or [None] * len(depth)
+        return [{"predicted_depth": _resize(item[None], size)[0]} for item, size in zip(depth, sizes, strict=True)]
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs: Any,
+        target_sizes: "torch.Tensor | list[tuple[int, int]] | None" = None,
+        return_segmentation_scores: bool = False,
+        task: str | None = "semseg",
+    ) -> "list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]":
+        """Class-id maps `(height, width)` int64, one per image, resized to `target_sizes` (`None`: the model's
+        size); with `return_segmentation_scores=True` a `SemanticSegmentationPostProcessorOutput` per image with
+        `segmentation` and
+        `segmentation_scores` (the resized logits, `(classes, height, width)`). Names: `config.id2label`.
+
+        Args:
+            outputs: a [`CTALForSemanticSegmentation`] output (`logits`), or a `CTALDenseMultitaskOutput` whose
+                `task` prediction is read."""
+        logits = _stock_prediction(outputs, "logits", task, "post_process_semantic_segmentation")
+        sizes = _check_target_sizes(target_sizes, len(logits)) or [None] * len(logits)
+        results = []
+        for item, size in zip(logits, sizes, strict=True):
+            scores = _resize(item, size)
+            segmentation = scores.argmax(dim=0)
+            results.append(
+                SemanticSegmentationPostProcessorOutput(
+                    data={"segmentation": segmentation, "segmentation_scores": scores}
+                )
+                if return_segmentation_scores
+                else segmentation
+            )
+        return results
+
+    def post_process_normal_estimation(
+        self,
+        outputs: Any,
+        target_sizes: "torch.Tensor | list[tuple[int, int]] | None" = None,
+        task: str | None = "normals",
+    ) -> list[dict[str, torch.Tensor]]:
+        """Unit normal maps, one dict `{"normals": (3, height, width) tensor}` per image (L2-normalised over the
+        channels after resizing to `target_sizes`; `None` keeps the model's size), channels first as transformers'
+        normal estimators return them.
+
+        Args:
+            outputs: a [`CTALForNormalEstimation`] output (`normals`), or a `CTALDenseMultitaskOutput` whose
+                `task` prediction is read."""
+        normals = _stock_prediction(outputs, "normals", task, "post_process_normal_estimation")
+        sizes = _check_target_sizes(target_sizes, len(normals)) or [None] * len(normals)
+        return [
+            {"normals": F.normalize(_resize(item, size), dim=0)} for item, size in zip(normals, sizes, strict=True)
+        ]
+
+
+def _stock_prediction(outputs: Any, field: str, task: str | None, method: str) -> torch.Tensor:
+    """The raw map a stock post-processing method reads: `outputs.<field>` (a per-task view's output), or the
+    served task's prediction in a `CTALDenseMultitaskOutput` / predictions dict."""
+    value = outputs.get(field) if isinstance(outputs, dict) else getattr(outputs, field, None)
+    if value is not None:
+        return value
+    predictions = getattr(outputs, "predictions", None)
+    if predictions is None and isinstance(outputs, dict):
+        predictions = outputs.get("predictions", outputs)
+    if isinstance(predictions, dict) and task is not None and task in predictions:
+        return predictions[task]
+    raise ValueError(
+        f"`{method}` needs outputs with `{field}` (a CTAL per-task model's output) or a CTALDenseMultitaskOutput "
+        f"holding the task{f' {task!r}' if task else ''} (pass `task=`); got {type(outputs).__name__}"
+        + (f" with {sorted(predictions)}" if isinstance(predictions, dict) else "")
+        + "."
+    )
+
+
+def _check_target_sizes(target_sizes: Any, batch_size: int) -> list | None:
+    if target_sizes is None:
+        return None
+    if isinstance(target_sizes, torch.Tensor):
+        target_sizes = target_sizes.tolist()
+    if len(target_sizes) != batch_size:
+        raise ValueError(
+            f"Got {len(target_sizes)} target sizes for a batch of {batch_size} predictions; pass one (height, width) "
+            "per image."
+        )
+    return [tuple(int(side) for side in size) for size in target_sizes]
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """(channels, h, w) -> (channels, *size), bilinear (as `post_process_multitask` resizes before decoding)."""
+    if size is None or tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
 
 def _resize_and_decode_in_bands(spec: Any, prediction: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """`spec.decode(bilinear resize of prediction to size)` for large sizes, a band of rows at a time: the full size
@@ -432,4 +611,4 @@ def _resize_and_decode_in_bands(spec: Any, prediction: torch.Tensor, size: tuple
     return decoded
 
 
-__all__ = ["CTALImageProcessor", "load_image", "EXPECTED_LAYOUTS"]
+__all__ = ["CTALImageProcessor", "load_image", "fetch_url", "pixel_limit", "DEFAULT_FETCH_TIMEOUT", "EXPECTED_LAYOUTS"]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import DepthEstimatorOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, logging
 
 from .affinity_resampling import DEFAULT_AFFINITY_RESAMPLING, affinity_size_for, check_input_size
@@ -20,13 +21,16 @@ from .ctal_module import CTALAffinityModule
 from .decoders import DECODERS
 from .input_checks import (
     check_checkpoint_matches,
+    check_not_exported_folder,
     check_pixel_values,
     held_load_report,
     saved_config_matches,
+    shape_mismatch_message,
     weights_file_error,
 )
 from .losses import CTALCriterion
 from .registry import check_affinity_stride
+from .tasks import serving_task
 
 logger = logging.get_logger(__name__)
 
@@ -51,6 +55,21 @@ class CTALDenseMultitaskOutput(ModelOutput):
     task_losses: dict[str, torch.FloatTensor] | None = None
     predictions: dict[str, torch.FloatTensor] | None = None
     initial_predictions: dict[str, torch.FloatTensor | list[torch.FloatTensor]] | None = None
+
+
+@dataclass
+class CTALNormalEstimatorOutput(ModelOutput):
+    r"""
+    Output of [`CTALForNormalEstimation`], with the field name of transformers' normal estimators.
+
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+        The normals task's weighted loss (initial + final).
+    normals (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+        Raw normal predictions at the input size (not normalised; `post_process_normal_estimation` normalises).
+    """
+
+    loss: torch.FloatTensor | None = None
+    normals: torch.FloatTensor | None = None
 
 
 def _to_float32(maps: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
@@ -84,6 +103,7 @@ class CTALPreTrainedModel(PreTrainedModel):
         multiples of the backbone's largest stride; docs/any-resolution.md)."""
         from safetensors import SafetensorError
 
+        check_not_exported_folder(pretrained_model_name_or_path)
         image_size = kwargs.pop("image_size", None)
         output_loading_info = kwargs.pop("output_loading_info", False)
         if image_size is not None:
@@ -102,9 +122,30 @@ class CTALPreTrainedModel(PreTrainedModel):
             except SafetensorError as error:
                 report.drop()
                 raise OSError(weights_file_error(pretrained_model_name_or_path, error)) from None
+            except RuntimeError as error:
+                if "ignore_mismatched_sizes" not in str(error):
+                    raise
+                report.drop()
+                config = (
+                    given if given is not None else cls.config_class.from_pretrained(pretrained_model_name_or_path)
+                )
+                message = shape_mismatch_message(cls, config, pretrained_model_name_or_path, error)
+                raise ValueError(message) from None
             if check:
                 check_checkpoint_matches(model.config, info, pretrained_model_name_or_path)
         return (model, info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; a model saved with its code (`import ctal_hf` registers the classes
+        for the Auto classes) also lists every per-task view in `auto_map` (`AUTO_CLASSES`), so the folder loads with
+        `AutoModelForDepthEstimation` / `...ForSemanticSegmentation` / `...ForNormalEstimation` and
+        `trust_remote_code=True` in a process without this package."""
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update({auto: f"{module}.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()})
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _backbone_module_ids(self) -> frozenset[int]:
         """Ids of the modules inside the backbone(s), which `decoder_init` does not apply to (computed once)."""
@@ -343,4 +384,102 @@ class CTALForDenseMultitask(CTALPreTrainedModel):
         )
 
 
-__all__ = ["CTALPreTrainedModel", "CTALForDenseMultitask", "CTALDenseMultitaskOutput"]
+class _CTALTaskView(CTALForDenseMultitask):
+    """One task of a CTAL checkpoint behind a stock transformers interface. The model is the whole multitask model
+    (CTAL distils across all its tasks, so every head runs): same modules, same state-dict keys, so the folder
+    `CTALForDenseMultitask` saved loads strictly, and `save_pretrained` writes a folder it loads. Subclasses set
+    `view` (a key of `ctal_hf.tasks.STOCK_TASK_VIEWS`) and `_output` (the prediction -> the stock output)."""
+
+    view: str = ""
+
+    def __init__(self, config: CTALConfig):
+        task = serving_task(config.get_tasks(), self.view)
+        if task is None:
+            raise ValueError(
+                f"{type(self).__name__} serves {self.view}, but this CTAL checkpoint has no such task: its tasks are "
+                f"{list(config.tasks)}. Load it with CTALForDenseMultitask (AutoModel) or the class of one of its tasks."
+            )
+        super().__init__(config)
+        self.task = task
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        interpolate_affinity: bool = False,
+        **kwargs,
+    ):
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+            Normalised images at `config.image_size` (see [`CTALImageProcessor`]); other sizes with
+            `interpolate_affinity=True`, as [`CTALForDenseMultitask.forward`].
+        labels (`torch.Tensor`, *optional*):
+            Targets of the served task in its layout (see [`CTALForDenseMultitask.forward`]); the loss is that task's.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = super().forward(
+            pixel_values,
+            labels=None if labels is None else {self.task: labels},
+            return_dict=True,
+            interpolate_affinity=interpolate_affinity,
+        )
+        result = self._output(outputs.loss, outputs.predictions[self.task])
+        return result if return_dict else result.to_tuple()
+
+    def _output(self, loss: torch.Tensor | None, prediction: torch.Tensor) -> ModelOutput:
+        raise NotImplementedError
+
+
+class CTALForDepthEstimation(_CTALTaskView):
+    """The depth task of a CTAL checkpoint as a depth estimator (`AutoModelForDepthEstimation`,
+    `pipeline("depth-estimation")`): `predicted_depth` `(batch, height, width)` at the input size, in the unit the
+    config states for the task (`config.get_tasks()[task].unit`)."""
+
+    view = "depth-estimation"
+
+    def _output(self, loss, prediction):
+        return DepthEstimatorOutput(loss=loss, predicted_depth=prediction[:, 0])
+
+
+class CTALForSemanticSegmentation(_CTALTaskView):
+    """The segmentation task of a CTAL checkpoint (`config.semantic_segmentation_task`: `semseg` before `parts`) as a
+    semantic segmenter (`AutoModelForSemanticSegmentation`, `pipeline("image-segmentation")`): `logits` `(batch,
+    classes, height, width)` at the input size; class names in `config.id2label`."""
+
+    view = "semantic-segmentation"
+
+    def _output(self, loss, prediction):
+        return SemanticSegmenterOutput(loss=loss, logits=prediction)
+
+
+class CTALForNormalEstimation(_CTALTaskView):
+    """The surface-normals task of a CTAL checkpoint as a normal estimator (`AutoModelForNormalEstimation`):
+    `normals` `(batch, 3, height, width)`, not normalised (`post_process_normal_estimation` normalises)."""
+
+    view = "normal-estimation"
+
+    def _output(self, loss, prediction):
+        return CTALNormalEstimatorOutput(loss=loss, normals=prediction)
+
+
+# The Auto class each model class is registered with, and the `auto_map` a saved folder carries for all of them, so
+# `AutoModelFor...from_pretrained(folder, trust_remote_code=True)` finds its class without this package.
+AUTO_CLASSES: dict[str, type[CTALPreTrainedModel]] = {
+    "AutoModel": CTALForDenseMultitask,
+    "AutoModelForDepthEstimation": CTALForDepthEstimation,
+    "AutoModelForSemanticSegmentation": CTALForSemanticSegmentation,
+    "AutoModelForNormalEstimation": CTALForNormalEstimation,
+}
+
+
+__all__ = [
+    "CTALPreTrainedModel",
+    "CTALForDenseMultitask",
+    "CTALDenseMultitaskOutput",
+    "CTALForDepthEstimation",
+    "CTALForSemanticSegmentation",
+    "CTALForNormalEstimation",
+    "CTALNormalEstimatorOutput",
+    "AUTO_CLASSES",
+]

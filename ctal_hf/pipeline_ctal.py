@@ -16,6 +16,7 @@ from .affinity_resampling import nearest_valid_size
 from .configuration_ctal import PIPELINE_TASK
 from .ctal_attention import resolve_autocast_dtype
 from .image_processing_ctal import CTALImageProcessor, load_image
+from .input_checks import device_problem
 from .sliding_window import DEFAULT_OVERLAP, sliding_window_predictions
 from .visualization import visualize_predictions
 
@@ -84,6 +85,9 @@ class DenseMultitaskPipeline(Pipeline):
         compile: bool = False,
         **kwargs,
     ):
+        problem = device_problem(kwargs.get("device"))
+        if problem:  # transformers would fail with a raw torch error, or (device=0) run on the CPU silently
+            raise ValueError(f"device={kwargs['device']!r}: {problem}; pass device='cpu' (or -1).")
         super().__init__(*args, **kwargs)
         config = self.model.config
         if getattr(config, "model_type", None) != "ctal":

@@ -277,6 +277,7 @@ def _ddp_run(args: list[str]) -> subprocess.CompletedProcess:
     return _run(args, launcher=launcher, env={**_env(), "ACCELERATE_USE_CPU": "1"})
 
 
+@pytest.mark.multiprocess
 def test_ddp_on_cpu_evaluation_equals_single_process(tmp_path):
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     # 5 validation images in batches of 2: 3 batches for 2 processes, the last one short.
@@ -561,6 +562,7 @@ train.main(sys.argv[1:])
 """
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "weighting, aggregator, precision", [("uncertainty", "upgrad", "no"), ("famo", "none", "bf16")]
 )
@@ -609,6 +611,7 @@ def _fsdp_env() -> dict:
     return env
 
 
+@pytest.mark.multiprocess
 def test_fsdp_two_processes_train_evaluate_like_one_process_and_resume_exactly(tmp_path):
     # What accelerate makes of the FSDP settings on this machine, before any training.
     probe = "from accelerate import Accelerator; print('distributed:', Accelerator().distributed_type)"

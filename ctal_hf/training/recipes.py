@@ -11,6 +11,7 @@ ImageNet backbone weights."""
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..dataset_classes import DATASET_TASK_DESCRIPTIONS
 from ..registry import decoder_info
 
 # How a recipe derives each decoder's loss weights from the preset's (`CTALRecipe.loss_weights_for`).
@@ -150,7 +151,12 @@ RECIPES: dict[str, CTALRecipe] = {
         name="synthetic",
         dataset="synthetic",
         preset="nyuv2",
-        model_overrides={"num_semseg_classes": 7, "image_size": [64, 96], "backbone_bn_momentum": None},
+        model_overrides={
+            "num_semseg_classes": 7,
+            "image_size": [64, 96],
+            "backbone_bn_momentum": None,
+            "task_specs": DATASET_TASK_DESCRIPTIONS["synthetic"],
+        },
         learning_rate=1e-3,
         weight_decay=1e-4,
         num_train_epochs=6,
