@@ -230,7 +230,10 @@ def _likely_cause(key: str, config) -> str:
             return f"the class count of {task!r} ({field} = {getattr(config, field, None)} in config.json) was changed"
         return f"the output channels of {task!r} were changed"
     if "ctal" in key and ("fusion" in key or "position" in key):
-        return f"the image size ({getattr(config, 'image_size', None)} in config.json) was changed"
+        return (
+            f"the image size ({getattr(config, 'image_size', None)} in config.json) was changed (to build the model at "
+            "another size from these weights, keep the config and pass `from_pretrained(folder, image_size=[H, W])`)"
+        )
     return "the config.json belongs to another decoder, backbone or width"
 
 
