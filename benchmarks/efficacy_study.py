@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -212,6 +213,11 @@ def _setting(record: dict) -> str:
     return "HRNet-W18-s, random"
 
 
+def _public(command: str) -> str:
+    """`command` with every absolute path shortened to its last component (no machine-local folders in tables)."""
+    return re.sub(r"(?<=\s)/\S*/([^/\s]+)", r"\1", command)
+
+
 def _fmt(metric: str, value) -> str:
     if value is None:
         return "n/a"
@@ -234,7 +240,9 @@ def write_table(records: list[dict], table: Path) -> None:
         wins = [t for t, row in rec.get("refinement", {}).items() if row["better"]]
         better = f"{len(wins)}/{len(rec['headline_metrics'])}" if rec.get("refinement") else "—"
         lines.append(
-            f"| {rec['variant']} | {rec['seed']} | " + " | ".join(cells) + f" | {better} | {rec['wall_s']:.0f} |"
+            f"| {rec['variant']} | {_setting(rec)} | {rec['seed']} | "
+            + " | ".join(cells)
+            + f" | {better} | {rec['wall_s']:.0f} |"
         )
     lines += ["", "## Size of the diffused term: ||gamma D|| / ||(1 - gamma) X|| per 25 training steps", ""]
     ctal = [rec for rec in records if any("blend_ratio" in w for w in rec["windows"])]
@@ -276,7 +284,8 @@ def write_table(records: list[dict], table: Path) -> None:
                 cells.append(_fmt(metric, final) + (f" / {_fmt(metric, initial)}" if initial is not None else ""))
             lines.append(f"| {entry['epoch']} | {entry['step']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Commands", ""] + [f"- {rec['variant']} s{rec['seed']} ({rec['wall_s']:.0f} s): `{rec['command']}`"
+    # Commands without this machine's folders: output folders and weight files by their names.
+    lines += ["## Commands", ""] + [f"- {rec['variant']} s{rec['seed']} ({rec['wall_s']:.0f} s): `{_public(rec['command'])}`"
                                     for rec in records]  # fmt: skip
     table.parent.mkdir(parents=True, exist_ok=True)
     tmp = table.with_suffix(table.suffix + ".tmp")
