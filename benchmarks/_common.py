@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The CPU flags that decide how fast bf16 runs: AVX-512 BF16 instructions and Intel AMX tiles.
-BF16_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+AMX_FLAGS: tuple[str, ...] = ("amx_bf16", "amx_tile", "amx_int8")
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -29,10 +30,14 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 
 def cpu_description() -> str:
-    """The CPU model and its bf16 / AMX flags, e.g. `AMD EPYC 9B14 (avx512_bf16 yes, amx_bf16 no, ...)`."""
+    """The CPU model and its bf16 / AMX flags, e.g. `AMD EPYC 9B14; AVX-512 BF16 (avx512_bf16): yes; AMX: no
+    (amx_bf16, amx_tile, amx_int8)`."""
     name, flags = _cpuinfo()
-    listed = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in BF16_FLAGS)
-    return f"{name} ({listed})"
+    amx = [flag for flag in AMX_FLAGS if flag in flags]
+    return (
+        f"{name}; AVX-512 BF16 (avx512_bf16): {'yes' if 'avx512_bf16' in flags else 'no'}; "
+        f"AMX: {', '.join(amx) if amx else 'no (' + ', '.join(AMX_FLAGS) + ')'}"
+    )
 
 
 def machine_line(threads: int | None = None) -> str:
@@ -42,10 +47,10 @@ def machine_line(threads: int | None = None) -> str:
     if threads is not None:
         parts.append(f"{threads} torch threads")
     versions = f"Python {platform.python_version()}"
-    torch = __import__("sys").modules.get("torch")
+    torch = sys.modules.get("torch")
     if torch is not None:
         versions += f", torch {torch.__version__}"
-    return ", ".join(parts) + f"; {versions}"
+    return "; ".join([*parts, versions])
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -106,7 +111,7 @@ def write_table(path: str | os.PathLike, lines: Iterable[str]) -> Path:
 
 __all__ = [
     "REPO",
-    "BF16_FLAGS",
+    "AMX_FLAGS",
     "cpu_description",
     "machine_line",
     "status_kib",

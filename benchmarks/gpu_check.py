@@ -1,5 +1,6 @@
 """Dense vs factorised CTAL diffusion and the whole NYUv2 CTAL-SS training step at batch 8 (the paper's setting),
-float32 and bf16 autocast: time and peak memory on a GPU (or, with `--tiny`, a seconds-long CPU run that keeps the
+float32 and bf16 autocast, and the `--sync_batchnorm` check (conversion, a converted step, two NCCL processes where
+there are two GPUs): time and peak memory on a GPU (or, with `--tiny`, a seconds-long CPU run that keeps the
 script from rotting). Started by benchmarks/gpu_check.sh; see there.
 
 float32 means float32 arithmetic: TF32 is switched off. Peak memory: `torch.cuda.max_memory_allocated` on a GPU,
@@ -119,7 +120,6 @@ def step_rows(device, meter, args) -> list[dict]:
     overrides = {"image_size": [4 * side for side in args.map]}
     config = CTALConfig.from_preset("nyuv2", decoder="ctal_ss", **overrides)
     model = CTALForDenseMultitask(config).to(device).train()
-    height, width = config.image_size
     pixel_values, labels = make_batch(config, args.batch)
     pixel_values = pixel_values.to(device)
     labels = {task: label.to(device) for task, label in labels.items()}
@@ -145,6 +145,98 @@ def step_rows(device, meter, args) -> list[dict]:
     return rows
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sync_worker(rank: int, world: int, port: int, batch: torch.Tensor, out: str) -> None:
+    """One of `world` processes on GPU `rank`: a SyncBatchNorm training forward on its share of `batch`; rank 0 writes
+    the running mean / var, which must equal plain BatchNorm's over the whole batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.cuda.set_device(rank)
+    layer = torch.nn.SyncBatchNorm(batch.shape[1]).cuda(rank).train()
+    layer(batch.chunk(world)[rank].cuda(rank))
+    if rank == 0:
+        torch.save({"mean": layer.running_mean.cpu(), "var": layer.running_var.cpu()}, out)
+    dist.destroy_process_group()
+
+
+def sync_batchnorm_rows(device, meter, args) -> list[dict]:
+    """`--sync_batchnorm` on this machine: the conversion keeps the state dict; on a CPU it is refused; on a GPU the
+    converted NYUv2 CTAL-SS step runs (timed against the plain one), and with two or more GPUs two NCCL processes
+    give the running statistics of the whole batch."""
+    try:
+        sys.path.insert(0, str(REPO))
+        from ctal_hf import CTALConfig, CTALForDenseMultitask
+        from ctal_hf.training.sync_batchnorm import check_sync_batchnorm, convert_sync_batchnorm
+    except ImportError as error:
+        return [dict(part="sync_batchnorm", note=f"skipped: {error}")]
+    rows = []
+    config = CTALConfig.from_preset("nyuv2", decoder="ctal_ss", image_size=[4 * side for side in args.map])
+    plain = CTALForDenseMultitask(config)
+    state = {key: value.clone() for key, value in plain.state_dict().items()}
+    converted = convert_sync_batchnorm(plain)
+    kept = list(converted.state_dict()) == list(state) and all(
+        torch.equal(value, state[key]) for key, value in converted.state_dict().items()
+    )
+    count = sum(isinstance(module, torch.nn.SyncBatchNorm) for module in converted.modules())
+    rows.append(dict(part="sync_batchnorm", mode="convert", note=f"{count} layers; state dict unchanged: {kept}"))
+    try:
+        check_sync_batchnorm(True, device, num_processes=2)
+        refused = None
+    except ValueError as error:
+        refused = str(error).split(":")[0]
+    if device.type != "cuda":
+        rows.append(dict(part="sync_batchnorm", mode="device check", note=f"refused on {device.type}: {refused}"))
+        return rows
+    converted = converted.to(device).train()
+    height, width = config.image_size
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(args.batch, 3, height, width, generator=generator).to(device)
+    labels = {"depth": (torch.rand(args.batch, 1, height, width, generator=generator) + 0.1).to(device)}
+
+    def step():
+        converted(pixel_values, labels=labels).loss.backward()
+        converted.zero_grad(set_to_none=True)
+
+    row = dict(part="sync_batchnorm", mode="train step, 1 process", dtype="float32")
+    row["seconds"], row["peak_gb"] = meter.time(step, args.repeats)
+    row["note"] = "one process: falls back to plain BatchNorm"
+    rows.append(row)
+    if torch.cuda.device_count() < 2:
+        rows.append(dict(part="sync_batchnorm", mode="2 processes", note="skipped: needs 2 GPUs"))
+        return rows
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    batch = torch.randn(8, 16, 12, 12, generator=generator)
+    with tempfile.TemporaryDirectory() as folder:
+        out = str(Path(folder) / "stats.pt")
+        mp.spawn(_sync_worker, args=(2, _free_port(), batch, out), nprocs=2, join=True)
+        synced = torch.load(out)
+    reference = torch.nn.BatchNorm2d(16).train()
+    reference(batch)
+    error = max(
+        (synced["mean"] - reference.running_mean).abs().max().item(),
+        (synced["var"] - reference.running_var).abs().max().item(),
+    )
+    rows.append(
+        dict(
+            part="sync_batchnorm",
+            mode="2 processes (NCCL)",
+            note=f"running stats vs whole batch: max diff {error:.2e}",
+        )
+    )
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="seconds-long CPU-sized run (CI smoke test)")
@@ -164,6 +256,7 @@ def main(argv=None) -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     meter = Meter(device)
     rows = diffusion_rows(load_attention_module(), device, meter, args) + step_rows(device, meter, args)
+    rows += sync_batchnorm_rows(device, meter, args)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     lines = [
         "# GPU check: CTAL diffusion and the NYUv2 CTAL-SS training step",

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check (at most 5 minutes): dense vs factorised CTAL diffusion and the whole NYUv2 CTAL-SS training step at
+# The GPU check (at most 5 minutes): dense vs factorised CTAL diffusion, the whole NYUv2 CTAL-SS training step and
+# the --sync_batchnorm check (conversion; two NCCL processes where there are two GPUs), the training step at
 # batch 8, float32 and bf16, time and peak memory; writes benchmarks/results/gpu_check.md (and $OUT/gpu_check.md
 # when $OUT is set, as on a lent device machine).
 #

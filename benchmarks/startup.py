@@ -1,6 +1,7 @@
 """Startup cost: how long a fresh Python process takes for `import torch`, `import ctal_hf`,
 `from ctal_hf import CTALConfig`, the registrations behind `from transformers import pipeline`, and
-`ctal-predict --help`. Each command runs `--repeats` times in a new interpreter (median wall time reported, with the
+`ctal-predict --help`, and what `import ctal_hf` would cost if it made the four documented registration calls
+eagerly instead of through its post-import hook. Each command runs `--repeats` times in a new interpreter (median wall time reported, with the
 ratio to `import torch` measured in the same run, since a shared machine's load moves every figure).
 
     python benchmarks/startup.py --repeats 5   # writes benchmarks/results/startup.md
@@ -18,6 +19,18 @@ from _common import machine_line, write_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HELP = "import sys; from ctal_hf.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+EAGER = (
+    "import ctal_hf\n"
+    "from transformers import AutoConfig, AutoImageProcessor, AutoModel\n"
+    "from transformers.pipelines import PIPELINE_REGISTRY\n"
+    "from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor, DenseMultitaskPipeline\n"
+    "AutoConfig.register('ctal', CTALConfig, exist_ok=True)\n"
+    "AutoModel.register(CTALConfig, CTALForDenseMultitask, exist_ok=True)\n"
+    "AutoImageProcessor.register(CTALConfig, image_processor_classes={'torchvision': CTALImageProcessor}, "
+    "exist_ok=True)\n"
+    "PIPELINE_REGISTRY.register_pipeline('dense-multitask', pipeline_class=DenseMultitaskPipeline, "
+    "pt_model=AutoModel, type='image')\n"
+)
 COMMANDS = {
     "python -c pass": "pass",
     "import torch": "import torch",
@@ -27,6 +40,9 @@ COMMANDS = {
     "import ctal_hf; from transformers import pipeline": "import ctal_hf\nfrom transformers import pipeline\n"
     "import transformers.pipelines",
     "ctal-predict --help": HELP,
+    # The alternative to `ctal_hf/auto_registration.py`'s post-import hook: the four documented registrations made
+    # at once, as `ctal_hf/__init__.py` would have to (what `import ctal_hf` would then cost).
+    "import ctal_hf + the registrations made eagerly": EAGER,
 }
 
 
@@ -73,7 +89,9 @@ def main(argv=None) -> None:
         'AutoImageProcessor, `pipeline("dense-multitask")`) are made when transformers first imports each registry '
         "(`ctal_hf/auto_registration.py`). `from ctal_hf import CTALConfig` costs what "
         "`transformers.configuration_utils` costs (it imports torch). `ctal-predict --help` parses its arguments "
-        "before importing torch.",
+        "before importing torch. The last row is the alternative to that hook: the four documented registration "
+        "calls made eagerly at import, as `ctal_hf/__init__.py` would have to make them (it imports torch, "
+        "`transformers.modeling_utils` and `transformers.pipelines`).",
         "",
     ]
     output = Path(args.output)

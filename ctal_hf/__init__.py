@@ -1,6 +1,7 @@
 """ctal_hf: cross-task affinity learning (CTAL) for multitask dense prediction, Hugging Face-compatible.
 
-Importing the package registers the model and its image processor with the transformers Auto classes, and the
+Importing the package registers the model (and its per-task views for the stock depth-estimation, semantic-segmentation
+and normal-estimation Auto classes) and its image processor with the transformers Auto classes, and the
 `pipeline("dense-multitask")` task. The import is cheap: the classes below are imported when first used, and each
 registration is made when transformers first imports the registry it goes into (see `auto_registration`)."""
 
@@ -17,6 +18,10 @@ _LAZY_ATTRIBUTES = {
     "CTALForDenseMultitask": "modeling_ctal",
     "CTALPreTrainedModel": "modeling_ctal",
     "CTALDenseMultitaskOutput": "modeling_ctal",
+    "CTALForDepthEstimation": "modeling_ctal",
+    "CTALForSemanticSegmentation": "modeling_ctal",
+    "CTALForNormalEstimation": "modeling_ctal",
+    "CTALNormalEstimatorOutput": "modeling_ctal",
     "CTALImageProcessor": "image_processing_ctal",
     "DenseMultitaskPipeline": "pipeline_ctal",
     "MultiTaskEvaluator": "metrics",
@@ -29,7 +34,15 @@ if TYPE_CHECKING:
     from .configuration_ctal import PIPELINE_TASK, PRESETS, CTALConfig
     from .image_processing_ctal import CTALImageProcessor
     from .metrics import MultiTaskEvaluator, delta_m
-    from .modeling_ctal import CTALDenseMultitaskOutput, CTALForDenseMultitask, CTALPreTrainedModel
+    from .modeling_ctal import (
+        CTALDenseMultitaskOutput,
+        CTALForDenseMultitask,
+        CTALForDepthEstimation,
+        CTALForNormalEstimation,
+        CTALForSemanticSegmentation,
+        CTALNormalEstimatorOutput,
+        CTALPreTrainedModel,
+    )
     from .pipeline_ctal import DenseMultitaskPipeline
     from .tasks import LOWER_IS_BETTER, TASKS
 
@@ -46,6 +59,10 @@ __all__ = [
     "CTALForDenseMultitask",
     "CTALPreTrainedModel",
     "CTALDenseMultitaskOutput",
+    "CTALForDepthEstimation",
+    "CTALForSemanticSegmentation",
+    "CTALForNormalEstimation",
+    "CTALNormalEstimatorOutput",
     "PRESETS",
     "PIPELINE_TASK",
     "TASKS",

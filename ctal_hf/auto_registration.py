@@ -1,6 +1,7 @@
 """How `import ctal_hf` registers CTAL with transformers without importing torch or transformers.
 
-Every registration is the documented call (`AutoConfig.register`, `AutoModel.register`,
+Every registration is the documented call (`AutoConfig.register`, `AutoModel.register` and the per-task
+`AutoModelForDepthEstimation` / `AutoModelForSemanticSegmentation` / `AutoModelForNormalEstimation.register`,
 `AutoImageProcessor.register`, `PIPELINE_REGISTRY.register_pipeline`, `register_for_auto_class`). What is not plain
 is *when* each is made: the registries live in transformers modules that are expensive to import
 (`transformers.pipelines` pulls in every pipeline, the image processing modules pull in torchvision, the model class
@@ -112,16 +113,25 @@ def _is_importing(name: str) -> bool:
     return module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False)
 
 
+def _register_models(modeling_auto) -> None:
+    """`AutoModel.register(CTALConfig, CTALForDenseMultitask)` and, for the per-task views of the same checkpoint,
+    `AutoModelForDepthEstimation.register(CTALConfig, CTALForDepthEstimation)`,
+    `AutoModelForSemanticSegmentation.register(CTALConfig, CTALForSemanticSegmentation)` and
+    `AutoModelForNormalEstimation.register(CTALConfig, CTALForNormalEstimation)` (`modeling_ctal.AUTO_CLASSES`)."""
+    from .modeling_ctal import AUTO_CLASSES
+
+    for auto_class, model_class in AUTO_CLASSES.items():
+        getattr(modeling_auto, auto_class).register(_config_class(), model_class, exist_ok=True)
+
+
 def _register_model() -> None:
-    # The model class needs `transformers.modeling_utils`; importing it while that module is mid-import would fail,
-    # so in that (rare) order the class is registered when it is first imported (`_register_model_for_auto_class`).
+    # The model classes need `transformers.modeling_utils`; importing them while that module is mid-import would
+    # fail, so in that (rare) order they are registered when first imported (`_register_model_for_auto_class`).
     if _is_importing("transformers.modeling_utils"):
         return
-    from transformers.models.auto.modeling_auto import AutoModel
+    from transformers.models.auto import modeling_auto
 
-    from .modeling_ctal import CTALForDenseMultitask
-
-    AutoModel.register(_config_class(), CTALForDenseMultitask, exist_ok=True)
+    _register_models(modeling_auto)
 
 
 def _register_image_processor() -> None:
@@ -157,12 +167,13 @@ def _register_config_for_auto_class() -> None:
 
 
 def _register_model_for_auto_class() -> None:
-    from .modeling_ctal import CTALForDenseMultitask
+    from .modeling_ctal import AUTO_CLASSES
 
-    CTALForDenseMultitask.register_for_auto_class("AutoModel")
+    for auto_class, model_class in AUTO_CLASSES.items():
+        model_class.register_for_auto_class(auto_class)
     modeling_auto = sys.modules.get(_MODELING_AUTO)
     if modeling_auto is not None and not _is_importing(_MODELING_AUTO):
-        modeling_auto.AutoModel.register(_config_class(), CTALForDenseMultitask, exist_ok=True)
+        _register_models(modeling_auto)
 
 
 def _register_image_processor_for_auto_class() -> None:

@@ -4,6 +4,8 @@ channels and strides (read from the built model, never hard-coded). See docs/des
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -52,16 +54,23 @@ class CTALTimmBuilder:
             is added on top.
         pass_image_size: whether timm must be told the input size (`img_size=config.image_size`): windowed
             transformers fix their attention masks to it.
+        key_converter: renames the keys of another library's checkpoint of the same network to timm's (e.g.
+            torchvision's MobileNetV2), applied to a weights file whose keys are not timm's.
     """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     pass_image_size: bool = False
+    key_converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     library = "timm"
 
     @classmethod
     def from_info(cls, info: CTALBackboneInfo) -> CTALTimmBuilder:
-        return cls(info.model_name, kwargs=dict(info.model_kwargs), pass_image_size=info.pass_image_size)
+        converter = KEY_CONVERTERS[info.foreign_weights] if info.foreign_weights else None
+        return cls(
+            info.model_name, kwargs=dict(info.model_kwargs), pass_image_size=info.pass_image_size,
+            key_converter=converter,
+        )  # fmt: skip
 
     @property
     def description(self) -> str:
@@ -86,6 +95,14 @@ class CTALTimmBuilder:
         with torch.device("meta"):  # names and shapes only
             expected = self.create_reference(config).state_dict()
         _check_state_dict(expected, state_dict, source, self.description)
+
+    def convert_state_dict(self, config: CTALConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state_dict` with timm's key names: converted by `key_converter` when its keys are not timm's."""
+        if self.key_converter is None:
+            return state_dict
+        with torch.device("meta"):
+            expected = self.create_reference(config).state_dict()
+        return state_dict if set(state_dict) == set(expected) else self.key_converter(state_dict)
 
     def features_state_dict(self, config: CTALConfig, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The features model's state dict from the full model's (timm renames and drops keys itself)."""
@@ -150,6 +167,9 @@ class CTALTorchvisionBuilder:
             expected = self.create_reference(config).state_dict()
         _check_state_dict(expected, state_dict, source, self.description)
 
+    def convert_state_dict(self, config: CTALConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state_dict
+
     def features_state_dict(self, config: CTALConfig, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value for key, value in full.items() if key.startswith("features.")}
 
@@ -197,6 +217,46 @@ def hrnet_fuse_upsamplers(model: nn.Module) -> list[nn.Upsample]:
         if name.split(".")[-1] == "fuse_layers":
             upsamplers += [m for m in module.modules() if isinstance(m, nn.Upsample)]
     return upsamplers
+
+
+# torchvision's MobileNetV2 (`features.<i>`) -> timm's `mobilenetv2_100`: the stem, 17 inverted-residual blocks in
+# stages of (1, 2, 3, 4, 3, 3, 1), the 1x1 head conv and the classifier. Within a block torchvision numbers its layers
+# (`conv.0.0` ...); timm names them (the first block has no expansion conv).
+_MOBILENET_V2_STAGE_DEPTHS = (1, 2, 3, 4, 3, 3, 1)
+_MOBILENET_V2_LAYERS = {
+    "first": {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"},
+    "other": {
+        "conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2", "conv.2": "conv_pwl",
+        "conv.3": "bn3",
+    },
+}  # fmt: skip
+
+
+def torchvision_mobilenet_v2_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's `mobilenet_v2` state dict with the key names of timm's `mobilenetv2_100` (the same network)."""
+    blocks = [(stage, index) for stage, depth in enumerate(_MOBILENET_V2_STAGE_DEPTHS) for index in range(depth)]
+    fixed = {"features.0.0": "conv_stem", "features.0.1": "bn1", "features.18.0": "conv_head", "features.18.1": "bn2"}
+    fixed["classifier.1"] = "classifier"
+    converted = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in fixed:
+            converted[f"{fixed[prefix]}.{leaf}"] = value
+            continue
+        match = re.fullmatch(r"features\.(\d+)\.(conv(?:\.\d+)+)", prefix)
+        number = int(match.group(1)) if match else 0
+        layers = _MOBILENET_V2_LAYERS["first" if number == 1 else "other"]
+        if not match or not 1 <= number <= len(blocks) or match.group(2) not in layers:
+            raise ValueError(f"{key!r} is not a key of torchvision's mobilenet_v2 (or of timm's mobilenetv2_100).")
+        stage, index = blocks[number - 1]
+        converted[f"blocks.{stage}.{index}.{layers[match.group(2)]}.{leaf}"] = value
+    return converted
+
+
+# timm builders convert a weights file with another library's key names (`CTALBackboneInfo.foreign_weights`).
+KEY_CONVERTERS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "torchvision_mobilenet_v2": torchvision_mobilenet_v2_to_timm,
+}
 
 
 # The model side of `registry.BACKBONE_INFO`: each entry with its builder.
@@ -285,6 +345,10 @@ class CTALBackbone(nn.Module):
                     module.momentum = config.backbone_bn_momentum
         self.upsample_factor = 1
         channels, strides = self._measure(config)
+        # Another input size (`interpolate_affinity`, `from_pretrained(..., image_size=...)`) must be a multiple of
+        # the largest stride, and is refused for models fixed to their input size at creation.
+        self.max_stride = max(strides)
+        self.fixed_size_reason = self._fixed_size_reason(config)
         # The full model's final LayerNorm on the last map (`backbone_final_norm`; SwinV2), weights `norm.*` of the
         # full model; eps 1e-5 in timm and torchvision.
         use_norm = not self.uses_backbone_config and BACKBONES[config.backbone].uses_final_norm(config)
@@ -320,6 +384,20 @@ class CTALBackbone(nn.Module):
         # Set by `model.gradient_checkpointing_enable()`: recompute the backbone in the backward pass (timm's
         # HRNet has no per-stage checkpointing of its own).
         self.gradient_checkpointing = False
+
+    def _fixed_size_reason(self, config: CTALConfig) -> str | None:
+        """Why the backbone cannot run at another input size than `config.image_size` (None when it can)."""
+        if self.uses_backbone_config:
+            if self._runs_at_double_size:
+                return None
+            return f"the backbone {self.name} does not run at twice its image_size (a model tied to its input size)."
+        if BACKBONES[config.backbone].pass_image_size:
+            return (
+                f"{self.name} is built by timm with its attention windows and masks fixed to image_size "
+                f"{list(config.image_size)} (`img_size` at creation). Use sliding windows "
+                '(`resolution="sliding"`), or a torchvision SwinV2 entry (swin_v2_s, ...), which pads its windows.'
+            )
+        return None
 
     @property
     def reductions(self) -> list[int]:
@@ -372,6 +450,7 @@ class CTALBackbone(nn.Module):
             doubled = self._map_shapes(2 * height, 2 * width) if self.uses_backbone_config else None
         except Exception:  # a model tied to one input size: the first look stands
             doubled = None
+        self._runs_at_double_size = doubled is not None
         channels, strides = [], []
         for index, shape in enumerate(shapes):
             if len(shape) != 4:
@@ -445,4 +524,6 @@ __all__ = [
     "CTALFeatureInfo",
     "CTALBackbone",
     "BACKBONE_BUILDERS",
+    "KEY_CONVERTERS",
+    "torchvision_mobilenet_v2_to_timm",
 ]

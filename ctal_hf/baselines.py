@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .affinity_resampling import affinity_size_of
 from .backbones import CTALBackbone
 from .blocks import CTALHighResolutionHead, upsample_to
 from .ctal_module import CTALTaskProjection
@@ -193,6 +194,7 @@ class CTALPAPNetDecoder(nn.Module):
         self.tasks = list(config.tasks)
         self.neck = CTALNeck(config, feature_info)
         self.size = feature_info.affinity_map_size(config.affinity_scale)
+        self.strides = (feature_info.finest_stride, feature_info.affinity_stride(config.affinity_scale))
         # A plain 1x1 conv with bias, as in the authors' PAP-Net for both backbones.
         self.projections = nn.ModuleDict(
             {
@@ -213,7 +215,8 @@ class CTALPAPNetDecoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
         task_features, initial = self.neck(features)
-        projected = {task: upsample_to(self.projections[task](task_features[task]), self.size) for task in self.tasks}
+        size = affinity_size_of(features[0], *self.strides)  # `self.size` at the model's image_size
+        projected = {task: upsample_to(self.projections[task](task_features[task]), size) for task in self.tasks}
         diffused = self.diffusion(projected)
         return {task: self.final_heads[task](diffused[task]) for task in self.tasks}, initial
 

@@ -44,8 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trust_remote_code", action="store_true", help="Allow the model folder's own code to run (Hub repos)."
     )
+    parser.add_argument(
+        "--resolution",
+        choices=("model", "native", "sliding"),
+        default="model",
+        help="Where the model runs: model = each image resized to the model's image_size (default); native = at the "
+        "image's own size (rounded to a multiple of the backbone's largest stride), CTAL's weights resampled; "
+        "sliding = windows of the model's image_size over the image, blended (docs/any-resolution.md).",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="With --resolution sliding: fraction of a window shared with the next, in [0, 1) (default 1/3).",
+    )
     parser.add_argument("--no_panel", action="store_true", help="Do not write the panel PNGs.")
     parser.add_argument("--dpi", type=int, default=100, help="Resolution of the panel PNGs.")
+    parser.add_argument(
+        "--ignore_lock", action="store_true", help="Write --output_dir even while another run's lock file holds it."
+    )
     parser.add_argument(
         "--runtime",
         default=None,
@@ -85,6 +102,11 @@ def _check_tasks(parser: argparse.ArgumentParser, tasks: Sequence[str] | None, p
 
 
 def _check_images(parser: argparse.ArgumentParser, images: Sequence[str]) -> None:
+    folders = [image for image in images if os.path.isdir(image)]
+    if folders:
+        parser.error(
+            f"{', '.join(folders)}: a folder, not an image file; pass the image files in it (e.g. dir/*.png)."
+        )
     missing = [image for image in images if not os.path.isfile(image)]
     if missing:
         parser.error(f"image file(s) not found: {', '.join(missing)}")
@@ -92,10 +114,18 @@ def _check_images(parser: argparse.ArgumentParser, images: Sequence[str]) -> Non
 
     for image in images:
         try:
-            with PIL.Image.open(image):  # reads the header only
-                pass
+            with PIL.Image.open(image) as opened:  # reads the header only
+                width, height = opened.size
+        except PIL.Image.DecompressionBombError as error:
+            parser.error(f"{image!r} is refused as a decompression bomb ({error}).")
         except (OSError, SyntaxError, ValueError) as error:
             parser.error(f"{image!r} is not an image Pillow can open ({type(error).__name__}: {error}).")
+        limit = PIL.Image.MAX_IMAGE_PIXELS
+        if limit is not None and width * height > limit:
+            parser.error(
+                f"{image!r} is {width} x {height} = {width * height} pixels, more than the limit of {limit} (a "
+                "decompression bomb, or a very large image); resize it first."
+            )
 
 
 def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> Path:
@@ -116,21 +146,37 @@ def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> Path:
 
 
 def _check_device(parser: argparse.ArgumentParser, device: str | None) -> None:
-    if device is None:
-        return
-    import torch
+    from .input_checks import device_problem
+
+    problem = device_problem(device)
+    if problem:
+        parser.error(f"--device {device}: {problem}; use --device cpu.")
+
+
+def _check_not_overwriting_inputs(parser, args, output_dir: Path, config: dict[str, Any] | None) -> None:
+    """The model folder is never the output folder, and no output file would replace an input image."""
+    from .atomic_outputs import check_not_source
+
+    if config is not None and output_dir.resolve() == Path(args.model).expanduser().resolve():
+        try:
+            check_not_source(output_dir, {"--model": args.model}, "--output_dir")
+        except ValueError as error:
+            parser.error(str(error))
+    inputs = {Path(image).resolve() for image in args.images}
+    tasks = args.tasks or (config or {}).get("tasks") or ()
+    for stem in _output_stems(args.images):
+        for name in (f"{stem}_panel.png", *(f"{stem}_{task}.png" for task in tasks)):
+            if (output_dir / name).resolve() in inputs:
+                parser.error(f"--output_dir {args.output_dir!r}: writing {name} would replace the input image {name}.")
+
+
+def _lock_output_dir(parser, args, output_dir: Path):
+    from .atomic_outputs import OutputInUseError, OutputLock
 
     try:
-        parsed = torch.device(int(device) if device.isdigit() else device)
-    except (RuntimeError, ValueError) as error:
-        parser.error(f"--device {device!r} is not a torch device ({error}); use cpu, cuda, cuda:1, mps, ...")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error(f"--device {device}: no CUDA GPU is available to torch here; use --device cpu.")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        parser.error(f"--device {device}: MPS is not available here; use --device cpu.")
+        return OutputLock(output_dir, ignore_lock=args.ignore_lock, target_flag="--output_dir").acquire()
+    except (OutputInUseError, ValueError) as error:
+        parser.error(str(error))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -141,6 +187,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.dpi < 1:
         parser.error(f"--dpi must be at least 1, got {args.dpi}")
+    if args.overlap is not None and args.resolution != "sliding":
+        parser.error(f"--overlap applies to --resolution sliding, not {args.resolution}")
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
+        parser.error(f"--overlap is a fraction of a window in [0, 1), got {args.overlap}")
+    if args.resolution != "model" and args.batch_size > 1:
+        parser.error(
+            f"--resolution {args.resolution} runs one image per forward pass (each at its own size); "
+            f"use --batch_size 1, not {args.batch_size}"
+        )
     args.parser = parser
     return args
 
@@ -202,6 +257,11 @@ def _check_runtime(parser: argparse.ArgumentParser, args: argparse.Namespace, lo
         return False
     if args.device not in (None, "cpu"):
         parser.error(f"--device {args.device}: an exported folder runs on the CPU with its runtime (use --runtime).")
+    if args.resolution != "model":
+        parser.error(
+            f"--resolution {args.resolution}: an exported folder runs at the one input size it was exported at; "
+            "export at another size from `from_pretrained(folder, image_size=[H, W])` (docs/any-resolution.md)."
+        )
     try:
         args.runtime = choose_runtime(read_manifest(args.model), args.runtime)
     except (ValueError, ImportError) as error:
@@ -227,7 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_tasks(parser, args.tasks, None if config is None else config.get("tasks"))
     exported = _check_runtime(parser, args, config is not None)
     output_dir = Path(args.output_dir).expanduser().absolute()
+    _check_not_overwriting_inputs(parser, args, output_dir, config)
     staging = _check_output_dir(parser, args.output_dir)
+    try:
+        lock = _lock_output_dir(parser, args, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         if exported:
             predictor = _load_exported(parser, args)
@@ -239,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     print(f"Wrote predictions for {written} image(s) to {args.output_dir}", file=sys.stderr)
     return 0
 
@@ -251,7 +319,12 @@ def _predict(predictor, args: argparse.Namespace, staging: Path) -> int:
 
     logger = logging.get_logger(__name__)
     try:
-        results = predictor(list(args.images), batch_size=args.batch_size, tasks=args.tasks)
+        resolution = {}
+        if args.resolution != "model":
+            resolution["resolution"] = args.resolution
+        if args.overlap is not None:
+            resolution["overlap"] = args.overlap
+        results = predictor(list(args.images), batch_size=args.batch_size, tasks=args.tasks, **resolution)
     except (OSError, ValueError) as error:
         args.parser.exit(1, f"{PROG}: error: {error}\n")
     for image_path, stem, result in zip(args.images, _output_stems(args.images), results, strict=True):

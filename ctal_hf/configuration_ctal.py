@@ -7,6 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
 
 from .configuration_hub import (
     PIPELINE_TASK,
@@ -33,7 +34,13 @@ from .registry import (
     check_choice,
     default_head_family,
 )
-from .tasks import CTALTask, resolve_tasks
+from .tasks import CLASS_COUNT_FIELDS, CTALTask, resolve_tasks, serving_task
+
+# CTAL's fusion conv: how it starts (`fusion_init`) and whether the fused map is divided by N (`affinity_normalization`).
+FUSION_INITS: tuple[str, ...] = ("default", "zero", "scaled")
+AFFINITY_NORMALIZATIONS: tuple[str, ...] = ("none", "num_pixels")
+
+logger = logging.get_logger(__name__)
 
 
 @strict
@@ -50,8 +57,11 @@ class CTALConfig(PreTrainedConfig):
         Specs of the tasks that are not built in, by name, e.g. `{"albedo": {"kind": "regression",
         "num_channels": 3}}`: `kind` (`"classification"`, `"regression"`, `"normals"` or `"binary"`) and
         optional `num_channels`, `loss`, `ignore_value`, `pos_weight`, `flip_negate_channels`, `divide_by_zoom`, `positive`,
-        `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type` (see `ctal_hf.tasks`). Saved in
-        config.json, so a model folder carries its tasks.
+        `metric`, `lower_is_better`, `value_range`, `title`, `hub_task_type`, `class_names`, `unit` (see
+        `ctal_hf.tasks`). For a built-in task only the descriptive keys `title`, `short_title`, `class_names` and
+        `unit`, e.g. `{"semseg": {"class_names": [...]}, "depth": {"unit": "metres"}}` (the presets set these).
+        Saved in config.json, so a model folder carries its tasks. The class names of the segmentation task become
+        `id2label` / `label2id`.
     num_semseg_classes (`int`, *optional*, defaults to 13):
         Number of semantic classes (NYUv2 13, Cityscapes 19, PASCAL-Context 21).
     num_parts_classes (`int`, *optional*, defaults to 7):
@@ -88,6 +98,17 @@ class CTALConfig(PreTrainedConfig):
         Blending factor of the diffused features (paper Eq. 2).
     kernel_size (`int`, *optional*, defaults to 3):
         Kernel of the grouped convolution that fuses the task affinities; odd.
+    fusion_init (`str`, *optional*, defaults to `"default"`):
+        How CTAL's fusion conv (the grouped conv that makes the fused map `M`) starts; the paper does not say, the
+        release keeps PyTorch's default. `"default"`: PyTorch's default (the release; `D = V M^T` sums over all
+        N affinity pixels, so `gamma * D` starts several times larger than the task features it is blended with);
+        `"zero"`: weights and bias zero (`M = 0`: CTAL starts as its blend with no diffusion, `(1 - gamma) X`, and
+        learns how much cross-task affinity to use); `"scaled"`: PyTorch's default divided by N (`D` starts at the
+        scale of the features). Same module and parameters in all three, only the starting point differs
+        (docs/efficacy.md).
+    affinity_normalization (`str`, *optional*, defaults to `"none"`):
+        `"none"`: the fused map `M` as the paper (Eq. 1) and the release; `"num_pixels"`: `M` divided by N in the
+        forward (a departure from the paper: the diffusion averages over the affinity pixels instead of summing).
     affinity_scale (`int`, *optional*, defaults to 4):
         CTAL (and PAP-Net) run at 1/max(`affinity_scale`, stride of the finest backbone map) of the input: HRNet's
         1/4 map at 4, 6 or 8 (paper Table 5; the map is resized to floor(input / 6) for 6); a single 1/32 map at
@@ -188,6 +209,8 @@ class CTALConfig(PreTrainedConfig):
     head_channels: int = 256
     gamma: float = 0.05
     kernel_size: int = 3
+    fusion_init: str = "default"
+    affinity_normalization: str = "none"
     affinity_scale: int = 4
     decoder_stride: int | None = None
     papnet_diffusion_steps: int = 1
@@ -218,7 +241,39 @@ class CTALConfig(PreTrainedConfig):
         weights = self.loss_weights or {}
         self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}
         self._check_unknown_kwargs(kwargs)
+        self._set_labels(kwargs)
         super().__post_init__(**kwargs)
+
+    def _set_labels(self, kwargs: dict[str, Any]) -> None:
+        """`id2label` / `label2id` are the classes of the segmentation task the stock `image-segmentation` pipeline
+        serves (`semantic_segmentation_task`): its `class_names`, else `LABEL_{i}`. An `id2label` given (or read
+        from config.json) names the classes when it has one name per class and the task states no names; otherwise
+        it is replaced, with a warning (the names belong in `task_specs`)."""
+        task_name = self.semantic_segmentation_task
+        if task_name is None:
+            return
+        task = self.get_tasks()[task_name]
+        names = task.class_names or tuple(f"LABEL_{index}" for index in range(task.num_channels))
+        if self.id2label is not None:
+            given = {int(key): value for key, value in self.id2label.items()}
+            given_names = tuple(given[i] for i in sorted(given))
+            if sorted(given) == list(range(task.num_channels)) and task.class_names in (None, given_names):
+                names = given_names
+            elif given_names != names and given_names != tuple(f"LABEL_{i}" for i in range(len(given))):
+                logger.warning(
+                    f"`id2label` {given} does not name the {task.num_channels} classes of the segmentation task "
+                    f"{task_name!r}; using {list(names)}. Set class names with `task_specs={{{task_name!r}: "
+                    "{'class_names': [...]}}`."
+                )
+        kwargs.pop("num_labels", None)  # follows from the classes
+        self.id2label = dict(enumerate(names))
+        self.label2id = {name: index for index, name in self.id2label.items()}
+
+    @property
+    def semantic_segmentation_task(self) -> str | None:
+        """The task `AutoModelForSemanticSegmentation` / `pipeline("image-segmentation")` serve: the first
+        classification task with Hub task type `image-segmentation` (`semseg` before `parts`), or `None`."""
+        return serving_task(self.get_tasks(), "semantic-segmentation")
 
     @classmethod
     def _check_unknown_kwargs(cls, kwargs: dict[str, Any]) -> None:
@@ -241,6 +296,8 @@ class CTALConfig(PreTrainedConfig):
             ("papnet_feature_normalization", PAPNET_FEATURE_NORMALIZATIONS),
             ("decoder_init", DECODER_INITS),
             ("hrnet_fuse_upsampling", HRNET_FUSE_UPSAMPLINGS),
+            ("fusion_init", FUSION_INITS),
+            ("affinity_normalization", AFFINITY_NORMALIZATIONS),
         ):
             check_choice(name, getattr(self, name), allowed)
         momentum = self.backbone_bn_momentum
@@ -459,6 +516,22 @@ class CTALConfig(PreTrainedConfig):
         """Number of output channels of `task`'s prediction."""
         return self.get_tasks()[task].num_channels
 
+    @staticmethod
+    def _preset_task_specs(name: str, fields: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+        """The preset's task descriptions (class names, units) under the `task_specs` given: class names are kept
+        only where the class count is still the preset's (`num_semseg_classes=5` drops the 13 NYUv2 names)."""
+        counts = {task: fields[field] for task, field in CLASS_COUNT_FIELDS.items() if field in fields}
+        described = {}
+        for task, spec in PRESETS[name].get("task_specs", {}).items():
+            spec = dict(spec)
+            if "class_names" in spec and len(spec["class_names"]) != counts.get(task, len(spec["class_names"])):
+                del spec["class_names"]
+            if spec:
+                described[task] = spec
+        for task, spec in (given or {}).items():
+            described[task] = {**described.get(task, {}), **spec} if task in described else spec
+        return described
+
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "CTALConfig":
         """The paper's setting for a dataset (`"nyuv2"`, `"cityscapes"` or `"pascal_context"`), or NYUv2 / Cityscapes at
@@ -468,6 +541,7 @@ class CTALConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
         fields = {**RELEASE_BEHAVIOUR, **PRESETS[name], **kwargs}
+        fields["task_specs"] = cls._preset_task_specs(name, fields, kwargs.get("task_specs"))
         if fields.get("backbone_config") is None and fields.get("backbone") in BACKBONE_INFO:
             fields.setdefault("normals_loss", BACKBONE_INFO[fields["backbone"]].normals_loss)
         return cls(**fields)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .image_values import HIGH_DEPTH_MODES, pil_high_depth_to_unit, to_unit_range
 from .registry import IMAGENET_MEAN, IMAGENET_STD
 from .tasks import BUILTIN_TASK_NAMES, CTALTask, as_tasks
 
@@ -62,7 +63,10 @@ def _channels_last(value: torch.Tensor) -> torch.Tensor:
 def _as_rgb(value) -> torch.Tensor:
     """An image as (H, W, 3): PIL images of any mode, grayscale or RGBA arrays, channels-first tensors."""
     if hasattr(value, "convert"):  # a PIL image (a `datasets.Image` column in Python format)
-        value = value.convert("RGB")
+        if value.mode in HIGH_DEPTH_MODES:  # 16-bit / float: scaled by what the values are, not clipped
+            value = torch.from_numpy(pil_high_depth_to_unit(value))
+        else:
+            value = value.convert("RGB")
     image = _channels_last(_as_tensor(value))
     if image.ndim == 2:
         image = image[..., None]
@@ -88,7 +92,8 @@ def row_to_sample(row: Mapping, tasks) -> dict[str, torch.Tensor]:
     height, width = image.shape[:2]
     if "height" in row and "width" in row:
         height, width = int(row["height"]), int(row["width"])
-    sample = {"image": image[:height, :width].permute(2, 0, 1).float() / 255.0}
+    # dtype and range decide the rescale: float rows already in [0, 1] are not divided by 255 again
+    sample = {"image": to_unit_range(image[:height, :width].permute(2, 0, 1), "The row's `image`")}
     for name, task in task_objects.items():
         sample[name] = task.from_column(_channels_last(_as_tensor(row[name]))[:height, :width])
         if sample[name].shape[-2:] != (height, width):
@@ -491,7 +496,14 @@ class CTALTorchDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = row_to_sample(self.dataset[int(index)], self.task_objects)
+        try:
+            sample = row_to_sample(self.dataset[int(index)], self.task_objects)
+        except Exception as error:  # noqa: BLE001 - a corrupt row fails in Pillow / pyarrow / our checks: name it
+            info = getattr(self.dataset, "info", None)
+            name = getattr(info, "dataset_name", None) or "the dataset"
+            split = getattr(self.dataset, "split", None)
+            where = f"{name!r}" + (f" ({split} split)" if split else "")
+            raise ValueError(f"Row {int(index)} of {where}: {type(error).__name__}: {error}") from error
         generator = sample_generator(self.seed, self.epoch, int(index))
         return self.transform(sample, generator=generator, tasks=self.task_objects)
 

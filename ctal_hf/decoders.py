@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .affinity_resampling import affinity_size_of
 from .baselines import (
     CTALConcatDecoder,
     CTALHardSharingDecoder,
@@ -38,6 +39,7 @@ class CTALSingleScaleDecoder(nn.Module):
         super().__init__()
         self.tasks = list(config.tasks)
         self.size = feature_info.affinity_map_size(config.affinity_scale)
+        self.strides = (feature_info.finest_stride, feature_info.affinity_stride(config.affinity_scale))
         self.neck = CTALNeck(config, feature_info)
         self.ctal = CTALAffinityModule(config, config.head_channels, self.size)
         self.final_heads = nn.ModuleDict(
@@ -47,7 +49,8 @@ class CTALSingleScaleDecoder(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
         task_features, initial = self.neck(features)
         # Table 5's 1/6 and 1/8 variants run CTAL on resized features.
-        task_features = {task: upsample_to(hidden, self.size) for task, hidden in task_features.items()}
+        size = affinity_size_of(features[0], *self.strides)  # `self.size` at the model's image_size
+        task_features = {task: upsample_to(hidden, size) for task, hidden in task_features.items()}
         refined = self.ctal(task_features)
         predictions = {task: self.final_heads[task](refined[task]) for task in self.tasks}
         return predictions, initial
@@ -61,6 +64,7 @@ class CTALMultiScaleDecoder(nn.Module):
         super().__init__()
         self.tasks = list(config.tasks)
         self.size = feature_info.affinity_map_size(config.affinity_scale)
+        self.strides = (feature_info.finest_stride, feature_info.affinity_stride(config.affinity_scale))
         channels = list(feature_info.channels)
         out_channels = {task: config.task_channels(task) for task in self.tasks}
         self.initial_heads = CTALMultiScaleInitialHeads(self.tasks, channels, out_channels, config.fpm_grouping)
@@ -72,7 +76,8 @@ class CTALMultiScaleDecoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict, dict]:
         task_features, initial = self.initial_heads(features)
-        fused = {task: upsample_to(self.fusions[task](task_features[task]), self.size) for task in self.tasks}
+        size = affinity_size_of(features[0], *self.strides)  # `self.size` at the model's image_size
+        fused = {task: upsample_to(self.fusions[task](task_features[task]), size) for task in self.tasks}
         refined = self.ctal(fused)
         predictions = {task: self.final_heads[task](refined[task]) for task in self.tasks}
         return predictions, initial

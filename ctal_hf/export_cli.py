@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18).")
     parser.add_argument("--static_batch", action="store_true", help="Fix the batch at 1 instead of a dynamic batch.")
     parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists and is not empty.")
+    parser.add_argument(
+        "--ignore_lock", action="store_true", help="Write --output even while another run's lock file holds it."
+    )
     parser.add_argument("--no_validate", action="store_true", help="Skip the check against eager PyTorch.")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow the model folder's own code to run.")
@@ -71,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.float_scopes is not None and args.quantize is None:
             raise ValueError("--float_scopes only applies with --quantize int8 (add it, or drop --float_scopes).")
         read_model_config(args.model)
-        check_output_dir(args.output, args.overwrite)
+        check_output_dir(args.output, args.overwrite, args.model)
     except (ValueError, ImportError) as error:
         parser.error(str(error))
     args.num_calibration_images = num_images
@@ -98,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             opset=args.opset,
             dynamic_batch=False if args.static_batch else None,
             overwrite=args.overwrite,
+            ignore_lock=args.ignore_lock,
             revision=args.revision,
             trust_remote_code=args.trust_remote_code,
         )

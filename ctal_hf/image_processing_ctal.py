@@ -19,16 +19,14 @@ from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.utils import logging
 
+from .image_layouts import EXPECTED_LAYOUTS, _array_to_chw, _pil_to_array
+from .image_values import value_scale
 from .registry import IMAGENET_MEAN, IMAGENET_STD
+from .stock_post_processing import CTALStockPostProcessingMixin
 from .tasks import BUILTIN_TASK_NAMES, as_tasks
 
 logger = logging.get_logger(__name__)
 
-EXPECTED_LAYOUTS = (
-    "a file path, a PIL image, a numpy array (height, width) or (height, width, channels), or a torch tensor "
-    "(height, width) or (channels, height, width), with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels"
-)
-_VALID_CHANNELS = (1, 3, 4)
 # Above this many output pixels, `post_process_multitask` resizes and decodes a band of rows at a time (about
 # `_BAND_PIXELS` pixels per band), so the memory it needs beyond the returned maps stays bounded.
 BANDED_DECODE_PIXELS = 2**22
@@ -45,114 +43,98 @@ def _bilinear_taps(out_size: int, in_size: int) -> tuple[tuple[torch.Tensor, tor
     return (lower, upper), (source - lower).clamp_(0, 1).float()
 
 
-def load_image(source: "str | os.PathLike | PIL.Image.Image", timeout: float | None = None) -> PIL.Image.Image:
-    """Opens an image file (or URL) fully, with EXIF orientation applied; the mode (L, RGBA, ...) is kept so the
-    processor can convert it. Raises `FileNotFoundError` for a missing file and `ValueError` naming the file when it
-    is not a readable image (corrupt, truncated, or another kind of file)."""
-    if isinstance(source, PIL.Image.Image):
-        return source
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image as load_remote_image
+# Seconds an image fetch may wait for the server (connecting, and between bytes) before it fails; `timeout=`
+# (the pipeline's call option) overrides it.
+DEFAULT_FETCH_TIMEOUT = 30.0
 
-        try:
-            return load_remote_image(source, timeout=timeout)
-        except Exception as error:  # httpx, socket and Pillow errors alike: name the URL, not the library
-            raise ValueError(
-                f"Cannot fetch the image at {source!r} ({type(error).__name__}: {error}); check the address and the "
-                "network (or pass `timeout=`), or download the file and pass its path."
-            ) from error
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: {str(path)!r}.")
+
+def pixel_limit() -> int | None:
+    """The most pixels an image file may have: Pillow's `PIL.Image.MAX_IMAGE_PIXELS` (about 89 million; set it to
+    another number, or None, to change the limit). Larger files are refused before they are decoded (a
+    decompression bomb would take gigabytes)."""
+    return PIL.Image.MAX_IMAGE_PIXELS
+
+
+def _check_pixel_count(image: PIL.Image.Image, name: str) -> None:
+    limit = pixel_limit()
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise ValueError(
+            f"{name} is {width} x {height} = {width * height} pixels, more than the limit of {limit} (a "
+            "decompression bomb, or a very large image): resize it first, or raise `PIL.Image.MAX_IMAGE_PIXELS` if "
+            "you trust the file."
+        )
+
+
+def _open_checked(source, name: str) -> PIL.Image.Image:
+    """Opens (header), checks the pixel count, then decodes fully and applies the EXIF orientation."""
     try:
-        with PIL.Image.open(path) as image:
+        with PIL.Image.open(source) as image:
+            _check_pixel_count(image, name)
             image.load()  # decode now: a truncated file fails here, not later inside a batch
             return PIL.ImageOps.exif_transpose(image)  # a new, file-independent image
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except PIL.Image.DecompressionBombError as error:
         raise ValueError(
-            f"Cannot read {str(path)!r} as an image ({type(error).__name__}: {error}); the file is corrupt, "
-            "truncated, or not an image format Pillow can open."
+            f"{name} is refused as a possible decompression bomb ({error}): resize it first, or raise "
+            "`PIL.Image.MAX_IMAGE_PIXELS` if you trust the file."
+        ) from None
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, ValueError) and str(error).startswith(name):
+            raise
+        raise ValueError(
+            f"Cannot read {name} as an image ({type(error).__name__}: {error}); the file is corrupt, truncated, or "
+            "not an image format Pillow can open."
         ) from error
 
 
-def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
-    """PIL image -> (H, W, 3) uint8 RGB array; transparency is composited onto white (as transformers does) and
-    16-bit / float grayscale is scaled to 8 bits instead of being clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        array = np.clip(array / peak * 255.0, 0, 255).round().astype(np.uint8)
-        return np.repeat(array[..., None], 3, axis=-1)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(PIL.Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+def fetch_url(url: str, timeout: float | None = None) -> bytes:
+    """The body of `url`, with a timeout (`DEFAULT_FETCH_TIMEOUT` unless given) and the HTTP status checked: an
+    error names the URL and the status or the network failure."""
+    import httpx
+
+    timeout = DEFAULT_FETCH_TIMEOUT if timeout is None else float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}.")
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+    except httpx.TimeoutException:
+        raise ValueError(
+            f"Fetching {url!r} timed out after {timeout:g} s (the server did not answer); check the address, or pass "
+            "a larger `timeout=`."
+        ) from None
+    except httpx.HTTPError as error:
+        raise ValueError(
+            f"Cannot fetch {url!r} ({type(error).__name__}: {error}); check the address and the network, or download "
+            "the file and pass its path."
+        ) from None
+    if response.status_code >= 400:
+        raise ValueError(
+            f"Fetching {url!r} failed: the server answered HTTP {response.status_code} {response.reason_phrase}; "
+            "check the address."
+        )
+    return response.content
 
 
-def _layout_error(shape: tuple[int, ...], kind: str, hint: str) -> ValueError:
-    return ValueError(f"Cannot read a {kind} of shape {shape} as an image: {hint} Expected {EXPECTED_LAYOUTS}.")
+def load_image(source: "str | os.PathLike | PIL.Image.Image", timeout: float | None = None) -> PIL.Image.Image:
+    """Opens an image file (or URL) fully, with EXIF orientation applied; the mode (L, RGBA, ...) is kept so the
+    processor can convert it. Raises `FileNotFoundError` for a missing file, `IsADirectoryError` for a folder, and
+    `ValueError` naming the file or URL when it is not a readable image (corrupt, truncated, another kind of file,
+    above the pixel limit, an HTTP error or a network timeout)."""
+    if isinstance(source, PIL.Image.Image):
+        return source
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        import io
+
+        return _open_checked(io.BytesIO(fetch_url(source, timeout)), f"the image at {source!r}")
+    path = Path(source)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder, not an image file; pass the image files in it.")
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {str(path)!r}.")
+    return _open_checked(path, repr(str(path)))
 
 
-def _array_to_chw(image: np.ndarray | torch.Tensor, input_data_format: str | ChannelDimension | None) -> torch.Tensor:
-    """Numpy arrays are read channels-last (as PIL, OpenCV and `datasets` give them), torch tensors channels-first
-    (as torchvision gives them); `input_data_format` overrides. An array whose layout contradicts that reading (for
-    example a 4-channel numpy array in (C, H, W) order) is refused rather than guessed."""
-    is_numpy = isinstance(image, np.ndarray)
-    kind = "numpy array" if is_numpy else "torch tensor"
-    shape = tuple(image.shape)
-    if is_numpy:
-        if image.dtype.kind not in "uifb":
-            raise _layout_error(shape, kind, f"its dtype {image.dtype} is not numeric.")
-        if image.dtype == bool:
-            image = image.astype(np.uint8)
-        elif image.dtype.kind in "ui" and image.dtype != np.uint8:
-            image = image.astype(np.int64)  # torch lacks most ops on uint16 / uint32
-        if not (image.flags.writeable and image.flags.c_contiguous):
-            image = np.array(image)
-        tensor = torch.from_numpy(image)
-    else:
-        if image.is_complex():
-            raise _layout_error(shape, kind, f"its dtype {image.dtype} is not real.")
-        tensor = image.detach().cpu()
-        if tensor.dtype == torch.bool:
-            tensor = tensor.to(torch.uint8)
-        elif not tensor.is_floating_point() and tensor.dtype != torch.uint8:
-            tensor = tensor.to(torch.int64)
-    if 0 in shape:
-        raise _layout_error(shape, kind, "it is empty.")
-    if tensor.ndim == 2:
-        return tensor.unsqueeze(0)
-    if tensor.ndim != 3:
-        raise _layout_error(shape, kind, f"it has {tensor.ndim} dimensions (a batch of images goes in a list).")
-    if input_data_format is not None:
-        channels_last = ChannelDimension(input_data_format) == ChannelDimension.LAST
-    else:
-        channels_last = is_numpy
-    channels = shape[-1] if channels_last else shape[0]
-    if channels not in _VALID_CHANNELS:
-        other = shape[0] if channels_last else shape[-1]
-        if other in _VALID_CHANNELS and input_data_format is None:
-            if is_numpy:
-                hint = (
-                    f"numpy arrays are read as (height, width, channels), but this one looks like (channels, height, "
-                    f"width) with {other} channels. Transpose it with `array.transpose(1, 2, 0)` or pass "
-                    "`input_data_format='channels_first'`."
-                )
-            else:
-                hint = (
-                    f"torch tensors are read as (channels, height, width), but this one looks like (height, width, "
-                    f"channels) with {other} channels. Permute it with `tensor.permute(2, 0, 1)` or pass "
-                    "`input_data_format='channels_last'`."
-                )
-        else:
-            layout = "channels-last" if channels_last else "channels-first"
-            hint = f"read {layout}, it has {channels} channels, not 1, 3 or 4."
-        raise _layout_error(shape, kind, hint)
-    return tensor.permute(2, 0, 1) if channels_last else tensor
-
-
-class CTALImageProcessor(TorchvisionBackend):
+class CTALImageProcessor(CTALStockPostProcessingMixin, TorchvisionBackend):
     r"""
     Prepares images for [`CTALForDenseMultitask`] and turns its predictions into per-image maps.
 
@@ -301,10 +283,17 @@ class CTALImageProcessor(TorchvisionBackend):
             return tensor.to(torch.uint8) if tensor.dtype != torch.uint8 and peak <= 255 else tensor
         if not torch.isfinite(tensor).all():
             raise ValueError("The image contains NaN or infinite values.")
-        if do_rescale and float(tensor.max()) <= 1.0 and float(tensor.min()) >= 0.0:
-            logger.warning_once(
-                "A float image with values in [0, 1] is being rescaled by 1/255 again; pass `do_rescale=False` if "
-                "it is already scaled."
+        if not do_rescale:
+            return tensor
+        # The values decide: a float image already in [0, 1] is brought to 0..255 here so that the rescale gives it
+        # back unchanged (it is never divided by 255 twice); other ranges are refused with the fix.
+        scale = value_scale(tensor, "The image")
+        if scale == 1.0:
+            return tensor / rescale_factor
+        if abs(scale - rescale_factor) > 1e-12:
+            raise ValueError(
+                f"A float image in 0..255 does not match `rescale_factor` {rescale_factor:g}; pass uint8 images or "
+                "`do_rescale=False` with values already in [0, 1]."
             )
         return tensor
 
@@ -432,4 +421,4 @@ def _resize_and_decode_in_bands(spec: Any, prediction: torch.Tensor, size: tuple
     return decoded
 
 
-__all__ = ["CTALImageProcessor", "load_image", "EXPECTED_LAYOUTS"]
+__all__ = ["CTALImageProcessor", "load_image", "fetch_url", "pixel_limit", "DEFAULT_FETCH_TIMEOUT", "EXPECTED_LAYOUTS"]

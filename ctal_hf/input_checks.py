@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .tasks import CLASS_COUNT_FIELDS
+
 PROCESSOR_HINT = "prepare images with CTALImageProcessor (`processor(images, return_tensors='pt')`)"
 
 
@@ -47,6 +49,36 @@ def check_pixel_values(pixel_values, model_dtype: torch.dtype) -> None:
             f"`pixel_values` holds {int((~finite).sum())} NaN or infinite values (image(s) {bad_images} of the batch); "
             "the maps would be all NaN. Check how the images were loaded and normalised."
         )
+
+
+def device_problem(device) -> str | None:
+    """Why `device` (an int, a string such as "cuda:1" / "mps", or a `torch.device`) cannot be used here, or None;
+    the caller names the argument. Catches what torch would refuse with a raw error deep inside, or silently
+    replace with the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, bool):
+        return "not a device (use cpu, cuda, cuda:1, mps or a GPU index)"
+    try:
+        if isinstance(device, int) or (isinstance(device, str) and device.strip().lstrip("-").isdigit()):
+            index = int(device)
+            if index < 0:
+                return None  # transformers' "-1 = CPU"
+            parsed = torch.device("cuda", index)
+        else:
+            parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        return f"not a torch device ({error}); use cpu, cuda, cuda:1, mps, ..."
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available to torch here"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"only {torch.cuda.device_count()} CUDA device(s) are visible"
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        return "Apple's MPS is not available here"
+    elif parsed.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        return "no Intel XPU is available here"
+    return None
 
 
 def _has_values(tensor: torch.Tensor) -> bool:
@@ -164,6 +196,77 @@ def saved_config_matches(config_class, given, source, kwargs: dict) -> bool:
     return all(getattr(saved, name, None) == getattr(given, name, None) for name in names)
 
 
+EXPORT_MANIFEST_FILE = "export_manifest.json"  # what `ctal-export` writes into an exported folder
+
+
+class ExportedFolderError(Exception):
+    """A folder written by `ctal-export` (ONNX / OpenVINO / ExecuTorch) given where a PyTorch model folder is due.
+    Deliberately not a ValueError / OSError: `transformers.pipeline()` catches those while it tries model classes
+    and would bury this message in a list of tracebacks."""
+
+
+def check_not_exported_folder(source) -> None:
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / EXPORT_MANIFEST_FILE).is_file():
+        raise ExportedFolderError(
+            f"{str(source)!r} is a folder written by ctal-export (it has {EXPORT_MANIFEST_FILE}, no PyTorch weights): "
+            "run it with `ctal-predict --model FOLDER IMAGES` or `ctal_hf.export.load_exported(FOLDER)`, or load "
+            "the PyTorch folder it was exported from."
+        )
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _likely_cause(key: str, config) -> str:
+    tasks = list(getattr(config, "tasks", []))
+    task = next((name for name in tasks if f".{name}." in key), None)
+    if task is not None and "classifier" in key:
+        field = CLASS_COUNT_FIELDS.get(task)  # a built-in task whose class count is a config field
+        if field is not None:
+            return f"the class count of {task!r} ({field} = {getattr(config, field, None)} in config.json) was changed"
+        return f"the output channels of {task!r} were changed"
+    if "ctal" in key and ("fusion" in key or "position" in key):
+        return (
+            f"the image size ({getattr(config, 'image_size', None)} in config.json) was changed (to build the model at "
+            "another size from these weights, keep the config and pass `from_pretrained(folder, image_size=[H, W])`)"
+        )
+    return "the config.json belongs to another decoder, backbone or width"
+
+
+def shape_mismatch_message(model_class, config, source: str | os.PathLike, error: Exception) -> str:
+    """One paragraph naming the tensors whose shapes in the weights differ from what `config` builds, with the
+    likely cause (another class count, image size or decoder), for transformers' "ignore_mismatched_sizes" error."""
+    folder = Path(source)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    saved: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with contextlib.suppress(OSError, ValueError, struct.error):
+            saved.update(_safetensors_shapes(path))
+    mismatched = []
+    if saved:
+        with torch.device("meta"):
+            expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
+        mismatched = [(k, saved[k], expected[k]) for k in sorted(saved) if k in expected and saved[k] != expected[k]]
+    where = str(files[0]) if len(files) == 1 else str(source)
+    if not mismatched:
+        return (
+            f"The weights in {where!r} have tensors whose shapes differ from what its config.json describes "
+            f"({str(error).splitlines()[0][:200]}). Restore the config.json saved with these weights."
+        )
+    shown = "; ".join(f"{key}: weights {list(a)} vs config {list(b)}" for key, a, b in mismatched[:3])
+    more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+    return (
+        f"The weights in {where!r} do not fit its config.json: {len(mismatched)} tensor(s) have other shapes "
+        f"({shown}{more}). Likely cause: {_likely_cause(mismatched[0][0], config)}. Restore the config.json saved "
+        "with these weights (to start another architecture from them on purpose, pass its `config=` and "
+        "`ignore_mismatched_sizes=True`)."
+    )
+
+
 def check_checkpoint_matches(config, loading_info: dict, source: str | os.PathLike) -> None:
     """Refuses a checkpoint whose tensors belong to another architecture (for example a config.json whose `decoder`
     was edited): loading it would leave the missing parts randomly initialised."""
@@ -192,9 +295,13 @@ def check_checkpoint_matches(config, loading_info: dict, source: str | os.PathLi
 
 
 __all__ = [
+    "ExportedFolderError",
+    "check_not_exported_folder",
     "check_pixel_values",
+    "device_problem",
     "safetensors_problem",
     "weights_file_error",
+    "shape_mismatch_message",
     "check_checkpoint_matches",
     "held_load_report",
     "saved_config_matches",

@@ -12,12 +12,21 @@ import torch
 from transformers import Pipeline
 from transformers.utils import logging
 
+from .affinity_resampling import nearest_valid_size
 from .configuration_ctal import PIPELINE_TASK
 from .ctal_attention import resolve_autocast_dtype
 from .image_processing_ctal import CTALImageProcessor, load_image
+from .input_checks import device_problem
+from .sliding_window import DEFAULT_OVERLAP, sliding_window_predictions
 from .visualization import visualize_predictions
 
 logger = logging.get_logger(__name__)
+
+# `resolution=`: where the model runs (docs/any-resolution.md). "model": the image resized to the model's image_size
+# (the default); "native": at the image's own size, rounded to the nearest multiple of the backbone's largest stride,
+# with CTAL's fusion weights resampled (`interpolate_affinity=True`); "sliding": windows of the model's image_size
+# over the image at its own size, blended.
+RESOLUTIONS: tuple[str, ...] = ("model", "native", "sliding")
 
 
 class DenseMultitaskPipeline(Pipeline):
@@ -35,7 +44,12 @@ class DenseMultitaskPipeline(Pipeline):
       for three channels, normals as RGB, grayscale probabilities).
 
     Call options: `tasks=[...]` (return only these tasks), `visualize=False` (skip the PIL images), `batch_size`,
-    `timeout` (for URLs).
+    `timeout` (for URLs), `resolution=` (also at construction): `"model"` (default: the image resized to the
+    model's `image_size` and the maps resized back), `"native"` (the model run at the image's own size, rounded to a
+    multiple of the backbone's largest stride, with CTAL's weights resampled) or `"sliding"` (windows of the model's
+    `image_size` over the image, `overlap=` of each window shared with the next, default 1/3, predictions blended);
+    `"native"` and `"sliding"` take one image per forward pass (`batch_size` 1). docs/any-resolution.md compares
+    them.
 
     Speed options (construction only): `autocast_dtype="bf16"` (or `"fp16"`) runs the model under `torch.autocast`
     (convolutions and the CTAL diffusion's matmuls in that dtype, float32 accumulation; refused on hardware without
@@ -71,6 +85,9 @@ class DenseMultitaskPipeline(Pipeline):
         compile: bool = False,
         **kwargs,
     ):
+        problem = device_problem(kwargs.get("device"))
+        if problem:  # transformers would fail with a raw torch error, or (device=0) run on the CPU silently
+            raise ValueError(f"device={kwargs['device']!r}: {problem}; pass device='cpu' (or -1).")
         super().__init__(*args, **kwargs)
         config = self.model.config
         if getattr(config, "model_type", None) != "ctal":
@@ -112,6 +129,13 @@ class DenseMultitaskPipeline(Pipeline):
             minimum = 1 if name == "batch_size" else 0
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        resolution = kwargs.get("resolution", self._forward_params.get("resolution", "model"))
+        batch_size = kwargs.get("batch_size", getattr(self, "_batch_size", None)) or 1
+        if resolution != "model" and batch_size > 1:
+            raise ValueError(
+                f"`resolution={resolution!r}` runs every image at its own size, one per forward pass: use "
+                f"`batch_size=1` (got {batch_size}), or `resolution='model'` to batch."
+            )
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(
@@ -119,14 +143,30 @@ class DenseMultitaskPipeline(Pipeline):
         tasks: str | Sequence[str] | None = None,
         visualize: bool | None = None,
         timeout: float | None = None,
+        resolution: str | None = None,
+        overlap: float | None = None,
         **kwargs,
     ):
         if kwargs:
             raise ValueError(
                 f"Unknown argument(s) {sorted(kwargs)} for the {PIPELINE_TASK!r} pipeline; it takes `tasks`, "
-                "`visualize`, `timeout`, `batch_size` and `num_workers`."
+                "`visualize`, `timeout`, `resolution`, `overlap`, `batch_size` and `num_workers`."
             )
-        preprocess_params, postprocess_params = {}, {}
+        preprocess_params, forward_params, postprocess_params = {}, {}, {}
+        if resolution is not None:
+            if resolution not in RESOLUTIONS:
+                raise ValueError(f"Unknown `resolution` {resolution!r}; choose from {list(RESOLUTIONS)}.")
+            if resolution == "native" and self.model.fixed_size_reason:
+                raise ValueError(f"`resolution='native'` is not available: {self.model.fixed_size_reason}")
+            preprocess_params["resolution"] = forward_params["resolution"] = resolution
+        if overlap is not None:
+            if resolution is not None and resolution != "sliding":
+                raise ValueError(f"`overlap` applies to `resolution='sliding'`, not {resolution!r}.")
+            if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
+                raise ValueError(
+                    f"`overlap` is the fraction of a window shared with the next, in [0, 1); got {overlap!r}."
+                )
+            forward_params["overlap"] = float(overlap)
         if timeout is not None:
             preprocess_params["timeout"] = timeout
         if tasks is not None:
@@ -138,24 +178,39 @@ class DenseMultitaskPipeline(Pipeline):
             postprocess_params["tasks"] = tasks
         if visualize is not None:
             postprocess_params["visualize"] = bool(visualize)
-        return preprocess_params, {}, postprocess_params
+        return preprocess_params, forward_params, postprocess_params
 
-    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, Any]:
+    def preprocess(self, image: Any, timeout: float | None = None, resolution: str = "model") -> dict[str, Any]:
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image, timeout=timeout)
         rgb = self.image_processor.process_image(image)  # (3, H, W): validates the input and gives its size
-        inputs = self.image_processor(rgb, return_tensors="pt")
+        size = {}
+        if resolution == "native":
+            height, width = nearest_valid_size(tuple(rgb.shape[-2:]), self.model.input_stride)
+            size = {"size": {"height": height, "width": width}}
+        elif resolution == "sliding":
+            size = {"size": {"height": int(rgb.shape[-2]), "width": int(rgb.shape[-1])}}
+        inputs = self.image_processor(rgb, return_tensors="pt", **size)
         pixel_values = inputs["pixel_values"]
         if self.dtype is not None:
             pixel_values = pixel_values.to(self.dtype)
         return {"pixel_values": pixel_values, "target_size": tuple(int(side) for side in rgb.shape[-2:])}
 
-    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+    def _forward(
+        self, model_inputs: dict[str, Any], resolution: str = "model", overlap: float = DEFAULT_OVERLAP
+    ) -> dict[str, Any]:
         target_size = model_inputs.pop("target_size")
         autocast = self.autocast_dtype is not None
+        pixel_values = model_inputs["pixel_values"]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=autocast):
-            outputs = self._run_model(pixel_values=model_inputs["pixel_values"])
-        predictions = {task: value.float() for task, value in outputs.predictions.items()}
+            if resolution == "sliding":
+                predictions = sliding_window_predictions(
+                    self._run_model, pixel_values, window=tuple(self.model.config.image_size), overlap=overlap
+                )
+            else:
+                interpolate = resolution == "native"
+                predictions = self._run_model(pixel_values=pixel_values, interpolate_affinity=interpolate).predictions
+        predictions = {task: value.float() for task, value in predictions.items()}
         # A flat dict (task -> batched tensor) so the pipeline's batching can split it per image.
         return {**predictions, "target_size": target_size}
 
@@ -188,4 +243,4 @@ def postprocess_predictions(
     return result
 
 
-__all__ = ["DenseMultitaskPipeline", "PIPELINE_TASK", "postprocess_predictions"]
+__all__ = ["DenseMultitaskPipeline", "PIPELINE_TASK", "RESOLUTIONS", "postprocess_predictions"]

@@ -3,6 +3,8 @@ every preset turns on. Data only (docs/design.md, "Presets")."""
 
 from typing import Any
 
+from .dataset_classes import DATASET_TASK_DESCRIPTIONS
+
 # What `from_preset` sets for every dataset: the release's behaviour.
 RELEASE_BEHAVIOUR: dict[str, Any] = {
     "fpm_grouping": "consecutive",
@@ -15,9 +17,11 @@ RELEASE_BEHAVIOUR: dict[str, Any] = {
     "backbone_final_norm": True,
 }
 
-# The paper's settings (docs/design.md, "Presets"): tasks in order, classes, input size (H, W), loss weights.
+# The paper's settings (docs/design.md, "Presets"): tasks in order, classes (with their names: `id2label`), units,
+# input size (H, W), loss weights.
 PRESETS: dict[str, dict[str, Any]] = {
     "nyuv2": {
+        "task_specs": DATASET_TASK_DESCRIPTIONS["nyuv2"],
         "tasks": ["semseg", "depth", "normals"],
         "num_semseg_classes": 13,
         "image_size": [288, 384],
@@ -25,6 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "backbone": "hrnet_w18_small_v2",
     },
     "cityscapes": {
+        "task_specs": DATASET_TASK_DESCRIPTIONS["cityscapes"],
         "tasks": ["semseg", "depth"],
         "num_semseg_classes": 19,
         "image_size": [128, 256],
@@ -32,6 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "backbone": "hrnet_w18_small_v2",
     },
     "pascal_context": {
+        "task_specs": DATASET_TASK_DESCRIPTIONS["pascal_context"],
         "tasks": ["semseg", "parts", "saliency", "normals", "edge"],
         "num_semseg_classes": 21,
         "num_parts_classes": 7,
@@ -42,6 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Full resolution, CTAL at 1/4 (affinity maps 120 x 160 and 128 x 256, N = 19,200 and 32,768): only the
     # factorised diffusion fits (the dense form would need tens of GB of N x N maps per step).
     "nyuv2_full": {
+        "task_specs": DATASET_TASK_DESCRIPTIONS["nyuv2"],
         "tasks": ["semseg", "depth", "normals"],
         "num_semseg_classes": 13,
         "image_size": [480, 640],
@@ -50,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_impl": "factorized",
     },
     "cityscapes_full": {
+        "task_specs": DATASET_TASK_DESCRIPTIONS["cityscapes"],
         "tasks": ["semseg", "depth"],
         "num_semseg_classes": 19,
         "image_size": [512, 1024],

@@ -38,7 +38,13 @@ SPEC_FIELDS: tuple[str, ...] = (
     "short_title",
     "in_figures",
     "hub_task_type",
+    "class_names",
+    "unit",
 )
+
+# Spec keys that describe a task without changing the model (names in pictures, pipelines and model cards): the only
+# keys `task_specs` may set for a built-in task, on top of the spec the config's fields give it.
+DESCRIPTIVE_FIELDS: tuple[str, ...] = ("title", "short_title", "class_names", "unit")
 
 
 def _spec_error(name: str, field: str, problem: str) -> ValueError:
@@ -77,6 +83,10 @@ class CTALTask(ABC):
         short_title: the column title of figures (default: `title`).
         in_figures: whether figures show the task by default (`visualization.make_figure` without `tasks`).
         hub_task_type: the Hub task type of its results in model cards.
+        class_names: classification only: the name of each class, in class-id order (`id2label` of the segmentation
+            task a stock pipeline serves; legends; model cards). `None`: unnamed.
+        unit: regression only: the unit of the values (`"metres"`, `"disparity"`, ...), for model cards and
+            pictures. `None`: unstated.
     """
 
     name: str
@@ -94,6 +104,8 @@ class CTALTask(ABC):
     short_title: str = ""
     in_figures: bool = True
     hub_task_type: str | None = None
+    class_names: tuple[str, ...] | None = None
+    unit: str | None = None
 
     kind: ClassVar[str] = ""
     # Losses this kind accepts (the first is the default), headline metrics (-> lower is better; the first is the
@@ -205,6 +217,24 @@ class CTALTask(ABC):
         hub_task_type = spec.get("hub_task_type", cls._default_hub_task_type(name))
         if not isinstance(hub_task_type, str):
             raise _spec_error(name, "hub_task_type", f"must be a string, got {hub_task_type!r}.")
+        class_names = spec.get("class_names")
+        if class_names is not None:
+            if (
+                not isinstance(class_names, (list, tuple))
+                or not all(isinstance(c, str) and c for c in class_names)
+                or len(class_names) != num_channels
+                or len(set(class_names)) != len(class_names)
+            ):
+                raise _spec_error(
+                    name,
+                    "class_names",
+                    f"must list {num_channels} distinct non-empty names (one per class, in class-id order), got "
+                    f"{class_names!r}.",
+                )
+            class_names = tuple(class_names)
+        unit = spec.get("unit")
+        if unit is not None and (not isinstance(unit, str) or not unit):
+            raise _spec_error(name, "unit", f"must be a non-empty string such as 'metres', got {unit!r}.")
         task = cls(
             name=name,
             num_channels=int(num_channels),
@@ -221,6 +251,8 @@ class CTALTask(ABC):
             short_title=short_title,
             in_figures=in_figures,
             hub_task_type=hub_task_type,
+            class_names=class_names,
+            unit=unit,
         )
         task._check_combination()
         return task
@@ -318,16 +350,22 @@ class CTALTask(ABC):
         return None
 
     def card_line(self) -> str:
-        """The task's line in a model card."""
+        """The task's line in a model card (with its unit and class names where the spec states them)."""
         if self.is_builtin:
-            return (
+            line = (
                 f"- `{self.name}`: {self.title} ({self.num_channels} output channel(s), headline metric {self.metric})"
             )
-        direction = "lower is better" if self.lower_is_better else "higher is better"
-        return (
-            f"- `{self.name}`: {self.title} ({self.kind} task, {self.num_channels} output channel(s), {self.loss} "
-            f"loss, headline metric {self.metric}, {direction})"
-        )
+        else:
+            direction = "lower is better" if self.lower_is_better else "higher is better"
+            line = (
+                f"- `{self.name}`: {self.title} ({self.kind} task, {self.num_channels} output channel(s), {self.loss} "
+                f"loss, headline metric {self.metric}, {direction})"
+            )
+        if self.unit is not None:
+            line += f"; unit: {self.unit}"
+        if self.class_names is not None:
+            line += "; classes: " + ", ".join(f"{index} {name}" for index, name in enumerate(self.class_names))
+        return line
 
     # --------------------------------------------------------------------------------------- post-processing
     def decode(self, prediction: torch.Tensor) -> torch.Tensor:
@@ -383,4 +421,4 @@ class CTALTask(ABC):
         return label / scale if self.divide_by_zoom else label
 
 
-__all__ = ["CTALTask", "TASK_KINDS", "SPEC_FIELDS"]
+__all__ = ["CTALTask", "TASK_KINDS", "SPEC_FIELDS", "DESCRIPTIVE_FIELDS"]

@@ -35,6 +35,7 @@ class CTALClassificationTask(CTALTask):
             "short_title",
             "in_figures",
             "hub_task_type",
+            "class_names",
         }
     )
     default_ignore_value: ClassVar[str | float | None] = "config"
@@ -121,7 +122,9 @@ class CTALClassificationTask(CTALTask):
                 f"Dataset column {self.name!r} holds shape {tuple(value.shape)}; a classification task reads "
                 "(height, width) class ids per row."
             )
-        return value.long()
+        value = value.long()
+        # Negative class ids are never classes: void, as MTAN's -1 (tanganke/nyuv2 on the Hub) -> unlabelled.
+        return value.masked_fill(value < 0, int(self.ignore_value)) if self.ignore_value is not None else value
 
     @property
     def pad_value(self) -> float:
@@ -156,6 +159,7 @@ class CTALRegressionTask(CTALTask):
             "short_title",
             "in_figures",
             "hub_task_type",
+            "unit",
         }
     )
 

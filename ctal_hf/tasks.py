@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .registry import BUILTIN_TASK_NAMES, REGRESSION_LOSSES
-from .task_base import SPEC_FIELDS, TASK_KINDS, CTALTask
+from .task_base import DESCRIPTIVE_FIELDS, SPEC_FIELDS, TASK_KINDS, CTALTask
 from .task_kinds import CTALBinaryTask, CTALClassificationTask, CTALNormalsTask, CTALRegressionTask
 
 # The config field that sets the class count of each built-in classification task (`builtin_task_specs`).
@@ -127,16 +127,19 @@ def resolve_tasks(
     task and field for a bad spec."""
     task_specs = dict(task_specs or {})
     builtin = builtin_task_specs(num_semseg_classes, num_parts_classes, ignore_index, normals_loss, edge_pos_weight)
-    redefined = sorted(set(task_specs) & set(builtin))
-    if redefined:
-        raise ValueError(
-            f"task_specs[{redefined[0]!r}]: {redefined[0]!r} is a built-in task, set by the config fields "
-            "(num_semseg_classes, num_parts_classes, ignore_index, normals_loss, edge_pos_weight); give your task "
-            "another name."
-        )
+    for name in sorted(set(task_specs) & set(builtin)):
+        spec = task_specs[name]
+        architectural = sorted(set(spec) - set(DESCRIPTIVE_FIELDS)) if isinstance(spec, Mapping) else ["(not a dict)"]
+        if architectural:
+            raise ValueError(
+                f"task_specs[{name!r}]: {name!r} is a built-in task, set by the config fields (num_semseg_classes, "
+                "num_parts_classes, ignore_index, normals_loss, edge_pos_weight); its spec may only describe it "
+                f"({list(DESCRIPTIVE_FIELDS)}), not set {architectural}. Give your own task another name."
+            )
+        builtin[name] = {**builtin[name], **spec}
     resolved = {}
     for name in tasks:
-        spec = task_specs.get(name, builtin.get(name))
+        spec = builtin.get(name) if name in builtin else task_specs.get(name)
         if spec is None:
             raise ValueError(
                 f"Unknown task {name!r}: not a built-in task ({list(BUILTIN_TASK_NAMES)}) and not defined in "
@@ -168,6 +171,24 @@ def as_tasks(tasks: Any, task_specs: Mapping[str, Any] | None = None) -> dict[st
     return resolve_tasks(list(tasks), task_specs)
 
 
+# The stock transformers task each per-task view of a checkpoint serves (`CTALForDepthEstimation`, ...) -> which of
+# the model's tasks it serves: the first (in `config.tasks` order) whose `field` equals `value`.
+STOCK_TASK_VIEWS: dict[str, tuple[str, str]] = {
+    "depth-estimation": ("hub_task_type", "depth-estimation"),
+    "semantic-segmentation": ("hub_task_type", "image-segmentation"),
+    "normal-estimation": ("kind", "normals"),
+}
+
+
+def serving_task(tasks: Mapping[str, CTALTask], view: str) -> str | None:
+    """The name of the task a stock view (`STOCK_TASK_VIEWS`: `"depth-estimation"`, `"semantic-segmentation"`,
+    `"normal-estimation"`) of a model with `tasks` serves, or `None` when the model has no such task."""
+    if view not in STOCK_TASK_VIEWS:
+        raise ValueError(f"Unknown stock view {view!r}; choose from {list(STOCK_TASK_VIEWS)}.")
+    field, value = STOCK_TASK_VIEWS[view]
+    return next((name for name, task in tasks.items() if getattr(task, field) == value), None)
+
+
 # The built-in tasks with the config's default settings (class counts of NYUv2 and PASCAL-Context parts).
 TASKS: dict[str, CTALTask] = resolve_tasks(BUILTIN_TASK_NAMES)
 
@@ -181,6 +202,9 @@ __all__ = [
     "CTALBinaryTask",
     "TASK_KINDS",
     "SPEC_FIELDS",
+    "DESCRIPTIVE_FIELDS",
+    "STOCK_TASK_VIEWS",
+    "serving_task",
     "REGRESSION_LOSSES",
     "BUILTIN_TASK_NAMES",
     "CLASS_COUNT_FIELDS",

@@ -105,6 +105,11 @@ def _image_to_array(image: Any) -> np.ndarray:
     return array
 
 
+# Bounds of `make_figure`: the widest (or tallest) panel shape, and the most pixels a figure has at its dpi.
+MAX_PANEL_ASPECT = 4.0
+FIGURE_PIXEL_BUDGET = 4096 * 4096
+
+
 def make_figure(
     images: Any,
     predictions: Any,
@@ -178,12 +183,14 @@ def make_figure(
         if truth is not None:
             rows.append(("ground truth", array, truth, ranges))
 
-    aspect = arrays[0].shape[1] / arrays[0].shape[0]
+    # A panel's shape follows the image's only within MAX_PANEL_ASPECT (a 1 x 5000 image is drawn small inside a
+    # 4:1 panel), and the whole figure within FIGURE_PIXEL_BUDGET at `dpi`: its memory is bounded whatever the image.
+    aspect = min(max(arrays[0].shape[1] / arrays[0].shape[0], 1 / MAX_PANEL_ASPECT), MAX_PANEL_ASPECT)
     columns = 1 + len(tasks)
     legend_height = 0.0 if not class_names else 0.2 * int(np.ceil(len(class_names) / 8)) + 0.15  # inches
-    figure = Figure(
-        figsize=(panel_height * aspect * columns, panel_height * len(rows) + 0.35 + legend_height), dpi=dpi
-    )
+    width, height = panel_height * aspect * columns, panel_height * len(rows) + 0.35 + legend_height
+    shrink = min(1.0, (FIGURE_PIXEL_BUDGET / (width * height * dpi * dpi)) ** 0.5)
+    figure = Figure(figsize=(width * shrink, height * shrink), dpi=dpi)
     axes = figure.subplots(len(rows), columns, squeeze=False)
     for row, (label, array, maps, ranges) in enumerate(rows):
         axes[row, 0].imshow(array, cmap="gray" if array.ndim == 2 else None)
@@ -208,7 +215,7 @@ def make_figure(
         figure.legend(
             handles=legend_patches(class_names), loc="lower center", ncol=min(8, len(class_names)), fontsize=8
         )
-    figure.tight_layout(rect=(0, legend_height / figure.get_figheight(), 1, 1))
+    figure.tight_layout(rect=(0, legend_height * shrink / figure.get_figheight(), 1, 1))
     if path is not None:
         save_figure(figure, path, dpi=dpi)
     return figure

@@ -8,30 +8,9 @@ Layout read: `{data_dir}/{train,val}/{image,label_7,label_19,depth}/{i}.npy` wit
 [0, 1], labels (128, 256) with -1 = void (ints or integer-valued floats), depth (128, 256, 1) = disparity with 0
 invalid. Columns written: `id`, `image`, `semseg` (-1 -> 255), `depth` (the disparity, kept as stored)."""
 
-from ._mtan import MTANBuilder, MTANConfig
+from ctal_hf.dataset_classes import CITYSCAPES_7_CLASSES, CITYSCAPES_19_CLASSES
 
-CITYSCAPES_19_CLASSES = [
-    "road",
-    "sidewalk",
-    "building",
-    "wall",
-    "fence",
-    "pole",
-    "traffic light",
-    "traffic sign",
-    "vegetation",
-    "terrain",
-    "sky",
-    "person",
-    "rider",
-    "car",
-    "truck",
-    "bus",
-    "train",
-    "motorcycle",
-    "bicycle",
-]
-CITYSCAPES_7_CLASSES = ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
+from ._mtan import MTANBuilder, MTANConfig
 
 
 class Cityscapes(MTANBuilder):

@@ -11,23 +11,9 @@ label (288, 384) 0..12 with -1 ignored (stored as ints or integer-valued floats)
 0 invalid, normal (288, 384, 3) unit vectors with 0 invalid. Columns written: `id`, `image`, `semseg` (-1 -> 255),
 `depth` (H, W), `normals` (H, W, 3)."""
 
-from ._mtan import MTANBuilder, MTANConfig
+from ctal_hf.dataset_classes import NYUV2_CLASSES
 
-NYUV2_CLASSES = [
-    "bed",
-    "books",
-    "ceiling",
-    "chair",
-    "floor",
-    "furniture",
-    "objects",
-    "picture",
-    "sofa",
-    "table",
-    "tv",
-    "wall",
-    "window",
-]
+from ._mtan import MTANBuilder, MTANConfig
 
 
 class NYUv2(MTANBuilder):

@@ -28,6 +28,7 @@ from scipy import io as sio
 from scipy import ndimage
 from transformers.utils import logging
 
+from ctal_hf.dataset_classes import HUMAN_PART_CLASSES, VOC_CLASSES
 from ctal_hf.tasks import resolve_tasks
 
 from ._common import IGNORE_INDEX, CTALBuilderMixin, require_dir, require_file, task_features
@@ -35,30 +36,6 @@ from ._common import IGNORE_INDEX, CTALBuilderMixin, require_dir, require_file, 
 logger = logging.get_logger(__name__)
 
 PASCAL_TASKS = ("semseg", "parts", "saliency", "normals", "edge")
-VOC_CLASSES = [
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-]
-HUMAN_PART_CLASSES = ["background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg"]
 PERSON_CLASS_INDEX = 15  # PASCAL-Part object class index of `person`
 # PASCAL-Part part names -> the 6 grouped human parts used by PASCAL-MT (0 = background).
 HUMAN_PART_IDS = {

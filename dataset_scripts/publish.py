@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -85,21 +84,31 @@ def write_parquet_folder(
     output_dir: str | Path,
     config_name: str = "default",
     max_shard_size: int = 500 * 2**20,
+    ignore_lock: bool = False,
 ) -> Path:
-    """Write `data/<split>-iiiii-of-nnnnn.parquet` shards and README.md into `output_dir` (replacing its data/)."""
+    """Write `data/<split>-iiiii-of-nnnnn.parquet` shards and README.md into `output_dir` (replacing its data/).
+    Everything is written into a hidden folder beside `output_dir` first and renamed into place at the end (the
+    data folder whole, README.md last), so a failure leaves `output_dir` as it was; the folder is locked while it
+    is written (`ctal_hf.atomic_outputs`)."""
+    from ctal_hf.atomic_outputs import OutputLock, atomic_folder
+
     output_dir = Path(output_dir)
-    data_dir = output_dir / "data" if config_name == "default" else output_dir / config_name
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    data_dir.mkdir(parents=True)
-    data_files = {}
-    for split, ds in dataset.items():
-        num_shards = max(1, min(len(ds), math.ceil(ds.data.nbytes / max_shard_size)))
-        for index in range(num_shards):
-            shard = ds.shard(num_shards=num_shards, index=index, contiguous=True)
-            shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"))
-        data_files[split] = f"{data_dir.relative_to(output_dir).as_posix()}/{split}-*"
-    make_card(name, dataset, config_name, data_files).save(output_dir / "README.md")
+    empty = [split for split, ds in dataset.items() if len(ds) == 0]
+    if empty:
+        raise ValueError(f"Dataset {name!r}: the split(s) {empty} are empty (0 rows); nothing is written.")
+    subfolder = "data" if config_name == "default" else config_name
+    with OutputLock(output_dir, ignore_lock=ignore_lock, target_flag="--output_dir"):
+        with atomic_folder(output_dir, merge=True, purpose="publish") as staging:
+            data_dir = staging / subfolder
+            data_dir.mkdir(parents=True)
+            data_files = {}
+            for split, ds in dataset.items():
+                num_shards = max(1, min(len(ds), math.ceil(ds.data.nbytes / max_shard_size)))
+                for index in range(num_shards):
+                    shard = ds.shard(num_shards=num_shards, index=index, contiguous=True)
+                    shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"))
+                data_files[split] = f"{subfolder}/{split}-*"
+            make_card(name, dataset, config_name, data_files).save(staging / "README.md")
     logger.info(f"Wrote {sum(len(d) for d in dataset.values())} rows of {name} to {output_dir}")
     return output_dir
 
@@ -143,6 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--token", default=None)
     parser.add_argument("--max_shard_size", default="500MB")
+    parser.add_argument(
+        "--ignore_lock", action="store_true", help="Write --output_dir even while another run's lock file holds it."
+    )
     parser.add_argument("--num_train", type=int, default=None, help="synthetic only: training images")
     parser.add_argument("--num_validation", type=int, default=None, help="synthetic only: validation images")
     args = parser.parse_args(argv)
@@ -168,6 +180,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--data_dir is required for {args.name}: the folder with the public preprocessed files.")
         if not Path(args.data_dir).is_dir():
             parser.error(f"--data_dir {args.data_dir!r} is not a folder.")
+    if args.output_dir and args.data_dir:
+        from ctal_hf.atomic_outputs import check_not_source
+
+        try:
+            check_not_source(args.output_dir, {"--data_dir": args.data_dir}, "--output_dir")
+        except ValueError as error:
+            parser.error(str(error))
     if args.output_dir:
         target = Path(args.output_dir)
         if target.exists() and not target.is_dir():
@@ -193,7 +212,7 @@ def main(argv=None) -> None:
     dataset = build(args.name, data_dir=args.data_dir, config=args.config, cache_dir=args.cache_dir, **extra)
     if args.output_dir:
         size = datasets.utils.py_utils.convert_file_size_to_int(args.max_shard_size)
-        write_parquet_folder(args.name, dataset, args.output_dir, args.hub_config_name, size)
+        write_parquet_folder(args.name, dataset, args.output_dir, args.hub_config_name, size, args.ignore_lock)
     else:
         push(args.name, dataset, args.repo_id, args.hub_config_name, args.private, args.token, args.max_shard_size)
 

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
+from ctal_hf.dataset_classes import SYNTHETIC_CLASSES, SYNTHETIC_PART_CLASSES
+
 from ._common import IGNORE_INDEX, CTALBuilderMixin, task_features
 
-SYNTHETIC_CLASSES = ["wall", "floor", "ceiling", "box", "sphere", "cylinder", "figure"]
-SYNTHETIC_PART_CLASSES = ["background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg"]
 CONFIG_TASKS = {
     "nyuv2": ("semseg", "depth", "normals", "albedo"),
     "pascal": ("semseg", "parts", "saliency", "normals", "edge"),
@@ -497,6 +497,26 @@ class SyntheticScenesConfig(datasets.BuilderConfig):
     max_objects: int = 6
 
 
+def check_synthetic_config(config) -> None:
+    """Refuses sizes and counts that would render empty images or empty splits (datasets sets builder keyword
+    arguments on a copy of the config after construction, so the builder checks them, not the config)."""
+    size = config.image_size
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in size)
+    ):
+        raise ValueError(f"SyntheticScenes image_size must be (height, width), two integers >= 1, got {size!r}.")
+    for field in ("num_train", "num_validation"):
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"SyntheticScenes {field} must be an integer >= 1 (else the split is empty), got {value!r}."
+            )
+    if isinstance(config.max_objects, bool) or not isinstance(config.max_objects, int) or config.max_objects < 0:
+        raise ValueError(f"SyntheticScenes max_objects must be an integer >= 0, got {config.max_objects!r}.")
+
+
 class SyntheticScenes(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
     """Procedural rooms rendered offline; configs `nyuv2` (3 paper tasks and albedo) and `pascal` (5 tasks)."""
 
@@ -511,6 +531,7 @@ class SyntheticScenes(CTALBuilderMixin, datasets.GeneratorBasedBuilder):
     DEFAULT_CONFIG_NAME = "nyuv2"
 
     def _info(self) -> datasets.DatasetInfo:
+        check_synthetic_config(self.config)  # the builder's __init__ calls this first
         height, width = self.config.image_size
         return datasets.DatasetInfo(
             description="Procedurally rendered rooms with exact multitask labels (ctal_hf SyntheticScenes).",

@@ -48,11 +48,12 @@ from ctal_hf import CTALImageProcessor
 from ctal_hf.ctal_attention import resolve_autocast_dtype
 from ctal_hf.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CTALTorchDataset, CTALTransform
 from ctal_hf.registry import decoder_display_name
-from ctal_hf.training import building, checkpointing, evaluation, hub
+from ctal_hf.training import building, checkpointing, evaluation, hub, run_output
 from ctal_hf.training.aggregation import GradientAggregation, check_aggregation_setting
 from ctal_hf.training.data_loading import EpochShuffleSampler, load_splits
 from ctal_hf.training.loss_weighting import build_loss_weighting
 from ctal_hf.training.model_card import make_model_card, metrics_table
+from ctal_hf.training.sync_batchnorm import check_sync_batchnorm, convert_sync_batchnorm
 
 logger = get_logger("train")
 
@@ -114,6 +115,7 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
     logging.getLogger("ctal_hf").setLevel(logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     resolve_autocast_dtype(args.mixed_precision, accelerator.device.type)  # bf16 / fp16 the hardware lacks: refused
+    check_sync_batchnorm(args.sync_batchnorm, accelerator.device, accelerator.num_processes)  # CPU: refused
     verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
     datasets.utils.logging.set_verbosity(verbosity)
     transformers.utils.logging.set_verbosity(verbosity)
@@ -123,9 +125,9 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
 def set_up(args: argparse.Namespace) -> TrainingRun:
     """Recipe, config, datasets, model, loss weighting, optimizer and learning-rate schedule, prepared once."""
     recipe = building.resolve_recipe(args)
-    output_dir = Path(args.output_dir or f"outputs/ctal-{recipe.name}")
+    output_dir = run_output.output_dir_of(args, recipe.name)
     accelerator = make_accelerator(args, output_dir)
-    if args.recipe is None and args.dataset is not None and args.dataset != recipe.dataset:
+    if args.recipe is None and args.dataset not in (None, "synthetic") and recipe.name == "synthetic":
         logger.warning(f"No recipe is named after dataset {args.dataset!r}: using the 'synthetic' recipe (--recipe).")
     set_seed(args.seed)
 
@@ -159,10 +161,11 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
 
     num_parameters = sum(p.numel() for p in model.parameters())  # before FSDP shards them
     weighting = build_loss_weighting(args.loss_weighting, config).to(accelerator.device)
-    param_groups = [{"params": list(model.parameters())}]
+    param_groups = building.optimizer_param_groups(model, recipe)  # recipe.fusion_lr_scale
     if weighting.trainable_parameters():  # learned loss weights: trained by the same optimizer, no weight decay
         param_groups.append({"params": weighting.trainable_parameters(), "weight_decay": 0.0})
     optimizer = torch.optim.Adam(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    model = convert_sync_batchnorm(model) if args.sync_batchnorm else model  # same weights, global statistics
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if len(train_dataloader) == 0:
         raise ValueError(
@@ -193,6 +196,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
         "loss_weights": ", ".join(f"{t}={w:g}" for t, w in config.loss_weights.items()),
         "loss_weighting": args.loss_weighting, "gradient_aggregator": args.gradient_aggregator,
         "optimizer": "Adam", "learning_rate": recipe.learning_rate, "weight_decay": recipe.weight_decay,
+        "fusion_lr_scale": recipe.fusion_lr_scale,
         "lr_scheduler": f"{scheduler_name} (per {recipe.lr_scheduler_interval})", "epochs": num_epochs,
         "max_train_steps": max_train_steps, "drop_last": recipe.drop_last,
         "total_batch_size": recipe.per_device_train_batch_size * accelerator.num_processes
@@ -203,6 +207,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
     }  # fmt: skip
     identity = {"decoder": config.decoder, "loss_weighting": args.loss_weighting}
     identity.update(gradient_aggregator=args.gradient_aggregator, max_train_steps=max_train_steps)
+    identity.update(building.resume_record(args, recipe, config, dataset_name))  # compared on resume
     return TrainingRun(
         args=args, recipe=recipe, config=config, accelerator=accelerator, model=model, optimizer=optimizer,
         lr_scheduler=lr_scheduler, train_dataloader=train_dataloader, train_sampler=train_sampler,
@@ -329,7 +334,12 @@ def evaluate_epoch(run: TrainingRun, epoch: int) -> None:
     """--eval_every_epoch: the validation metrics and losses, logged and kept in the results' history."""
     result = evaluate(run, desc=f"evaluating epoch {epoch}")
     run.accelerator.log(result.log_dict("val"), step=run.completed_steps)
-    run.history.append({"epoch": epoch, "step": run.completed_steps, "losses": result.losses, "final": result.final})
+    run.history.append(
+        {
+            "epoch": epoch, "step": run.completed_steps, "losses": result.losses, "final": result.final,
+            "initial": result.initial,
+        }
+    )  # fmt: skip
     losses = ", ".join(
         f"{t} {result.losses['final'][t]:.4f}"
         + (f" (initial {result.losses['initial'][t]:.4f})" if "initial" in result.losses else "")
@@ -349,6 +359,7 @@ def collect_results(run: TrainingRun, result: evaluation.Evaluation) -> dict:
         "dataset": run.dataset_name, "num_validation_images": len(run.eval_dataset), "decoder": config.decoder,
         "tasks": list(config.tasks), "num_parameters": run.num_parameters, "completed_steps": run.completed_steps,
         "loss_weights_final": run.weighting.current_weights(), "history": run.history, "settings": run.settings,
+        "refinement": evaluation.refinement(result.final, result.initial, tasks),
     }  # fmt: skip
 
 
@@ -358,27 +369,29 @@ def save(run: TrainingRun, result: evaluation.Evaluation, results: dict, command
     pictures and model card, pushed with --push_to_hub."""
     args, accelerator, config = run.args, run.accelerator, run.config
     accelerator.wait_for_everyone()
+    staged = run_output.final_staging_dir(run.output_dir, accelerator)  # renamed into output_dir at the end
     if not args.eval_only:
         accelerator.unwrap_model(run.model).save_pretrained(
-            run.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+            staged, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
             state_dict=accelerator.get_state_dict(run.model),
         )  # fmt: skip
     if accelerator.is_main_process:
-        (run.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        (staged / "eval_results.json").write_text(json.dumps(results, indent=2))
         if not args.eval_only:
             CTALImageProcessor.from_model_config(
                 config, do_normalize=run.recipe.normalize, image_mean=list(IMAGENET_DEFAULT_MEAN),
                 image_std=list(IMAGENET_DEFAULT_STD),
-            ).save_pretrained(run.output_dir)  # fmt: skip
+            ).save_pretrained(staged)  # fmt: skip
             pictures = evaluation.save_prediction_pictures(
-                result.first_batch, config, run.eval_transform, run.output_dir, args.num_prediction_images,
-                run.class_names,
-            )  # fmt: skip
+                result.first_batch, config, run.eval_transform, staged, args.num_prediction_images, run.class_names
+            )
             make_model_card(
                 config, result.final, result.initial, run.dataset_name, run.settings,
                 model_name=args.hub_model_id or run.output_dir.name, num_parameters=run.num_parameters,
                 completed_steps=run.completed_steps, command=command,
-            ).save(run.output_dir / "README.md")  # fmt: skip
+            ).save(staged / "README.md")  # fmt: skip
+        run_output.publish_final(staged, run.output_dir)  # config.json last
+        if not args.eval_only:
             logger.info(f"Saved the model, image processor, card and {len(pictures)} pictures to {run.output_dir}")
             if run.hub_api is not None:
                 hub.push_folder(
@@ -393,6 +406,12 @@ def main(argv=None) -> dict:
     """Trains (or, with --eval_only, evaluates) and returns the evaluation results (also in eval_results.json).
     `argv`: the command-line arguments (default `sys.argv[1:]`) or an already parsed namespace."""
     args = argv if not isinstance(argv, (list, tuple, type(None))) else parse_args(argv)
+    with run_output.claimed_run_output(args, building.resolve_recipe(args).name):  # locked; no empty folder on error
+        return train_and_save(args, argv)
+
+
+def train_and_save(args: argparse.Namespace, argv=None) -> dict:
+    """`main`'s steps, while the output folder is claimed."""
     run = set_up(args)
     accelerator = run.accelerator
 
@@ -400,9 +419,11 @@ def main(argv=None) -> dict:
     if not args.eval_only:  # checked and loaded before this run writes anything
         start = checkpointing.resume_training(
             accelerator, args.resume_from_checkpoint, run.checkpoints_dir, run.identity, run.max_train_steps,
-            run.steps_per_epoch, args.gradient_accumulation_steps,
+            run.steps_per_epoch, args.gradient_accumulation_steps, run.optimizer, run.lr_scheduler,
         )  # fmt: skip
         run.completed_steps = start.completed_steps
+        if start.changes:  # applied for real (logged); recorded in eval_results.json and the card
+            run.settings["resume_changes"] = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in start.changes.items())
     open_outputs(run)
 
     if not args.eval_only:
@@ -428,6 +449,9 @@ def main(argv=None) -> dict:
     results = collect_results(run, result)
     table = metrics_table(result.final, result.initial, run.config)
     accelerator.print(f"\nValidation metrics ({run.dataset_name}, {len(run.eval_dataset)} images):\n{table}\n")
+    accelerator.print(
+        evaluation.refinement_report(results["refinement"]) + "\n" if results["refinement"] else "", end=""
+    )
     if args.report_to != "none":
         accelerator.log(result.log_dict("eval"), step=run.completed_steps)
 

@@ -163,19 +163,12 @@ def test_bfloat16_model_takes_matching_input(model):
 
 
 # ------------------------------------------------------------------------------------------------ image processor
-def test_float_image_in_unit_range_warns_and_rescales_as_configured(caplog):
+def test_float_image_in_unit_range_is_not_rescaled_again():
+    """The values decide (issue 23): a float image already in [0, 1] is not divided by 255 a second time."""
     processor = CTALImageProcessor(size={"height": 64, "width": 64}, do_normalize=False)
     image = np.full((20, 30, 3), 0.5, dtype=np.float32)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING):
-            rescaled = processor(image, return_tensors="pt")["pixel_values"]
-    finally:
-        hf_logging.disable_propagation()
-    assert "do_rescale=False" in caplog.text
-    assert torch.allclose(rescaled, torch.full_like(rescaled, 0.5 / 255))  # transformers' convention: as configured
+    rescaled = processor(image, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(rescaled, torch.full_like(rescaled, 0.5))
     kept = processor(image, do_rescale=False, return_tensors="pt")["pixel_values"]
     assert torch.allclose(kept, torch.full_like(kept, 0.5))
 

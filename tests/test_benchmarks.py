@@ -140,6 +140,8 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     for impl in ("dense", "factorized"):
         assert f"| diffusion | {impl} | bfloat16 | fwd+bwd |" in text
     assert "| step | auto | bfloat16+cl | train step |" in text
+    assert "| sync_batchnorm | - | - | convert |" in text and "state dict unchanged: True" in text
+    assert "refused on cpu: --sync_batchnorm synchronises BatchNorm statistics across GPU processes" in text
 
 
 def test_backbones_benchmark_writes_its_table(tmp_path):
@@ -241,3 +243,18 @@ def test_interleaved_step_times_todays_package_from_a_git_ref(tmp_path):
     assert "CPU seconds" in text and "AVX-512 BF16" in text
     rows = [line for line in text.splitlines() if line.startswith("| inference")]
     assert [row.split("|")[3].strip() for row in rows] == ["today", "fp32"]
+
+
+@pytest.mark.slow
+def test_transformers_exporters_benchmark_records_each_export(tmp_path):
+    pytest.importorskip("onnxruntime")
+    output = tmp_path / "exporters.md"
+    _run(
+        "transformers_exporters.py", "--decoders", "mtl", "--ctal_export_decoders", "--size", "32", "--repeats", "1",
+        "--calibration", "2", "--threads", "1", "--output", str(output), timeout=900,
+    )  # fmt: skip
+    rows = [line for line in output.read_text().splitlines() if line.startswith("| mtl |")]
+    assert [row.split(" | ")[2] for row in rows] == ["fp32", "int8 static"]
+    fp32 = rows[0].split(" | ")
+    assert all(float(diff) < 1e-3 for diff in fp32[4].split(" / ")), rows[0]  # the float graph matches eager
+    assert "transformers 5." in output.read_text()

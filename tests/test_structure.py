@@ -239,3 +239,40 @@ def test_no_module_outside_the_registries_compares_names():
         if name not in REGISTRY_MODULES and (hits := name_comparisons(ast.parse(path.read_text()), names))
     }
     assert not offenders, f"name comparisons outside the registry modules (read a flag instead): {offenders}"
+
+
+def test_tables_keyed_by_names_live_in_the_registries():
+    # A module-level dict keyed by task, decoder or backbone names is a registry: only the registry modules and the
+    # classes half of the decoder registry (`decoders.DECODER_CLASSES`) hold one; elsewhere the task objects and
+    # registry entries are asked (a custom task or a new entry then gets the same behaviour).
+    names = _known_names()
+    allowed = REGISTRY_MODULES | {"ctal_hf.decoders"}
+    tables = {}
+    for module, path in _package_modules().items():
+        for node in ast.parse(path.read_text()).body:
+            value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+            if isinstance(value, ast.Dict):
+                keys = {key.value for key in value.keys if isinstance(key, ast.Constant)} & names
+                if keys and module not in allowed:
+                    tables[f"{module}:{node.lineno}"] = sorted(keys)
+    assert not tables, f"tables keyed by names outside the registries: {tables}"
+
+
+def test_a_custom_task_is_asked_like_a_built_in_one():
+    # Per-task behaviour comes from the task object: a task defined by a spec gets its evaluate module, figure
+    # title and column, and card line the way a built-in task does.
+    from ctal_hf.evaluate_metrics import evaluate_module_path
+    from ctal_hf.tasks import resolve_tasks
+
+    specs = {
+        "albedo": {"kind": "regression", "num_channels": 1, "positive": True, "title": "Albedo"},
+        "mask": {"kind": "binary", "short_title": "mask", "in_figures": False},
+    }
+    tasks = resolve_tasks(["mask", "albedo", "semseg", "parts"], specs)
+    assert evaluate_module_path("albedo", task_specs=specs).endswith("ctal_depth")
+    assert evaluate_module_path(tasks["mask"]).endswith("ctal_saliency")
+    assert evaluate_module_path("parts").endswith("ctal_semseg")
+    assert [tasks[name].short_title for name in tasks] == ["mask", "Albedo", "semantic seg.", "human parts"]
+    shown = sorted((name for name in tasks if tasks[name].in_figures), key=lambda name: tasks[name].figure_order)
+    assert shown == ["semseg", "albedo"]
+    assert "Albedo" in tasks["albedo"].card_line() and "`albedo`" in tasks["albedo"].card_line()

@@ -503,7 +503,9 @@ def test_train_py_with_task_specs_trains_evaluates_saves_and_serves_albedo(tmp_p
     assert 0 < results["headline"]["albedo"] == results["final"]["albedo"]["abs_err"] < 1
     card = (output / "README.md").read_text()
     assert "`albedo`: Albedo (regression task, 3 output channel(s)" in card and "| albedo | abs_err ↓ |" in card
-    assert json.loads((output / "config.json").read_text())["task_specs"] == {"albedo": ALBEDO_TASK_SPEC}
+    saved = json.loads((output / "config.json").read_text())
+    assert saved["task_specs"]["albedo"] == ALBEDO_TASK_SPEC  # beside the synthetic recipe's class names and units
+    assert saved["id2label"]["6"] == "figure" and saved["task_specs"]["depth"] == {"unit": "metres"}
     assert (output / "predictions" / "validation_0.png").stat().st_size > 5_000
 
     model = CTALForDenseMultitask.from_pretrained(output)

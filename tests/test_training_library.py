@@ -14,6 +14,7 @@ import torch
 from conftest import random_labels
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask
+from ctal_hf.tasks import DESCRIPTIVE_FIELDS
 from ctal_hf.training import aggregation, building, loss_weighting, recipes
 from ctal_hf.training.arguments import parse_args
 
@@ -232,7 +233,9 @@ def test_backbone_config_and_task_specs_reach_the_config_only_when_given(tmp_pat
     recipe = recipes.get_recipe("synthetic")
     with pytest.raises(RuntimeError, match="stop"):
         building.build_config(parse_args([], check_names=False), recipe)
-    assert "backbone_config" not in seen[-1] and "task_specs" not in seen[-1]
+    assert "backbone_config" not in seen[-1]
+    # Only the recipe's descriptions of built-in tasks (class names, units), no task of the user's.
+    assert all(set(spec) <= set(DESCRIPTIVE_FIELDS) for spec in seen[-1].get("task_specs", {}).values())
 
     backbone = tmp_path / "backbone.json"
     backbone.write_text(json.dumps({"model_type": "resnet", "depths": [1, 1, 1, 1]}))
@@ -242,7 +245,7 @@ def test_backbone_config_and_task_specs_reach_the_config_only_when_given(tmp_pat
     with pytest.raises(RuntimeError, match="stop"):
         building.build_config(args, recipe)
     assert seen[-1]["backbone_config"] == {"model_type": "resnet", "depths": [1, 1, 1, 1]}
-    assert seen[-1]["task_specs"] == {"albedo": {"kind": "regression", "channels": 3}}
+    assert seen[-1]["task_specs"]["albedo"] == {"kind": "regression", "channels": 3}
 
     # A folder (or Hub id) goes through AutoConfig.
     from transformers import ResNetConfig

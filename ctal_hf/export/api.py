@@ -14,13 +14,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic_outputs import OutputLock, replace_folder, staging_dir
 from .checks import check_export_arguments, check_output_dir, read_model_config
 from .formats import EXPORT_MANIFEST, RUNTIMES, CTALExportOptions, get_format
 
@@ -143,25 +142,11 @@ def _versions(runtime: str) -> dict[str, str]:
 
 def _move_into_place(staging: Path, target: Path) -> None:
     """Replaces `target` (absent, empty, or to be overwritten) with `staging` by renames on one file system."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        trash = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
-        os.replace(target, trash)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            os.replace(trash, target)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    replace_folder(staging, target)
 
 
 def _staging_dir(target: Path, purpose: str) -> Path:
-    base = target.parent
-    while not base.exists():
-        base = base.parent
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.ctal-export-{purpose}-", dir=base))
+    return staging_dir(target, f"export-{purpose}")
 
 
 def export_model(
@@ -177,6 +162,7 @@ def export_model(
     opset: int = 18,
     dynamic_batch: bool | None = None,
     overwrite: bool = False,
+    ignore_lock: bool = False,
     image_processor=None,
     revision: str | None = None,
     trust_remote_code: bool = False,
@@ -198,6 +184,7 @@ def export_model(
         opset: ONNX opset (>= 18).
         dynamic_batch: a symbolic batch dimension (default: the format's, True except for ExecuTorch). A graph that
             cannot keep it is exported at batch 1, and the manifest says why.
+        ignore_lock: write `output_dir` even while another run holds its lock file (`ctal_hf.atomic_outputs`).
         image_processor: the processor saved with the export (default: the model folder's, or one built from the
             config).
 
@@ -213,11 +200,26 @@ def export_model(
     spec = get_format(format)
     if isinstance(model, (str, os.PathLike)):
         read_model_config(model)
-    target = check_output_dir(output_dir, overwrite)
+    target = check_output_dir(output_dir, overwrite, model)
+    with OutputLock(target, ignore_lock=ignore_lock, target_flag="--output"):
+        return _export(
+            model, target, spec, quantize, calibration_dataset, num_calibration_images, float_scopes, validate, opset,
+            dynamic_batch, image_processor, revision, trust_remote_code,
+        )  # fmt: skip
+
+
+def _export(
+    model, target, spec, quantize, calibration_dataset, num_calibration_images, float_scopes, validate, opset,
+    dynamic_batch, image_processor, revision, trust_remote_code,
+) -> CTALExportResult:  # fmt: skip
     dynamic = spec.dynamic_batch if dynamic_batch is None else bool(dynamic_batch)
 
     loaded, processor, source = _load(model, revision, trust_remote_code, image_processor)
     _check_processor(processor, loaded.config)
+    if float_scopes:
+        from .quantization import check_float_scopes
+
+        check_float_scopes(loaded, float_scopes)
     calibration = None
     if quantize is not None:
         from .calibration import load_calibration_data

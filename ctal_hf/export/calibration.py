@@ -105,14 +105,29 @@ def open_split(source, config, split: str = "train", cache_dir: str | None = Non
                     "nor a folder of Parquet files; write one with `dataset.save_to_disk(folder)` or "
                     "`python -m dataset_scripts.publish ... --output_dir folder`."
                 )
-            loaded = datasets.load_dataset(str(path), cache_dir=cache_dir)
+            loaded = _load_dataset(name, split, cache_dir)
     else:
         if name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise FileNotFoundError(f"Calibration dataset {name!r}: no such folder (and not a Hub id org/name).")
-        loaded = datasets.load_dataset(name, cache_dir=cache_dir)
+        loaded = _load_dataset(name, split, cache_dir)
     if isinstance(loaded, datasets.DatasetDict):
         return _pick_split(loaded, split, name), name
     return loaded, name
+
+
+def _load_dataset(name: str, split: str, cache_dir: str | None):
+    """`datasets.load_dataset`, with its "Instruction 'train' corresponds to no data!" named: the split is empty."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, cache_dir=cache_dir)
+    except ValueError as error:
+        if "corresponds to no data" in str(error):
+            raise ValueError(
+                f"Calibration dataset {name!r}: a split is empty ({error}); calibration reads the {split!r} split, "
+                "which needs rows."
+            ) from None
+        raise
 
 
 def _pick_split(splits, split: str, name: str):
@@ -223,20 +238,40 @@ def load_calibration_data(
     reader = reader.with_format("numpy") if prepared_column or _is_array_column(reader, column) else reader
 
     def read(chunk):
-        return [reader[int(i)][column] for i in chunk]
+        rows = []
+        for index in chunk:
+            try:
+                rows.append(reader[int(index)][column])
+            except Exception as error:  # noqa: BLE001 - Pillow / pyarrow errors of one bad row: name the row
+                raise ValueError(
+                    f"Calibration dataset {name!r} ({split} split), row {int(index)}: its {column!r} cannot be read "
+                    f"({type(error).__name__}: {error}); fix or drop that row."
+                ) from None
+        return rows
+
+    def prepare(chunk):
+        try:
+            return _prepare(read(chunk), image_processor)
+        except ValueError as error:
+            if str(error).startswith("Calibration dataset"):
+                raise
+            rows = f"row {chunk[0]}" if len(chunk) == 1 else f"rows {chunk[0]}..{chunk[-1]}"
+            raise ValueError(f"Calibration dataset {name!r} ({split} split), {rows}: {error}") from None
 
     if prepared_column:  # already prepared: check, do not process again
         array = np.stack([np.asarray(v, dtype=np.float32) for v in read(indices)])
         if array.ndim != 4 or array.shape[1] != 3:
-            raise ValueError(f"Calibration dataset {name!r}: 'pixel_values' rows must be (3, H, W), got {array.shape}.")
+            raise ValueError(
+                f"Calibration dataset {name!r}: 'pixel_values' rows must be (3, H, W), got {array.shape}."
+            )
         if tuple(array.shape[-2:]) != expected:
             raise _size_error(name, array.shape[-2:], expected, image_processor, "pixel_values")
         return CTALCalibrationData(array, name, split, batch_size)
 
-    first = _prepare(read(indices[:1]), image_processor)
+    first = prepare(indices[:1])
     if tuple(first.shape[-2:]) != expected:  # before the other images are prepared
         raise _size_error(name, first.shape[-2:], expected, image_processor, image_column)
-    batches = [first] + [_prepare(read(indices[i : i + 16]), image_processor) for i in range(1, len(indices), 16)]
+    batches = [first] + [prepare(indices[i : i + 16]) for i in range(1, len(indices), 16)]
     array = np.concatenate(batches).astype(np.float32, copy=False)
     if tuple(array.shape[-2:]) != expected:
         raise _size_error(name, array.shape[-2:], expected, image_processor, image_column)

@@ -86,9 +86,14 @@ def read_model_config(model: str | os.PathLike) -> dict[str, Any] | None:
     return None
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """The absolute target folder; refuses a file, and an existing non-empty folder unless `overwrite`."""
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, model: Any = None) -> Path:
+    """The absolute target folder; refuses a file, an existing non-empty folder unless `overwrite`, and the model
+    folder itself (or a folder holding it, or inside it): `--overwrite` would replace the model being exported."""
+    from ..atomic_outputs import check_not_source
+
     target = Path(output_dir).expanduser().absolute()
+    if isinstance(model, (str, os.PathLike)):
+        check_not_source(target, {"--model": model}, "--output")
     if target.exists() and not target.is_dir():
         raise ValueError(f"--output {os.fspath(output_dir)!r} is a file; give a folder (it is created).")
     if target.is_dir() and any(target.iterdir()) and not overwrite:

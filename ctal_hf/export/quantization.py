@@ -68,6 +68,20 @@ def scope_matches(module_path: str, scopes: Sequence[str]) -> bool:
     return False
 
 
+def check_float_scopes(model, scopes: Sequence[str]) -> None:
+    """Refuses a scope that names no module of `model` (a typo would otherwise quantise everything, silently)."""
+    modules = {name for name, _ in model.named_modules() if name}
+    unknown = [scope for scope in scopes if scope.lstrip("=") and scope.lstrip("=") not in modules]
+    if unknown:
+        tops = sorted(name for name in modules if name.count(".") <= 1)
+        shown = ", ".join(tops[:12]) + (", ..." if len(tops) > 12 else "")
+        raise ValueError(
+            f"float_scopes {unknown} match no module of the model, so every node would be quantised; use module "
+            f"paths of {type(model).__name__} ('backbone', 'decoder.ctal', '=decoder.ctal' for its own operations), "
+            f"e.g. {shown}."
+        )
+
+
 def _relative(path: str) -> str:
     """A module path relative to the model: what follows the wrapper's prefix (`m.decoder.ctal` -> `decoder.ctal`)."""
     parts = path.split(".") if path else []
@@ -165,7 +179,9 @@ def _compare(run_fp32: Callable, run_int8: Callable, calibration: CTALCalibratio
         reference, quantized = run_fp32(batch), run_int8(batch)
         for task, ref in reference.items():
             got = quantized[task]
-            entry = per_task.setdefault(task, {"max_abs_diff": 0.0, "mean_abs_diff": 0.0, "scale": 0.0, "finite": True})
+            entry = per_task.setdefault(
+                task, {"max_abs_diff": 0.0, "mean_abs_diff": 0.0, "scale": 0.0, "finite": True}
+            )
             entry["finite"] = bool(entry["finite"] and np.isfinite(got).all())
             diff = np.abs(got.astype(np.float64) - ref)
             entry["max_abs_diff"] = max(entry["max_abs_diff"], float(np.nanmax(diff)))
@@ -357,7 +373,9 @@ def quantize_exported(
     else:
         source = fp32_dir / OPENVINO_FILES[0]
         if not source.is_file():
-            raise FileNotFoundError(f"{fp32_dir} has no {OPENVINO_FILES[0]} to quantise (an OpenVINO export writes it).")
+            raise FileNotFoundError(
+                f"{fp32_dir} has no {OPENVINO_FILES[0]} to quantise (an OpenVINO export writes it)."
+            )
         onnx_scopes = None
         if (fp32_dir / ONNX_FILE).is_file():  # an IR converted from the ONNX file keeps its node names
             import onnx
@@ -386,6 +404,7 @@ def quantize_exported(
 __all__ = [
     "DEFAULT_FLOAT_SCOPES",
     "SENSITIVITY_GROUPS",
+    "check_float_scopes",
     "onnx_node_scopes",
     "openvino_op_scopes",
     "quantize_exported",

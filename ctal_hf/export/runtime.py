@@ -79,7 +79,35 @@ class CTALExportedModel:
             self.image_processor = CTALImageProcessor.from_model_config(self.config)
         self.tasks = list(self.manifest.get("outputs") or self.config.tasks)
         self.dynamic_batch = bool(self.manifest.get("dynamic_batch", False))
-        self.session = get_runtime(self.runtime).build_session(self.model_file, self.tasks, num_threads)
+        self._check_sizes()
+        try:
+            self.session = get_runtime(self.runtime).build_session(self.model_file, self.tasks, num_threads)
+        except (ImportError, MemoryError):
+            raise
+        except Exception as error:  # noqa: BLE001 - each runtime has its own exception types for a bad file
+            first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"{self.runtime} cannot load {str(self.model_file)!r} ({first}): the file is truncated, corrupt or not "
+                f"a valid {self.format} model file. Export the model again with ctal-export."
+            ) from None
+
+    def _check_sizes(self) -> None:
+        """config.json, preprocessor_config.json and the manifest's input shape must agree on the image size (the
+        graph is fixed to the one it was exported at)."""
+        config_size = [int(side) for side in self.config.image_size]
+        shape = ((self.manifest.get("inputs") or {}).get("pixel_values") or {}).get("shape")
+        if isinstance(shape, list) and len(shape) == 4 and [int(side) for side in shape[-2:]] != config_size:
+            raise ValueError(
+                f"Exported folder {str(self.folder)!r}: config.json has image_size {config_size} but the model file "
+                f"was exported for {list(shape[-2:])} ({EXPORT_MANIFEST}); config.json was edited: restore it, or "
+                "export the model again at the new size."
+            )
+        size = self.image_processor.size
+        if [size.height, size.width] != config_size:
+            raise ValueError(
+                f"Exported folder {str(self.folder)!r}: preprocessor_config.json resizes to {[size.height, size.width]}"
+                f" but config.json has image_size {config_size}; restore the files written by ctal-export."
+            )
 
     def __call__(self, pixel_values) -> dict[str, np.ndarray]:
         if hasattr(pixel_values, "detach"):

@@ -6,10 +6,22 @@ live in the model registries (decoders, backbones) are checked right after, by `
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..registry import BACKBONE_INFO, DECODER_INFO, GRADIENT_AGGREGATORS, LOSS_WEIGHTINGS
-from .recipes import RECIPES, SCHEDULER_INTERVALS, SCHEDULERS
+from .recipes import FUSION_LR_SCALES, RECIPES, SCHEDULER_INTERVALS, SCHEDULERS
+
+
+def column_mapping(text: str) -> dict[str, str]:
+    """argparse type: a JSON object mapping a dataset's column names to ours, e.g. '{"segmentation": "semseg"}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f'not JSON ({error}); e.g. \'{{"segmentation": "semseg"}}\'') from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of column names to column names, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -23,6 +35,64 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """argparse type: a seed numpy and torch both take, 0 <= seed < 2**32."""
+    value = non_negative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32 (numpy's seed range), got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate)."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value:g}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a weight decay)."""
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+DEFAULT_DECODER = "ctal_ss"
+# Flags that describe the model's architecture: with --model_name_or_path the saved config decides them, so a
+# different value is refused rather than ignored (config field -> flag).
+ARCHITECTURE_FLAGS: dict[str, str] = {
+    "decoder": "--decoder",
+    "backbone": "--backbone",
+    "tasks": "--tasks",
+    "num_semseg_classes": "--num_semseg_classes",
+    "num_parts_classes": "--num_parts_classes",
+    "image_size": "--image_size",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a CTAL multitask dense prediction model with Accelerate.")
     data = parser.add_argument_group("data")
@@ -34,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--dataset_config", default=None, help="Builder / Hub config (cityscapes: 19class or 7class).")
     data.add_argument("--data_dir", default=None, help="Folder of the public preprocessed files (nyuv2, ...).")
+    data.add_argument(
+        "--column_mapping",
+        type=column_mapping,
+        default=None,
+        help='A Hub / Parquet dataset\'s columns onto ours, as JSON: \'{"segmentation": "semseg", "normal": '
+        '"normals"}\' (known Hub copies such as tanganke/nyuv2 need none; docs/hub-ecosystem.md).',
+    )
     data.add_argument("--cache_dir", default=None, help="datasets cache folder (default: HF_DATASETS_CACHE).")
     data.add_argument("--num_train_images", type=positive_int, default=None, help="Synthetic: scenes.")
     data.add_argument(
@@ -54,12 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Evaluate on the first N validation rows.",
     )
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default=None, help="Start from a trained CTAL model (folder or Hub).")
     model.add_argument(
-        "--decoder", default="ctal_ss", help="ctal_ss, ctal_ms or a baseline (stl, mtl, padnet, papnet, ...)."
+        "--decoder",
+        default=None,
+        help="ctal_ss (default), ctal_ms or a baseline (stl, mtl, padnet, papnet, ...). With --model_name_or_path: "
+        "the model's.",
     )
     model.add_argument("--backbone", default=None, help="A registered backbone name. Default: the recipe's preset.")
     model.add_argument(
@@ -94,13 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_name_or_path.",
     )
     model.add_argument("--gradient_checkpointing", action="store_true")
+    model.add_argument(
+        "--sync_batchnorm",
+        action="store_true",
+        help="Several GPU processes: BatchNorm statistics over the global batch (torch SyncBatchNorm); the saved "
+        "weights are unchanged. Refused on CPU (docs/hub-ecosystem.md).",
+    )
 
     train = parser.add_argument_group("training (defaults: the recipe's)")
     train.add_argument(
         "--recipe", default=None, choices=sorted(RECIPES), help="Default: the dataset's, else synthetic."
     )
-    train.add_argument("--learning_rate", type=float, default=None)
-    train.add_argument("--weight_decay", type=float, default=None)
+    train.add_argument(
+        "--learning_rate",
+        type=positive_float,
+        default=None,
+        help="On resume, a value other than the checkpoint's is applied from the resumed step (logged and recorded).",
+    )
+    train.add_argument("--weight_decay", type=non_negative_float, default=None, help="As --learning_rate on resume.")
     train.add_argument("--num_train_epochs", type=positive_int, default=None)
     train.add_argument(
         "--max_train_steps",
@@ -115,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCHEDULER_INTERVALS,
         help="epoch: the learning rate changes once per epoch (the paper recipes, as the release); step: every "
         "optimizer step.",
+    )
+    train.add_argument(
+        "--fusion_lr_scale",
+        default=None,
+        choices=FUSION_LR_SCALES,
+        help="num_pixels: CTAL's fusion conv trains with the learning rate / N (its affinity pixels); "
+        "docs/efficacy.md.",
     )
     train.add_argument("--per_device_train_batch_size", type=positive_int, default=None)
     train.add_argument("--per_device_eval_batch_size", type=positive_int, default=None)
@@ -170,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Combine the per-task gradients of the shared parameters with a TorchJD aggregator (pip install "
         "torchjd; cagrad and nashmtl also need 'torchjd[cagrad]' / 'torchjd[nash-mtl]'). One process only.",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=seed_value, default=0)
     train.add_argument("--eval_only", action="store_true", help="Evaluate --model_name_or_path; no training.")
     train.add_argument(
         "--eval_every_epoch",
@@ -197,13 +295,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--report_to", default="none", help="Tracker(s): tensorboard, wandb, all, or none.")
     out.add_argument("--logging_steps", type=positive_int, default=10)
-    out.add_argument("--num_prediction_images", type=int, default=4, help="Validation images drawn after training.")
+    out.add_argument(
+        "--num_prediction_images", type=non_negative_int, default=4, help="Validation images drawn after training."
+    )
+    out.add_argument(
+        "--ignore_lock",
+        action="store_true",
+        help="Write --output_dir even while another run's lock file (.<name>.ctal-lock beside it) holds it.",
+    )
     out.add_argument("--push_to_hub", action="store_true")
     out.add_argument("--hub_model_id", default=None, help="org/name of the model repo.")
     out.add_argument("--hub_token", default=None)
     out.add_argument("--hub_private_repo", action="store_true")
     out.add_argument("--push_checkpoints", action="store_true", help="Also upload each checkpoint when saved.")
     return parser
+
+
+def _can_write(folder: Path) -> bool:
+    """Whether a file can be created in `folder` (tried, not guessed from permission bits: root, read-only mounts)."""
+    import tempfile
+
+    try:
+        descriptor, name = tempfile.mkstemp(prefix=".ctal-write-test-", dir=folder)
+    except OSError:
+        return False
+    os.close(descriptor)
+    os.unlink(name)
+    return True
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -232,12 +350,29 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
             parser.error(f"--backbone_config {args.backbone_config!r}: no such JSON file.")
     if args.output_dir is not None and Path(args.output_dir).expanduser().is_file():
         parser.error(f"--output_dir {args.output_dir!r} is a file; pass a folder (it is created if missing).")
+    if args.output_dir is not None:
+        base = Path(args.output_dir).expanduser().absolute()
+        while not base.exists():
+            base = base.parent
+        if not base.is_dir():
+            parser.error(f"--output_dir {args.output_dir!r}: {str(base)!r} is a file, so the folder cannot be made.")
+        if not _can_write(base):
+            parser.error(f"--output_dir {args.output_dir!r}: {str(base)!r} is not writable; choose another folder.")
+    if args.output_dir is not None and args.model_name_or_path and not args.eval_only:
+        from ..atomic_outputs import check_not_source
+
+        try:  # the trained model would replace the one it starts from
+            check_not_source(args.output_dir, {"--model_name_or_path": args.model_name_or_path}, "--output_dir")
+        except ValueError as error:
+            parser.error(str(error))
+    if args.decoder is None and not args.model_name_or_path:
+        args.decoder = DEFAULT_DECODER
     return args
 
 
 def check_registry_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Decoder and backbone names, checked against the registry (`ctal_hf.registry`, torch-free)."""
-    if args.decoder not in DECODER_INFO:
+    if args.decoder is not None and args.decoder not in DECODER_INFO:
         parser.error(f"argument --decoder: invalid choice: {args.decoder!r} (choose from {', '.join(DECODER_INFO)})")
     if args.backbone is not None and args.backbone not in BACKBONE_INFO:
         parser.error(
@@ -265,7 +400,13 @@ def read_json_file(flag: str, path: str) -> dict:
 
 
 __all__ = [
+    "ARCHITECTURE_FLAGS",
+    "DEFAULT_DECODER",
     "LOSS_WEIGHTINGS",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "seed_value",
     "GRADIENT_AGGREGATORS",
     "build_parser",
     "check_args",

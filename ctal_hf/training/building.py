@@ -8,9 +8,11 @@ import os
 import torch
 
 from ..configuration_ctal import PRESETS, CTALConfig
+from ..dataset_classes import CITYSCAPES_7_CLASSES
 from ..modeling_ctal import CTALForDenseMultitask
 from ..registry import BACKBONE_INFO
-from .arguments import read_json_file
+from .arguments import ARCHITECTURE_FLAGS, DEFAULT_DECODER, read_json_file
+from .hub_datasets import HUB_DATASETS
 from .recipes import RECIPES, SCHEDULERS, CTALRecipe, get_recipe
 
 RECIPE_FLAGS: tuple[str, ...] = (
@@ -29,12 +31,16 @@ RECIPE_FLAGS: tuple[str, ...] = (
     "pretrained_backbone",
     "num_train_images",
     "num_validation_images",
+    "fusion_lr_scale",
 )
 
 
 def resolve_recipe(args: argparse.Namespace) -> CTALRecipe:
-    """The recipe (by name, else the dataset's, else synthetic) with the command-line overrides applied."""
+    """The recipe (by name, else the dataset's or the known Hub copy's, else synthetic) with the command-line overrides
+    applied."""
     name = args.recipe
+    if name is None and args.dataset in HUB_DATASETS:
+        name = HUB_DATASETS[args.dataset].recipe  # a known Hub copy trains with its dataset's recipe
     if name is None:
         name = args.dataset if args.dataset in RECIPES else "synthetic"
     recipe = get_recipe(name)
@@ -81,6 +87,28 @@ def load_backbone_config(value: str) -> dict:
         ) from None
 
 
+def check_architecture_flags(args: argparse.Namespace, config: CTALConfig) -> None:
+    """With --model_name_or_path the saved config is the architecture: a flag that asks for another one (decoder,
+    backbone, tasks, class counts, image size) is refused with the reason, never silently ignored."""
+    for field, flag in ARCHITECTURE_FLAGS.items():
+        given = getattr(args, field, None)
+        if given is None:
+            continue
+        saved = getattr(config, field, None)
+        if field == "tasks":
+            given = list(dict.fromkeys(given))
+        if isinstance(saved, (list, tuple)):
+            given, saved = list(given), list(saved)
+        if given != saved:
+            shown = " ".join(map(str, given)) if isinstance(given, list) else given
+            saved_shown = " ".join(map(str, saved)) if isinstance(saved, list) else saved
+            raise ValueError(
+                f"{flag} {shown} differs from the {field} of --model_name_or_path {args.model_name_or_path!r} "
+                f"({saved_shown}): a saved model keeps its architecture (a CTAL model is tied to its tasks, decoder "
+                f"and input size). Drop {flag}, or train a new model without --model_name_or_path."
+            )
+
+
 def build_config(args: argparse.Namespace, recipe: CTALRecipe) -> CTALConfig:
     """The model's config: the saved one of --model_name_or_path, else the recipe's preset with the overrides.
     `--backbone_config` and `--task_specs` reach the config only when given."""
@@ -88,13 +116,13 @@ def build_config(args: argparse.Namespace, recipe: CTALRecipe) -> CTALConfig:
         if args.config_overrides:
             raise ValueError("--config_overrides builds a new model; it cannot change --model_name_or_path's config.")
         config = CTALConfig.from_pretrained(args.model_name_or_path)
-        if args.image_size and list(args.image_size) != list(config.image_size):
-            raise ValueError(
-                f"--image_size {args.image_size} differs from the model's image_size {config.image_size}: a CTAL "
-                "model is tied to its input size."
-            )
+        check_architecture_flags(args, config)
+        if args.decoder is None:
+            args.decoder = config.decoder
         return config
     fields = dict(recipe.model_overrides)
+    if args.decoder is None:
+        args.decoder = DEFAULT_DECODER
     fields["decoder"] = args.decoder
     for key in ("backbone", "num_semseg_classes", "num_parts_classes"):
         if getattr(args, key, None) is not None:
@@ -103,18 +131,40 @@ def build_config(args: argparse.Namespace, recipe: CTALRecipe) -> CTALConfig:
         fields["image_size"] = list(args.image_size)
     if (args.dataset or recipe.dataset) == "cityscapes" and args.dataset_config == "7class":
         fields.setdefault("num_semseg_classes", 7)
+        fields["task_specs"] = {"semseg": {"class_names": CITYSCAPES_7_CLASSES}}
     if args.tasks is not None:
         fields["tasks"] = list(dict.fromkeys(args.tasks))
     if getattr(args, "backbone_config", None) is not None:
         fields["backbone_config"] = load_backbone_config(args.backbone_config)
     if getattr(args, "task_specs", None) is not None:
-        fields["task_specs"] = read_json_file("task_specs", args.task_specs)
+        fields["task_specs"] = {**fields.get("task_specs", {}), **read_json_file("task_specs", args.task_specs)}
     weights = dict(PRESETS[recipe.preset].get("loss_weights", {}))
     tasks = fields.get("tasks", PRESETS[recipe.preset]["tasks"])
     weights = {task: weight for task, weight in weights.items() if task in tasks}
     fields["loss_weights"] = recipe.loss_weights_for(args.decoder, weights)
     fields.update(parse_config_overrides(args.config_overrides))
     return CTALConfig.from_preset(recipe.preset, **fields)
+
+
+def resume_record(args: argparse.Namespace, recipe: CTALRecipe, config: CTALConfig, dataset_name: str) -> dict:
+    """The hyperparameters a checkpoint records and a resumed run is compared with
+    (`checkpointing.RESUME_APPLIED_FIELDS` / `RESUME_REFUSED_FIELDS`), as JSON values."""
+    return {
+        "learning_rate": recipe.learning_rate,
+        "weight_decay": recipe.weight_decay,
+        "seed": args.seed,
+        "dataset": dataset_name,
+        "tasks": list(config.tasks),
+        "image_size": [int(side) for side in config.image_size],
+        "backbone": config.backbone_description,
+        "per_device_train_batch_size": recipe.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "lr_scheduler": recipe.lr_scheduler,
+        "lr_scheduler_interval": recipe.lr_scheduler_interval,
+        "augmentation": recipe.augmentation_name(),
+        "normalize": recipe.normalize,
+        "drop_last": recipe.drop_last,
+    }
 
 
 # Fields whose default is None that `--config_overrides` sets to a number (or back to `none`).
@@ -241,6 +291,21 @@ def poly_factor(position: float, total: float, power: float = 2.0) -> float:
 def step_factor(position: float, total: float) -> float:
     """Halved every `total // 2` (torch's `StepLR(step_size=total // 2, gamma=0.5)`)."""
     return 0.5 ** (position // max(1, int(total) // 2))
+
+
+def optimizer_param_groups(model: torch.nn.Module, recipe: CTALRecipe) -> list[dict]:
+    """The optimizer's parameter groups: everything at `recipe.learning_rate`, except, with
+    `recipe.fusion_lr_scale="num_pixels"`, the parameters of each CTAL fusion conv at `learning_rate / N`."""
+    from ..ctal_module import CTALFusionConv
+
+    fusion = []
+    if recipe.fusion_lr_scale == "num_pixels":
+        fusion = [module for module in model.modules() if isinstance(module, CTALFusionConv)]
+    special = {id(param) for module in fusion for param in module.parameters()}
+    groups = [{"params": [param for param in model.parameters() if id(param) not in special]}]
+    for module in fusion:
+        groups.append({"params": list(module.parameters()), "lr": recipe.learning_rate / module.out_channels})
+    return groups
 
 
 def make_scheduler(optimizer, name: str, recipe: CTALRecipe, max_train_steps: int, steps_per_epoch: int, epochs: int):

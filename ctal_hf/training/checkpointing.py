@@ -11,7 +11,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate.logging import get_logger
@@ -26,6 +26,32 @@ RUN_IDENTITY_FIELDS: dict[str, str] = {
     "decoder": "--decoder",
     "loss_weighting": "--loss_weighting",
     "gradient_aggregator": "--gradient_aggregator",
+}
+
+
+# Hyperparameters recorded in the training state and compared on resume. A new value of these is applied from the
+# resumed step (the optimizer's learning rate / weight decay really change; logged, and recorded in the results and
+# the model card)...
+RESUME_APPLIED_FIELDS: dict[str, str] = {
+    "learning_rate": "--learning_rate",
+    "weight_decay": "--weight_decay",
+    "max_train_steps": "--max_train_steps",
+}
+# ... and a new value of these is refused: the batches, the data order, the schedule or the model would no longer be
+# the run's.
+RESUME_REFUSED_FIELDS: dict[str, str] = {
+    "seed": "--seed",
+    "dataset": "--dataset",
+    "tasks": "--tasks",
+    "image_size": "--image_size",
+    "backbone": "--backbone",
+    "per_device_train_batch_size": "--per_device_train_batch_size",
+    "gradient_accumulation_steps": "--gradient_accumulation_steps",
+    "lr_scheduler": "--lr_scheduler",
+    "lr_scheduler_interval": "--lr_scheduler_interval",
+    "augmentation": "--flip / --scale_crop / --photometric",
+    "normalize": "--normalize",
+    "drop_last": "--drop_last",
 }
 
 
@@ -120,14 +146,53 @@ def read_training_state(checkpoint: Path) -> dict:
 
 
 def check_compatible(checkpoint: Path, state: dict, run: dict) -> None:
-    """Raises when the checkpoint was written by a run with another decoder, loss weighting or aggregator."""
-    for key, flag in RUN_IDENTITY_FIELDS.items():
+    """Raises when the checkpoint was written by a run with another decoder, loss weighting or aggregator, or with
+    another value of a hyperparameter that cannot change on resume (`RESUME_REFUSED_FIELDS`)."""
+    for key, flag in {**RUN_IDENTITY_FIELDS, **RESUME_REFUSED_FIELDS}.items():
         saved = state.get(key)
         if saved is not None and key in run and saved != run[key]:
             raise CheckpointError(
                 f"{checkpoint} was written with {flag} {saved}, this run has {flag} {run[key]}: resume with "
                 f"{flag} {saved}, or start a new run in another --output_dir (or without --resume_from_checkpoint)."
             )
+
+
+def resume_changes(state: dict, run: dict) -> dict[str, tuple]:
+    """The `RESUME_APPLIED_FIELDS` whose value differs between the checkpoint and this run: field -> (old, new)."""
+    return {
+        key: (state[key], run[key])
+        for key in RESUME_APPLIED_FIELDS
+        if state.get(key) is not None and key in run and state[key] != run[key]
+    }
+
+
+def apply_resume_changes(optimizer, lr_scheduler, changes: dict[str, tuple]) -> list[str]:
+    """Applies new learning rate / weight decay values to the optimizer (and the scheduler's base rates) after the
+    checkpoint's state was loaded, which restored the old ones; returns one line per change for the log."""
+    lines = []
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    if "learning_rate" in changes:
+        old, new = changes["learning_rate"]
+        factor = float(new) / float(old)
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [rate * factor for rate in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        lines.append(f"--learning_rate {old:g} -> {new:g} (applied from this step on, on the same schedule)")
+    if "weight_decay" in changes:
+        old, new = changes["weight_decay"]
+        for group in optimizer.param_groups:
+            if group.get("weight_decay") == old:  # not the learned loss weights' group (no decay)
+                group["weight_decay"] = new
+        lines.append(f"--weight_decay {old:g} -> {new:g} (applied from this step on)")
+    if "max_train_steps" in changes:
+        old, new = changes["max_train_steps"]
+        lines.append(f"--max_train_steps {old} -> {new} (the learning rate follows the schedule of {new} steps)")
+    return lines
 
 
 def verify_files(checkpoint: Path, state: dict) -> None:
@@ -237,6 +302,7 @@ class ResumePoint:
     epoch: int = 0
     skip_batches: int = 0
     checkpoint: Path | None = None
+    changes: dict = field(default_factory=dict)  # RESUME_APPLIED_FIELDS changed by this run: field -> (old, new)
 
 
 def resume_training(
@@ -247,12 +313,16 @@ def resume_training(
     max_train_steps: int,
     steps_per_epoch: int,
     gradient_accumulation_steps: int = 1,
+    optimizer=None,
+    lr_scheduler=None,
 ) -> ResumePoint:
     """`--resume_from_checkpoint` (a `step_N` folder or 'latest'; None: a fresh start). Checks the candidates
     against `run` (decoder, loss weighting, aggregator) and `max_train_steps` before loading or writing anything,
     loads the first one that loads (`accelerator.load_state`: model, optimizer, scheduler, RNG states and the
     objects registered for checkpointing) and returns where training continues. Call it after
-    `accelerator.prepare` and `register_for_checkpointing`."""
+    `accelerator.prepare` and `register_for_checkpointing`. A changed learning rate / weight decay
+    (`RESUME_APPLIED_FIELDS`) is applied to `optimizer` and `lr_scheduler` after the load and logged; the other
+    recorded hyperparameters must match (`RESUME_REFUSED_FIELDS`)."""
     if not value:
         return ResumePoint()
     candidates = check_resumable(value, checkpoints_dir, run)
@@ -273,17 +343,17 @@ def resume_training(
             f"{path} was written by {state['num_processes']} processes, this run has "
             f"{accelerator.num_processes}: the data order after resuming differs from the original run's."
         )
-    if state.get("max_train_steps", max_train_steps) != max_train_steps:
-        logger.info(
-            f"{path} was written by a run of {state['max_train_steps']} steps; the learning rate now follows "
-            f"the schedule of {max_train_steps} steps from step {state['completed_steps']}."
-        )
+    changes = resume_changes(state, run)
+    if optimizer is not None:
+        for line in apply_resume_changes(optimizer, lr_scheduler, changes):
+            logger.info(f"Resuming {path} at step {state['completed_steps']} with {line}.")
     completed_steps = int(state["completed_steps"])
     point = ResumePoint(
         completed_steps=completed_steps,
         epoch=completed_steps // steps_per_epoch,
         skip_batches=(completed_steps % steps_per_epoch) * gradient_accumulation_steps,
         checkpoint=path,
+        changes=changes,
     )
     logger.info(f"Resumed from {path} at step {completed_steps} (epoch {point.epoch}).")
     return point
@@ -298,6 +368,10 @@ __all__ = [
     "save_checkpoint",
     "read_training_state",
     "check_compatible",
+    "resume_changes",
+    "apply_resume_changes",
+    "RESUME_APPLIED_FIELDS",
+    "RESUME_REFUSED_FIELDS",
     "verify_files",
     "short_load_error",
     "find_checkpoint",

@@ -11,7 +11,9 @@ import torch
 from torch.utils.data import Sampler
 
 from ..data import CTALTorchDataset
-from .recipes import CTALRecipe
+from ..dataset_classes import DATASET_TASK_DESCRIPTIONS
+from .hub_datasets import apply_layout, layout_for
+from .recipes import RECIPES, CTALRecipe
 
 BUILDER_DATASETS: dict[str, tuple[str, str]] = {
     "synthetic": ("dataset_scripts.synthetic", "SyntheticScenes"),
@@ -74,18 +76,32 @@ def load_splits(args: argparse.Namespace, recipe: CTALRecipe, tasks: list[str], 
             raise ValueError(f"--dataset {name!r} is a file; pass a folder holding Parquet files and README.md.")
         if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise FileNotFoundError(f"--dataset {name!r}: no such folder (and not a Hub id of the form org/name).")
-        splits = datasets.load_dataset(
-            str(path) if path.exists() else name, args.dataset_config, cache_dir=args.cache_dir
-        )
+        try:
+            splits = datasets.load_dataset(
+                str(path) if path.exists() else name, args.dataset_config, cache_dir=args.cache_dir
+            )
+        except ValueError as error:  # datasets' "Instruction 'train' corresponds to no data!"
+            if "corresponds to no data" not in str(error):
+                raise
+            raise ValueError(f"--dataset {name!r}: a split is empty ({error}); every split needs rows.") from None
         display = name
+        layout = layout_for(name, getattr(args, "column_mapping", None))  # a known Hub copy's columns, or given
+        splits = {
+            key: apply_layout(split, layout, ["image", *tasks], f"Dataset {name!r} ({key})")
+            for key, split in splits.items()
+        }
+        if layout is not None and layout.recipe is not None:
+            described = DATASET_TASK_DESCRIPTIONS.get(RECIPES[layout.recipe].dataset, {})
+            class_names = described.get("semseg", {}).get("class_names")
     if "train" not in splits:
         raise ValueError(f"Dataset {display!r} has no 'train' split (it has {sorted(splits)}).")
     val_name = next((s for s in VALIDATION_SPLITS if s in splits), None)
     if val_name is None:
         raise ValueError(f"Dataset {display!r} has no validation split ({'/'.join(VALIDATION_SPLITS)}).")
     train, validation = splits["train"], splits[val_name]
-    if len(train) == 0 or len(validation) == 0:
-        raise ValueError(f"Dataset {display!r}: the train or {val_name} split is empty.")
+    for split_name, split in (("train", train), (val_name, validation)):
+        if len(split) == 0:
+            raise ValueError(f"Dataset {display!r}: the {split_name!r} split is empty (0 rows); it needs rows.")
     for split_name, split in (("train", train), (val_name, validation)):
         missing = [column for column in ("image", *tasks) if column not in split.column_names]
         if missing:

@@ -9,7 +9,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..registry import decoder_display_name
-from ..tasks import TASKS, as_tasks
+from ..tasks import TASKS, as_tasks, serving_task
 
 # Metrics that are fractions in [0, 1]; cards and tables print them in percent, as the paper does.
 PERCENT_METRICS = frozenset({"mIoU", "pixel_acc", "maxF", "odsF", "oisF", "within_11.25", "within_22.5", "within_30"})
@@ -91,6 +91,34 @@ def _eval_results(final, tasks, dataset_name: str, dataset_type: str, split: str
     return results
 
 
+# Stock transformers pipeline -> the view of the checkpoint it runs (`ctal_hf.tasks.STOCK_TASK_VIEWS`), in the order
+# the card shows them; the first the model has is its `pipeline_tag`.
+STOCK_PIPELINES: dict[str, str] = {
+    "image-segmentation": "semantic-segmentation",
+    "depth-estimation": "depth-estimation",
+}
+
+
+def _pipeline_tag(tasks: Mapping[str, Any]) -> str | None:
+    return next((name for name, view in STOCK_PIPELINES.items() if serving_task(tasks, view)), None)
+
+
+def _stock_usage(tasks: Mapping[str, Any], model_name: str) -> str:
+    """The card's lines on the stock pipelines the model serves (none: empty)."""
+    lines = [
+        f'{name.replace("-", "_")} = pipeline("{name}", model="{model_name}")  # serves `{serving_task(tasks, view)}`'
+        for name, view in STOCK_PIPELINES.items()
+        if serving_task(tasks, view)
+    ]
+    if not lines:
+        return ""
+    body = "\n".join(lines)
+    return (
+        "The stock transformers pipelines run on the same checkpoint (per-task views of the same weights; segments "
+        f"are labelled from `id2label`):\n\n```python\nimport ctal_hf\nfrom transformers import pipeline\n\n{body}\n```\n"
+    )
+
+
 def make_model_card(
     config: Any,
     final: Mapping[str, Mapping[str, float]],
@@ -119,6 +147,7 @@ def make_model_card(
         eval_results=_eval_results(final, tasks, dataset_name, dataset_type, split),
     )
     task_lines = "\n".join(task.card_line() for task in tasks.values())
+    stock_lines = _stock_usage(tasks, model_name)
     recipe_lines = "\n".join(f"| {key} | {value} |" for key, value in recipe.items())
     size = "x".join(str(s) for s in config.image_size)
     params = f"{num_parameters / 1e6:.2f} M parameters" if num_parameters else ""
@@ -157,8 +186,10 @@ predictor = pipeline("dense-multitask", model="{model_name}")
 maps = predictor("room.png")  # dict task -> map at the image's size
 ```
 
+{stock_lines}
 The folder also carries the modelling and pipeline code, so `AutoModel.from_pretrained(..., trust_remote_code=True)`
-and `pipeline("dense-multitask", model=..., trust_remote_code=True)` work without this package.
+and `pipeline("dense-multitask", model=..., trust_remote_code=True)` work without this package (the stock pipelines
+too, with `trust_remote_code=True`).
 """
     template = "---\n{{ card_data }}\n---\n\n{{ body }}"
     return ModelCard.from_template(card_data, template_str=template, body=body)
