@@ -120,7 +120,6 @@ def step_rows(device, meter, args) -> list[dict]:
     overrides = {"image_size": [4 * side for side in args.map]}
     config = CTALConfig.from_preset("nyuv2", decoder="ctal_ss", **overrides)
     model = CTALForDenseMultitask(config).to(device).train()
-    height, width = config.image_size
     pixel_values, labels = make_batch(config, args.batch)
     pixel_values = pixel_values.to(device)
     labels = {task: label.to(device) for task, label in labels.items()}

@@ -45,7 +45,7 @@ def read_backbone_state_dict(config: CTALConfig, source: str | os.PathLike | Non
     source = os.fspath(source)
     if not os.path.isfile(source):
         raise FileNotFoundError(f"Backbone weights file {source!r} does not exist.")
-    state_dict = _read_state_dict_file(source)
+    state_dict = spec.builder.convert_state_dict(config, _read_state_dict_file(source))
     spec.builder.check_state_dict(config, state_dict, source)
     return state_dict
 

@@ -4,6 +4,8 @@ channels and strides (read from the built model, never hard-coded). See docs/des
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -52,16 +54,23 @@ class CTALTimmBuilder:
             is added on top.
         pass_image_size: whether timm must be told the input size (`img_size=config.image_size`): windowed
             transformers fix their attention masks to it.
+        key_converter: renames the keys of another library's checkpoint of the same network to timm's (e.g.
+            torchvision's MobileNetV2), applied to a weights file whose keys are not timm's.
     """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     pass_image_size: bool = False
+    key_converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     library = "timm"
 
     @classmethod
     def from_info(cls, info: CTALBackboneInfo) -> CTALTimmBuilder:
-        return cls(info.model_name, kwargs=dict(info.model_kwargs), pass_image_size=info.pass_image_size)
+        converter = KEY_CONVERTERS[info.foreign_weights] if info.foreign_weights else None
+        return cls(
+            info.model_name, kwargs=dict(info.model_kwargs), pass_image_size=info.pass_image_size,
+            key_converter=converter,
+        )  # fmt: skip
 
     @property
     def description(self) -> str:
@@ -86,6 +95,14 @@ class CTALTimmBuilder:
         with torch.device("meta"):  # names and shapes only
             expected = self.create_reference(config).state_dict()
         _check_state_dict(expected, state_dict, source, self.description)
+
+    def convert_state_dict(self, config: CTALConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state_dict` with timm's key names: converted by `key_converter` when its keys are not timm's."""
+        if self.key_converter is None:
+            return state_dict
+        with torch.device("meta"):
+            expected = self.create_reference(config).state_dict()
+        return state_dict if set(state_dict) == set(expected) else self.key_converter(state_dict)
 
     def features_state_dict(self, config: CTALConfig, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The features model's state dict from the full model's (timm renames and drops keys itself)."""
@@ -150,6 +167,9 @@ class CTALTorchvisionBuilder:
             expected = self.create_reference(config).state_dict()
         _check_state_dict(expected, state_dict, source, self.description)
 
+    def convert_state_dict(self, config: CTALConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state_dict
+
     def features_state_dict(self, config: CTALConfig, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value for key, value in full.items() if key.startswith("features.")}
 
@@ -197,6 +217,46 @@ def hrnet_fuse_upsamplers(model: nn.Module) -> list[nn.Upsample]:
         if name.split(".")[-1] == "fuse_layers":
             upsamplers += [m for m in module.modules() if isinstance(m, nn.Upsample)]
     return upsamplers
+
+
+# torchvision's MobileNetV2 (`features.<i>`) -> timm's `mobilenetv2_100`: the stem, 17 inverted-residual blocks in
+# stages of (1, 2, 3, 4, 3, 3, 1), the 1x1 head conv and the classifier. Within a block torchvision numbers its layers
+# (`conv.0.0` ...); timm names them (the first block has no expansion conv).
+_MOBILENET_V2_STAGE_DEPTHS = (1, 2, 3, 4, 3, 3, 1)
+_MOBILENET_V2_LAYERS = {
+    "first": {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"},
+    "other": {
+        "conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2", "conv.2": "conv_pwl",
+        "conv.3": "bn3",
+    },
+}  # fmt: skip
+
+
+def torchvision_mobilenet_v2_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's `mobilenet_v2` state dict with the key names of timm's `mobilenetv2_100` (the same network)."""
+    blocks = [(stage, index) for stage, depth in enumerate(_MOBILENET_V2_STAGE_DEPTHS) for index in range(depth)]
+    fixed = {"features.0.0": "conv_stem", "features.0.1": "bn1", "features.18.0": "conv_head", "features.18.1": "bn2"}
+    fixed["classifier.1"] = "classifier"
+    converted = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in fixed:
+            converted[f"{fixed[prefix]}.{leaf}"] = value
+            continue
+        match = re.fullmatch(r"features\.(\d+)\.(conv(?:\.\d+)+)", prefix)
+        number = int(match.group(1)) if match else 0
+        layers = _MOBILENET_V2_LAYERS["first" if number == 1 else "other"]
+        if not match or not 1 <= number <= len(blocks) or match.group(2) not in layers:
+            raise ValueError(f"{key!r} is not a key of torchvision's mobilenet_v2 (or of timm's mobilenetv2_100).")
+        stage, index = blocks[number - 1]
+        converted[f"blocks.{stage}.{index}.{layers[match.group(2)]}.{leaf}"] = value
+    return converted
+
+
+# timm builders convert a weights file with another library's key names (`CTALBackboneInfo.foreign_weights`).
+KEY_CONVERTERS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "torchvision_mobilenet_v2": torchvision_mobilenet_v2_to_timm,
+}
 
 
 # The model side of `registry.BACKBONE_INFO`: each entry with its builder.
@@ -464,4 +524,6 @@ __all__ = [
     "CTALFeatureInfo",
     "CTALBackbone",
     "BACKBONE_BUILDERS",
+    "KEY_CONVERTERS",
+    "torchvision_mobilenet_v2_to_timm",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
 
 from .configuration_hub import (
     PIPELINE_TASK,
@@ -34,6 +35,12 @@ from .registry import (
     default_head_family,
 )
 from .tasks import CLASS_COUNT_FIELDS, CTALTask, resolve_tasks, serving_task
+
+# CTAL's fusion conv: how it starts (`fusion_init`) and whether the fused map is divided by N (`affinity_normalization`).
+FUSION_INITS: tuple[str, ...] = ("default", "zero", "scaled")
+AFFINITY_NORMALIZATIONS: tuple[str, ...] = ("none", "num_pixels")
+
+logger = logging.get_logger(__name__)
 
 
 @strict
@@ -91,6 +98,17 @@ class CTALConfig(PreTrainedConfig):
         Blending factor of the diffused features (paper Eq. 2).
     kernel_size (`int`, *optional*, defaults to 3):
         Kernel of the grouped convolution that fuses the task affinities; odd.
+    fusion_init (`str`, *optional*, defaults to `"default"`):
+        How CTAL's fusion conv (the grouped conv that makes the fused map `M`) starts; the paper does not say, the
+        release keeps PyTorch's default. `"default"`: PyTorch's default (the release; `D = V M^T` sums over all
+        N affinity pixels, so `gamma * D` starts several times larger than the task features it is blended with);
+        `"zero"`: weights and bias zero (`M = 0`: CTAL starts as its blend with no diffusion, `(1 - gamma) X`, and
+        learns how much cross-task affinity to use); `"scaled"`: PyTorch's default divided by N (`D` starts at the
+        scale of the features). Same module and parameters in all three, only the starting point differs
+        (docs/efficacy.md).
+    affinity_normalization (`str`, *optional*, defaults to `"none"`):
+        `"none"`: the fused map `M` as the paper (Eq. 1) and the release; `"num_pixels"`: `M` divided by N in the
+        forward (a departure from the paper: the diffusion averages over the affinity pixels instead of summing).
     affinity_scale (`int`, *optional*, defaults to 4):
         CTAL (and PAP-Net) run at 1/max(`affinity_scale`, stride of the finest backbone map) of the input: HRNet's
         1/4 map at 4, 6 or 8 (paper Table 5; the map is resized to floor(input / 6) for 6); a single 1/32 map at
@@ -191,6 +209,8 @@ class CTALConfig(PreTrainedConfig):
     head_channels: int = 256
     gamma: float = 0.05
     kernel_size: int = 3
+    fusion_init: str = "default"
+    affinity_normalization: str = "none"
     affinity_scale: int = 4
     decoder_stride: int | None = None
     papnet_diffusion_steps: int = 1
@@ -227,7 +247,8 @@ class CTALConfig(PreTrainedConfig):
     def _set_labels(self, kwargs: dict[str, Any]) -> None:
         """`id2label` / `label2id` are the classes of the segmentation task the stock `image-segmentation` pipeline
         serves (`semantic_segmentation_task`): its `class_names`, else `LABEL_{i}`. An `id2label` given (or read
-        from config.json) must have one name per class, and the class names where the task states them."""
+        from config.json) names the classes when it has one name per class and the task states no names; otherwise
+        it is replaced, with a warning (the names belong in `task_specs`)."""
         task_name = self.semantic_segmentation_task
         if task_name is None:
             return
@@ -235,18 +256,14 @@ class CTALConfig(PreTrainedConfig):
         names = task.class_names or tuple(f"LABEL_{index}" for index in range(task.num_channels))
         if self.id2label is not None:
             given = {int(key): value for key, value in self.id2label.items()}
-            if sorted(given) != list(range(task.num_channels)):
-                raise ValueError(
-                    f"`id2label` has ids {sorted(given)} but the segmentation task {task_name!r} has "
-                    f"{task.num_channels} classes (ids 0..{task.num_channels - 1}); give one name per class, or set "
-                    f"`task_specs={{{task_name!r}: {{'class_names': [...]}}}}` instead."
-                )
-            if task.class_names is None or tuple(given[i] for i in range(task.num_channels)) == task.class_names:
-                names = tuple(given[i] for i in range(task.num_channels))
-            else:
-                raise ValueError(
-                    f"`id2label` {given} differs from the class names of {task_name!r} in `task_specs` "
-                    f"({list(task.class_names)}); set the names in one place (`task_specs`)."
+            given_names = tuple(given[i] for i in sorted(given))
+            if sorted(given) == list(range(task.num_channels)) and task.class_names in (None, given_names):
+                names = given_names
+            elif given_names != names and given_names != tuple(f"LABEL_{i}" for i in range(len(given))):
+                logger.warning(
+                    f"`id2label` {given} does not name the {task.num_channels} classes of the segmentation task "
+                    f"{task_name!r}; using {list(names)}. Set class names with `task_specs={{{task_name!r}: "
+                    "{'class_names': [...]}}`."
                 )
         kwargs.pop("num_labels", None)  # follows from the classes
         self.id2label = dict(enumerate(names))
@@ -279,6 +296,8 @@ class CTALConfig(PreTrainedConfig):
             ("papnet_feature_normalization", PAPNET_FEATURE_NORMALIZATIONS),
             ("decoder_init", DECODER_INITS),
             ("hrnet_fuse_upsampling", HRNET_FUSE_UPSAMPLINGS),
+            ("fusion_init", FUSION_INITS),
+            ("affinity_normalization", AFFINITY_NORMALIZATIONS),
         ):
             check_choice(name, getattr(self, name), allowed)
         momentum = self.backbone_bn_momentum

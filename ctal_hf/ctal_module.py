@@ -57,6 +57,27 @@ class CTALUpsampleBlock(nn.Module):
         return self.conv(F.relu(conv_bn(self.deconv, self.norm, hidden), inplace=True))
 
 
+class CTALFusionConv(nn.Conv2d):
+    """The grouped conv that fuses the T interleaved affinity maps into `M`: `nn.Conv2d(T * N, N, k, groups=N)`
+    (input channel `i * T + t` holds `A_t[i]`, output channel `i` is row `i` of `M`), whose `reset_parameters` starts
+    it as `config.fusion_init` says: PyTorch's default (`"default"`, the release), zero (`"zero"`) or PyTorch's
+    default divided by N (`"scaled"`). The random numbers drawn are the same in all three."""
+
+    def __init__(self, num_tasks: int, num_pixels: int, kernel_size: int, init: str = "default"):
+        self.init = init
+        super().__init__(num_tasks * num_pixels, num_pixels, kernel_size, padding=kernel_size // 2, groups=num_pixels)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        loaded = getattr(self.weight, "_is_hf_initialized", False)  # weights a checkpoint gave are never rescaled
+        if self.init == "default" or loaded:
+            return
+        scale = 0.0 if self.init == "zero" else 1.0 / self.out_channels
+        with torch.no_grad():
+            self.weight.mul_(scale)
+            self.bias.mul_(scale)
+
+
 class CTALAffinityModule(nn.Module):
     """CTAL for `tasks` at an affinity size `(h, w)` (the grouped conv has one group per pixel).
 
@@ -70,6 +91,9 @@ class CTALAffinityModule(nn.Module):
         self.size = tuple(size)
         self.gamma = config.gamma
         self.attention_impl = config.attention_impl
+        self.affinity_normalization = config.affinity_normalization
+        # A fused map divided by its own pixel count keeps its scale at any size: resampling adds no area factor.
+        self._area_rescale = False if self.affinity_normalization == "num_pixels" else None
         channels = config.ctal_channels
         num_pixels = self.size[0] * self.size[1]
         num_tasks = len(self.tasks)
@@ -79,19 +103,13 @@ class CTALAffinityModule(nn.Module):
         )
         self.values = nn.ModuleDict({task: nn.Conv2d(channels, channels, 3, padding=1) for task in self.tasks})
         # Input channel i * T + t holds A_t[i]; output channel i is row i of the fused map M.
-        self.fusion = nn.Conv2d(
-            num_tasks * num_pixels,
-            num_pixels,
-            config.kernel_size,
-            padding=config.kernel_size // 2,
-            groups=num_pixels,
-        )
+        self.fusion = CTALFusionConv(num_tasks, num_pixels, config.kernel_size, init=config.fusion_init)
         self.upsample = nn.ModuleDict({task: CTALUpsampleBlock(channels) for task in self.tasks})
         self.gradient_checkpointing = False
 
     def resize(self, size: tuple[int, int], method: str = DEFAULT_AFFINITY_RESAMPLING) -> None:
         """Rebuilds the module at affinity size `size` from its fusion parameters resampled (`resample_fusion`)."""
-        resize_fusion_conv(self.fusion, self.size, size, method)
+        resize_fusion_conv(self.fusion, self.size, size, method, self._area_rescale)
         self.size = tuple(size)
 
     def check_memory(self, batch_size: int, size: tuple[int, int] | None = None) -> None:
@@ -109,12 +127,17 @@ class CTALAffinityModule(nn.Module):
 
     def _diffuse(self, stacked: torch.Tensor, values: torch.Tensor, weight, bias) -> torch.Tensor:
         normalized = F.normalize(stacked, dim=2)
+        if self.affinity_normalization == "num_pixels":  # a departure from the paper: M / N
+            num_pixels = weight.shape[0]  # the (possibly resampled) map's N
+            weight, bias = weight / num_pixels, None if bias is None else bias / num_pixels
         return cross_task_diffusion(values, normalized, weight, bias, impl=self.attention_impl)
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         projected = {task: self.projections[task](features[task]) for task in self.tasks}
         size = tuple(next(iter(projected.values())).shape[-2:])
-        weight, bias = resample_fusion(self.fusion.weight, self.fusion.bias, self.size, size)
+        weight, bias = resample_fusion(
+            self.fusion.weight, self.fusion.bias, self.size, size, area_rescale=self._area_rescale
+        )
         stacked = stack_task_maps([projected[task] for task in self.tasks])  # (B, T, C, h, w)
         values = stack_task_maps([self.values[task](projected[task]) for task in self.tasks])
         if self.gradient_checkpointing and self.training:
@@ -130,4 +153,4 @@ class CTALAffinityModule(nn.Module):
         return outputs
 
 
-__all__ = ["CTALAffinityModule", "CTALTaskProjection", "CTALUpsampleBlock", "stack_task_maps"]
+__all__ = ["CTALAffinityModule", "CTALFusionConv", "CTALTaskProjection", "CTALUpsampleBlock", "stack_task_maps"]

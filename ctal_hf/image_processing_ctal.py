@@ -16,21 +16,17 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_backends import TorchvisionBackend
-from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.utils import logging
 
-from .image_values import HIGH_DEPTH_MODES, pil_high_depth_to_unit, value_scale
+from .image_layouts import EXPECTED_LAYOUTS, _array_to_chw, _pil_to_array
+from .image_values import value_scale
 from .registry import IMAGENET_MEAN, IMAGENET_STD
+from .stock_post_processing import CTALStockPostProcessingMixin
 from .tasks import BUILTIN_TASK_NAMES, as_tasks
 
 logger = logging.get_logger(__name__)
 
-EXPECTED_LAYOUTS = (
-    "a file path, a PIL image, a numpy array (height, width) or (height, width, channels), or a torch tensor "
-    "(height, width) or (channels, height, width), with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels"
-)
-_VALID_CHANNELS = (1, 3, 4)
 # Above this many output pixels, `post_process_multitask` resizes and decodes a band of rows at a time (about
 # `_BAND_PIXELS` pixels per band), so the memory it needs beyond the returned maps stays bounded.
 BANDED_DECODE_PIXELS = 2**22
@@ -138,82 +134,7 @@ def load_image(source: "str | os.PathLike | PIL.Image.Image", timeout: float | N
     return _open_checked(path, repr(str(path)))
 
 
-def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
-    """PIL image -> (H, W, 3) uint8 RGB array; transparency is composited onto white (as transformers does) and
-    16-bit / float grayscale is scaled to 8 bits instead of being clipped."""
-    if image.mode in HIGH_DEPTH_MODES:  # float [0, 1] stays [0, 1]; 16-bit is scaled by its peak
-        array = (pil_high_depth_to_unit(image) * 255.0).round().astype(np.uint8)
-        return np.repeat(array[..., None], 3, axis=-1)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(PIL.Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
-
-
-def _layout_error(shape: tuple[int, ...], kind: str, hint: str) -> ValueError:
-    return ValueError(f"Cannot read a {kind} of shape {shape} as an image: {hint} Expected {EXPECTED_LAYOUTS}.")
-
-
-def _array_to_chw(image: np.ndarray | torch.Tensor, input_data_format: str | ChannelDimension | None) -> torch.Tensor:
-    """Numpy arrays are read channels-last (as PIL, OpenCV and `datasets` give them), torch tensors channels-first
-    (as torchvision gives them); `input_data_format` overrides. An array whose layout contradicts that reading (for
-    example a 4-channel numpy array in (C, H, W) order) is refused rather than guessed."""
-    is_numpy = isinstance(image, np.ndarray)
-    kind = "numpy array" if is_numpy else "torch tensor"
-    shape = tuple(image.shape)
-    if is_numpy:
-        if image.dtype.kind not in "uifb":
-            raise _layout_error(shape, kind, f"its dtype {image.dtype} is not numeric.")
-        if image.dtype == bool:
-            image = image.astype(np.uint8)
-        elif image.dtype.kind in "ui" and image.dtype != np.uint8:
-            image = image.astype(np.int64)  # torch lacks most ops on uint16 / uint32
-        if not (image.flags.writeable and image.flags.c_contiguous):
-            image = np.array(image)
-        tensor = torch.from_numpy(image)
-    else:
-        if image.is_complex():
-            raise _layout_error(shape, kind, f"its dtype {image.dtype} is not real.")
-        tensor = image.detach().cpu()
-        if tensor.dtype == torch.bool:
-            tensor = tensor.to(torch.uint8)
-        elif not tensor.is_floating_point() and tensor.dtype != torch.uint8:
-            tensor = tensor.to(torch.int64)
-    if 0 in shape:
-        raise _layout_error(shape, kind, "it is empty.")
-    if tensor.ndim == 2:
-        return tensor.unsqueeze(0)
-    if tensor.ndim != 3:
-        raise _layout_error(shape, kind, f"it has {tensor.ndim} dimensions (a batch of images goes in a list).")
-    if input_data_format is not None:
-        channels_last = ChannelDimension(input_data_format) == ChannelDimension.LAST
-    else:
-        channels_last = is_numpy
-    channels = shape[-1] if channels_last else shape[0]
-    if channels not in _VALID_CHANNELS:
-        other = shape[0] if channels_last else shape[-1]
-        if other in _VALID_CHANNELS and input_data_format is None:
-            if is_numpy:
-                hint = (
-                    f"numpy arrays are read as (height, width, channels), but this one looks like (channels, height, "
-                    f"width) with {other} channels. Transpose it with `array.transpose(1, 2, 0)` or pass "
-                    "`input_data_format='channels_first'`."
-                )
-            else:
-                hint = (
-                    f"torch tensors are read as (channels, height, width), but this one looks like (height, width, "
-                    f"channels) with {other} channels. Permute it with `tensor.permute(2, 0, 1)` or pass "
-                    "`input_data_format='channels_last'`."
-                )
-        else:
-            layout = "channels-last" if channels_last else "channels-first"
-            hint = f"read {layout}, it has {channels} channels, not 1, 3 or 4."
-        raise _layout_error(shape, kind, hint)
-    return tensor.permute(2, 0, 1) if channels_last else tensor
-
-
-class CTALImageProcessor(TorchvisionBackend):
+class CTALImageProcessor(CTALStockPostProcessingMixin, TorchvisionBackend):
     r"""
     Prepares images for [`CTALForDenseMultitask`] and turns its predictions into per-image maps.
 
@@ -476,117 +397,6 @@ class CTALImageProcessor(TorchvisionBackend):
                 result[task] = known[task].decode(prediction[0])
             results.append(result)
         return results
-
-    # ----------------------------------------------------------------------------- stock post-processing names
-    # The names and signatures of transformers' depth / segmentation / normal estimators (as TIPSv2-DPT's), so the
-    # stock pipelines and user code written for them run on a CTAL per-task view (`CTALForDepthEstimation`, ...).
-    # Each also takes a `CTALDenseMultitaskOutput` with `task=` the task to read. The maps equal
-    # `post_process_multitask`'s for the same task (bilinear resize of the raw prediction, then the task's decoding).
-    def post_process_depth_estimation(
-        self,
-        outputs: Any,
-        target_sizes: "torch.Tensor | list[tuple[int, int]] | None" = None,
-        task: str | None = "depth",
-    ) -> list[dict[str, torch.Tensor]]:
-        """Depth maps, one dict `{"predicted_depth": (height, width) tensor}` per image, resized to `target_sizes`
-        (`None` keeps the model's size); values in the unit of the depth task (`config.get_tasks()[task].unit`).
-
-        Args:
-            outputs: a [`CTALForDepthEstimation`] output (`predicted_depth` `(batch, height, width)`), or a
-                `CTALDenseMultitaskOutput` whose `task` prediction is read."""
-        depth = _stock_prediction(outputs, "predicted_depth", task, "post_process_depth_estimation")
-        if depth.ndim == 4:
-            depth = depth[:, 0]
-        sizes = _check_target_sizes(target_sizes, len(depth)) or [None] * len(depth)
-        return [{"predicted_depth": _resize(item[None], size)[0]} for item, size in zip(depth, sizes, strict=True)]
-
-    def post_process_semantic_segmentation(
-        self,
-        outputs: Any,
-        target_sizes: "torch.Tensor | list[tuple[int, int]] | None" = None,
-        return_segmentation_scores: bool = False,
-        task: str | None = "semseg",
-    ) -> "list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]":
-        """Class-id maps `(height, width)` int64, one per image, resized to `target_sizes` (`None`: the model's
-        size); with `return_segmentation_scores=True` a `SemanticSegmentationPostProcessorOutput` per image with
-        `segmentation` and
-        `segmentation_scores` (the resized logits, `(classes, height, width)`). Names: `config.id2label`.
-
-        Args:
-            outputs: a [`CTALForSemanticSegmentation`] output (`logits`), or a `CTALDenseMultitaskOutput` whose
-                `task` prediction is read."""
-        logits = _stock_prediction(outputs, "logits", task, "post_process_semantic_segmentation")
-        sizes = _check_target_sizes(target_sizes, len(logits)) or [None] * len(logits)
-        results = []
-        for item, size in zip(logits, sizes, strict=True):
-            scores = _resize(item, size)
-            segmentation = scores.argmax(dim=0)
-            results.append(
-                SemanticSegmentationPostProcessorOutput(
-                    data={"segmentation": segmentation, "segmentation_scores": scores}
-                )
-                if return_segmentation_scores
-                else segmentation
-            )
-        return results
-
-    def post_process_normal_estimation(
-        self,
-        outputs: Any,
-        target_sizes: "torch.Tensor | list[tuple[int, int]] | None" = None,
-        task: str | None = "normals",
-    ) -> list[dict[str, torch.Tensor]]:
-        """Unit normal maps, one dict `{"normals": (3, height, width) tensor}` per image (L2-normalised over the
-        channels after resizing to `target_sizes`; `None` keeps the model's size), channels first as transformers'
-        normal estimators return them.
-
-        Args:
-            outputs: a [`CTALForNormalEstimation`] output (`normals`), or a `CTALDenseMultitaskOutput` whose
-                `task` prediction is read."""
-        normals = _stock_prediction(outputs, "normals", task, "post_process_normal_estimation")
-        sizes = _check_target_sizes(target_sizes, len(normals)) or [None] * len(normals)
-        return [
-            {"normals": F.normalize(_resize(item, size), dim=0)} for item, size in zip(normals, sizes, strict=True)
-        ]
-
-
-def _stock_prediction(outputs: Any, field: str, task: str | None, method: str) -> torch.Tensor:
-    """The raw map a stock post-processing method reads: `outputs.<field>` (a per-task view's output), or the
-    served task's prediction in a `CTALDenseMultitaskOutput` / predictions dict."""
-    value = outputs.get(field) if isinstance(outputs, dict) else getattr(outputs, field, None)
-    if value is not None:
-        return value
-    predictions = getattr(outputs, "predictions", None)
-    if predictions is None and isinstance(outputs, dict):
-        predictions = outputs.get("predictions", outputs)
-    if isinstance(predictions, dict) and task is not None and task in predictions:
-        return predictions[task]
-    raise ValueError(
-        f"`{method}` needs outputs with `{field}` (a CTAL per-task model's output) or a CTALDenseMultitaskOutput "
-        f"holding the task{f' {task!r}' if task else ''} (pass `task=`); got {type(outputs).__name__}"
-        + (f" with {sorted(predictions)}" if isinstance(predictions, dict) else "")
-        + "."
-    )
-
-
-def _check_target_sizes(target_sizes: Any, batch_size: int) -> list | None:
-    if target_sizes is None:
-        return None
-    if isinstance(target_sizes, torch.Tensor):
-        target_sizes = target_sizes.tolist()
-    if len(target_sizes) != batch_size:
-        raise ValueError(
-            f"Got {len(target_sizes)} target sizes for a batch of {batch_size} predictions; pass one (height, width) "
-            "per image."
-        )
-    return [tuple(int(side) for side in size) for size in target_sizes]
-
-
-def _resize(maps: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """(channels, h, w) -> (channels, *size), bilinear (as `post_process_multitask` resizes before decoding)."""
-    if size is None or tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
 def _resize_and_decode_in_bands(spec: Any, prediction: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

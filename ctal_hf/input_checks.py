@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .tasks import CLASS_COUNT_FIELDS
+
 PROCESSOR_HINT = "prepare images with CTALImageProcessor (`processor(images, return_tensors='pt')`)"
 
 
@@ -223,12 +225,15 @@ def _likely_cause(key: str, config) -> str:
     tasks = list(getattr(config, "tasks", []))
     task = next((name for name in tasks if f".{name}." in key), None)
     if task is not None and "classifier" in key:
-        if task in ("semseg", "parts"):
-            field = f"num_{task}_classes"
+        field = CLASS_COUNT_FIELDS.get(task)  # a built-in task whose class count is a config field
+        if field is not None:
             return f"the class count of {task!r} ({field} = {getattr(config, field, None)} in config.json) was changed"
         return f"the output channels of {task!r} were changed"
     if "ctal" in key and ("fusion" in key or "position" in key):
-        return f"the image size ({getattr(config, 'image_size', None)} in config.json) was changed"
+        return (
+            f"the image size ({getattr(config, 'image_size', None)} in config.json) was changed (to build the model at "
+            "another size from these weights, keep the config and pass `from_pretrained(folder, image_size=[H, W])`)"
+        )
     return "the config.json belongs to another decoder, backbone or width"
 
 

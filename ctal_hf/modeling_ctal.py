@@ -17,7 +17,7 @@ from .backbone_weights import pretrained_backbone_state_dict
 from .backbones import CTALBackbone
 from .blocks import CTALClassifier, upsample_to
 from .configuration_ctal import CTALConfig
-from .ctal_module import CTALAffinityModule
+from .ctal_module import CTALAffinityModule, CTALFusionConv
 from .decoders import DECODERS
 from .input_checks import (
     check_checkpoint_matches,
@@ -161,13 +161,13 @@ class CTALPreTrainedModel(PreTrainedModel):
         """He initialisation for convolutions (the backbones and heads are ReLU CNNs) and N(0, `initializer_range`)
         for the prediction convs; with `config.decoder_init="pytorch"` every decoder layer keeps PyTorch's default
         initialisation instead, as the authors' release does (the backbone is He-initialised either way). The grouped
-        fusion conv of CTAL keeps PyTorch's default in both. timm modules with non-persistent buffers (SwinV2's
-        relative position tables and attention masks) recompute them: `from_pretrained` leaves such buffers empty,
-        since they are not in the checkpoint."""
+        fusion conv of CTAL (`CTALFusionConv`) starts as `config.fusion_init` says (PyTorch's default unless set) in
+        both. timm modules with non-persistent buffers (SwinV2's relative position tables and attention masks)
+        recompute them: `from_pretrained` leaves such buffers empty, since they are not in the checkpoint."""
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
-        if isinstance(module, CTALAffinityModule):
-            module.fusion.reset_parameters()
+        if isinstance(module, CTALFusionConv):
+            module.reset_parameters()
         elif (
             self.config.decoder_init == "pytorch"
             and isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))

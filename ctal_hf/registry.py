@@ -173,6 +173,8 @@ class CTALBackboneInfo:
             `config.backbone_final_norm` applies to the map (the SwinV2 models).
         hrnet_fuse_layers: whether the model has HRNet fuse layers, whose upsampling `config.hrnet_fuse_upsampling`
             chooses.
+        foreign_weights: timm: another library's checkpoint of the same network that a weights file may hold, whose
+            keys are renamed to timm's (`backbones.KEY_CONVERTERS`), e.g. `"torchvision_mobilenet_v2"`.
     """
 
     library: str
@@ -187,6 +189,7 @@ class CTALBackboneInfo:
     normals_loss: str = "cosine"
     final_norm: bool = False
     hrnet_fuse_layers: bool = False
+    foreign_weights: str | None = None
 
     @property
     def num_maps(self) -> int:
@@ -235,6 +238,16 @@ BACKBONE_INFO: dict[str, CTALBackboneInfo] = {
         strides=(4, 8, 16, 32),
         model_kwargs={"feature_location": "", "out_indices": (1, 2, 3, 4)},
         hrnet_fuse_layers=True,
+    ),
+    # MobileNetV2 (not in the paper: a small ImageNet backbone for CPU runs), stages at strides 4..32 (24, 32, 96,
+    # 320 channels); reads timm's weights or torchvision's IMAGENET1K_V1 file (docs/efficacy.md).
+    "mobilenet_v2": CTALBackboneInfo(
+        "timm",
+        "mobilenetv2_100",
+        "MobileNetV2",
+        strides=(4, 8, 16, 32),
+        model_kwargs={"out_indices": (1, 2, 3, 4)},
+        foreign_weights="torchvision_mobilenet_v2",
     ),
     "swinv2_small": _swinv2_timm("swinv2_small_window8_256", "SwinV2-S"),
     "swinv2_tiny": _swinv2_timm("swinv2_tiny_window8_256", "SwinV2-T"),

@@ -161,7 +161,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
 
     num_parameters = sum(p.numel() for p in model.parameters())  # before FSDP shards them
     weighting = build_loss_weighting(args.loss_weighting, config).to(accelerator.device)
-    param_groups = [{"params": list(model.parameters())}]
+    param_groups = building.optimizer_param_groups(model, recipe)  # recipe.fusion_lr_scale
     if weighting.trainable_parameters():  # learned loss weights: trained by the same optimizer, no weight decay
         param_groups.append({"params": weighting.trainable_parameters(), "weight_decay": 0.0})
     optimizer = torch.optim.Adam(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
@@ -196,6 +196,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
         "loss_weights": ", ".join(f"{t}={w:g}" for t, w in config.loss_weights.items()),
         "loss_weighting": args.loss_weighting, "gradient_aggregator": args.gradient_aggregator,
         "optimizer": "Adam", "learning_rate": recipe.learning_rate, "weight_decay": recipe.weight_decay,
+        "fusion_lr_scale": recipe.fusion_lr_scale,
         "lr_scheduler": f"{scheduler_name} (per {recipe.lr_scheduler_interval})", "epochs": num_epochs,
         "max_train_steps": max_train_steps, "drop_last": recipe.drop_last,
         "total_batch_size": recipe.per_device_train_batch_size * accelerator.num_processes
@@ -333,7 +334,12 @@ def evaluate_epoch(run: TrainingRun, epoch: int) -> None:
     """--eval_every_epoch: the validation metrics and losses, logged and kept in the results' history."""
     result = evaluate(run, desc=f"evaluating epoch {epoch}")
     run.accelerator.log(result.log_dict("val"), step=run.completed_steps)
-    run.history.append({"epoch": epoch, "step": run.completed_steps, "losses": result.losses, "final": result.final})
+    run.history.append(
+        {
+            "epoch": epoch, "step": run.completed_steps, "losses": result.losses, "final": result.final,
+            "initial": result.initial,
+        }
+    )  # fmt: skip
     losses = ", ".join(
         f"{t} {result.losses['final'][t]:.4f}"
         + (f" (initial {result.losses['initial'][t]:.4f})" if "initial" in result.losses else "")
@@ -353,6 +359,7 @@ def collect_results(run: TrainingRun, result: evaluation.Evaluation) -> dict:
         "dataset": run.dataset_name, "num_validation_images": len(run.eval_dataset), "decoder": config.decoder,
         "tasks": list(config.tasks), "num_parameters": run.num_parameters, "completed_steps": run.completed_steps,
         "loss_weights_final": run.weighting.current_weights(), "history": run.history, "settings": run.settings,
+        "refinement": evaluation.refinement(result.final, result.initial, tasks),
     }  # fmt: skip
 
 
@@ -442,6 +449,9 @@ def train_and_save(args: argparse.Namespace, argv=None) -> dict:
     results = collect_results(run, result)
     table = metrics_table(result.final, result.initial, run.config)
     accelerator.print(f"\nValidation metrics ({run.dataset_name}, {len(run.eval_dataset)} images):\n{table}\n")
+    accelerator.print(
+        evaluation.refinement_report(results["refinement"]) + "\n" if results["refinement"] else "", end=""
+    )
     if args.report_to != "none":
         accelerator.log(result.log_dict("eval"), step=run.completed_steps)
 

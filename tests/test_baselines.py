@@ -392,6 +392,7 @@ def _forward_flops(**kwargs) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "table, overrides",
     [(TABLE5_FLOPS, {}), (TABLE2_FLOPS, {"backbone": SWIN})],

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test starts a benchmark script in its own process (10-70 s of CPU each): `make test-all`, not `make test`.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -224,6 +224,17 @@ def test_datasets_split_with_named_image_column(saved_model, tmp_path, capsys, r
     assert code == 2 and "'test'" in err and "validation" in err, err
 
 
+def test_native_and_sliding_resolution_equal_the_pipeline(saved_model, images, tmp_path, capsys, reset_accelerate):
+    predictor = pipeline("dense-multitask", model=str(saved_model), device="cpu")
+    path = next(images.glob("img04.*"))  # 64x96: the model's 64x64 window slides
+    for options in ({"resolution": "native"}, {"resolution": "sliding", "overlap": 0.5}):
+        out = tmp_path / options["resolution"]
+        flags = [f"--{name}={value}" for name, value in options.items()]
+        code, err, _ = run(["--model", saved_model, path, "--output_dir", out, "--tasks", "depth", *flags], capsys)
+        assert code == 0, err
+        np.testing.assert_array_equal(np.load(out / "img04_depth.npy"), predictor(str(path), **options)["depth"])
+
+
 # -------------------------------------------------------------------------------------------------- bad inputs
 def test_unreadable_file_is_named_and_the_others_are_written(saved_model, images, tmp_path, capsys, reset_accelerate):
     (images / "broken.jpg").write_bytes(b"this is not a JPEG")
@@ -248,6 +259,8 @@ def test_unreadable_file_is_named_and_the_others_are_written(saved_model, images
         (["{images}", "--dataset", "x"], "one of the two"),
         (["{images}", "{twin}"], "would write the same outputs"),
         (["{images}", "--batch_size", "0"], "--batch_size must be at least 1"),
+        (["{images}", "--resolution", "native", "--batch_size", "2"], "use --batch_size 1"),
+        (["{images}", "--overlap", "0.5"], "--overlap applies to --resolution sliding"),
     ],
 )
 def test_bad_arguments_are_refused_before_the_model_loads(

@@ -82,6 +82,7 @@ ATTENTION = {"ctal_ms": "dense", "ctal_ss": "factorized"}
 CASES = [(name, ATTENTION.get(name, "auto")) for name in DECODERS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder, attention_impl", CASES, ids=[f"{d}-{a}" for d, a in CASES])
 def test_onnx_export_matches_eager(tmp_path, decoder, attention_impl):
     model = build(decoder, attention_impl)
@@ -124,6 +125,7 @@ def test_onnx_export_matches_eager(tmp_path, decoder, attention_impl):
     assert_matches(got, eager(model, pixel_values))
 
 
+@pytest.mark.slow
 def test_openvino_export_matches_eager(tmp_path):
     pytest.importorskip("openvino", reason="openvino is not installed (pip install 'ctal-hf[deploy]')")
     model = build("ctal_ss", "auto")
@@ -304,6 +306,7 @@ def test_runtime_choice_is_checked(exported_folder, tmp_path, capsys):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_a_mismatch_names_the_task_and_writes_nothing(tmp_path, monkeypatch):
     """The check is live: a runtime whose depth output is off by 1e-3 x its scale fails the export, and the folder
     it was to overwrite is left as it was."""
@@ -324,6 +327,7 @@ def test_a_mismatch_names_the_task_and_writes_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"] and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_executorch_export_matches_eager_or_says_why(tmp_path):
     from ctal_hf.export.formats import RUNTIMES
 

@@ -119,6 +119,7 @@ def _float_weight_nodes(model_file, scope: str) -> tuple[list[str], list[str]]:
     return kept, quantized
 
 
+@pytest.mark.slow
 def test_int8_onnx_export_runs_with_finite_outputs_and_keeps_ctal_in_float(tiny_model, calibration_folder, tmp_path):
     from ctal_hf.export import export_model, load_exported
 
@@ -152,6 +153,7 @@ def test_int8_onnx_export_runs_with_finite_outputs_and_keeps_ctal_in_float(tiny_
         assert 0 < error < 0.5, (task, error)
 
 
+@pytest.mark.slow
 def test_int8_openvino_keeps_the_ctal_block_in_float_and_gives_finite_outputs(tiny_model, tmp_path):
     """NNCF int8 of an IR converted from the torch.export program (as `ctal-export --format openvino` converts it),
     with its ops tagged by module scope (`tag_openvino_scopes`), so `=decoder.ctal` stays float."""

@@ -3,7 +3,6 @@ first, float images in [0, 1], -1 void, a `noise` column) through the real `data
 folder and from the local Hub mirror, with no conversion step; other copies through `--column_mapping`."""
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -111,8 +110,6 @@ def test_rows_reach_the_model_contract_without_conversion(nyuv2_copy, monkeypatc
     np.testing.assert_array_equal(sample["semseg"].numpy(), expected)  # -1 void -> the ignore index
     np.testing.assert_array_equal(sample["depth"][0].numpy(), source["depth"][0][0])
     np.testing.assert_allclose(sample["normals"].numpy(), source["normal"][0])
-    if importlib.util.find_spec("ctal_hf.image_values") is None:  # issue 23's rescale by dtype and range
-        pytest.xfail("float images in [0, 1] are divided by 255 until issue 23's image_values.py is merged")
     torch.testing.assert_close(sample["image"], torch.from_numpy(source["image"][0]))  # not divided by 255 again
 
 

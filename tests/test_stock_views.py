@@ -292,13 +292,13 @@ def test_descriptions_of_built_in_tasks_are_checked():
         CTALConfig(tasks=["semseg"], num_semseg_classes=3, task_specs={"semseg": {"class_names": ["a", "a", "b"]}})
     with pytest.raises(ValueError, match="does not apply to normals tasks"):
         CTALConfig(tasks=["normals"], task_specs={"normals": {"unit": "metres"}})
-    with pytest.raises(ValueError, match="differs from the class names"):
-        CTALConfig(
-            tasks=["semseg"],
-            num_semseg_classes=2,
-            task_specs={"semseg": {"class_names": ["a", "b"]}},
-            id2label={
-                0: "x",
-                1: "y",
-            },
-        )
+    # An id2label that does not fit the classes (a stale config.json, transformers' two defaults) gives way to them.
+    described = {"semseg": {"class_names": ["a", "b"]}}
+    assert CTALConfig(
+        tasks=["semseg"], num_semseg_classes=2, task_specs=described, id2label={0: "x", 1: "y"}
+    ).id2label == {
+        0: "a",
+        1: "b",
+    }
+    assert CTALConfig(tasks=["semseg"], num_semseg_classes=3, id2label={0: "wall"}).id2label[2] == "LABEL_2"
+    assert CTALConfig(tasks=["semseg"], num_semseg_classes=2, id2label={0: "x", 1: "y"}).label2id == {"x": 0, "y": 1}

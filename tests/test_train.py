@@ -235,6 +235,7 @@ def test_real_nyuv2_sample_trains_and_evaluates(tmp_path, realdata, reset_accele
 
 
 # ------------------------------------------------------------------------------------------------------ resume
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     common = [*TINY, "--max_train_steps", "8", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1"]
     common += ["--scale_crop", "--seed", "3"]  # shuffling (always on), flip and scale-crop augmentation
@@ -443,6 +444,7 @@ def _main(argv: list[str]) -> dict:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.mark.slow
 def test_resume_checks_fallback_and_a_new_step_budget(tmp_path, caplog, reset_accelerate):
     from ctal_hf.training.checkpointing import TRAINING_STATE_FILE, CheckpointError
 
@@ -507,6 +509,7 @@ def _crash_at(step: int):
     return after_optimizer_step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method",
     [["--loss_weighting", "uncertainty", "--gradient_aggregator", "upgrad"], ["--loss_weighting", "dwa"]]

@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows_per_file", type=int, default=64, help="Inputs per Parquet file (default 64).")
     parser.add_argument("--tasks", nargs="+", default=None, help="Only these tasks (default: all the model predicts).")
     parser.add_argument("--batch_size", type=int, default=1, help="Images per forward pass (default 1).")
+    parser.add_argument(
+        "--resolution",
+        choices=("model", "native", "sliding"),
+        default="model",
+        help="Where the model runs, as in ctal-predict: model = each image resized to the model's image_size "
+        "(default); native = at the image's own size; sliding = windows of image_size, blended.",
+    )
+    parser.add_argument(
+        "--overlap", type=float, default=None, help="With --resolution sliding: fraction shared, in [0, 1)."
+    )
     parser.add_argument("--device", default=None, help="Default: the process's device (GPU <rank> when there are).")
     parser.add_argument("--revision", default=None, help="Hub revision of the model (branch, tag or commit).")
     parser.add_argument(
@@ -75,6 +85,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "rows_per_file"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.overlap is not None and args.resolution != "sliding":
+        parser.error(f"--overlap applies to --resolution sliding, not {args.resolution}")
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
+        parser.error(f"--overlap is a fraction of a window in [0, 1), got {args.overlap}")
+    if args.resolution != "model" and args.batch_size > 1:
+        parser.error(
+            f"--resolution {args.resolution} runs one image per forward pass (each at its own size); "
+            f"use --batch_size 1, not {args.batch_size}"
+        )
     if len({SAVE_CHOICES[value] for value in args.save}) != 1:
         parser.error(
             f"--save {' '.join(args.save)}: parquet is a format of its own; use npy and / or png, or parquet."
@@ -151,8 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = _load_pipeline(args.parser, args, args.config)
         tasks = args.tasks or list(predictor.model.config.tasks)
         writer = make_writer(args.save, Path(args.output_dir).expanduser(), tasks, args.rows_per_file)
+        options = {} if args.resolution == "model" else {"resolution": args.resolution}
+        if args.overlap is not None:
+            options["overlap"] = args.overlap
         summary = run_bulk(
-            predictor, source, writer, state, batch_size=args.batch_size, tasks=tasks, progress=not args.no_progress
+            predictor,
+            source,
+            writer,
+            state,
+            batch_size=args.batch_size,
+            tasks=tasks,
+            progress=not args.no_progress,
+            options=options,
         )
         if state.is_main_process:
             sys.stderr.write(f"{PROG}: {summary.describe()}\n")

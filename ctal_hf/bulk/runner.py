@@ -62,9 +62,11 @@ def run_bulk(
     batch_size: int = 1,
     tasks: Sequence[str] | None = None,
     progress: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> BulkSummary:
     """Predicts every input of `source` that `writer` does not have yet, this process's share of them; returns the
-    summary gathered from every process (the same on each)."""
+    summary gathered from every process (the same on each). `options` go to the pipeline call (`resolution`,
+    `overlap`)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -86,7 +88,7 @@ def run_bulk(
                     loaded.append((item, source.load(item)))
                 except INPUT_ERRORS as error:
                     failed[item.source] = str(error)
-            results = _predict_batch(predictor, loaded, tasks, writer.needs_visualizations, failed)
+            results = _predict_batch(predictor, loaded, tasks, writer.needs_visualizations, failed, options or {})
             for item, result in results:
                 writer.write(item, result)
                 written += 1
@@ -105,13 +107,13 @@ def run_bulk(
     return summary
 
 
-def _predict_batch(predictor, loaded, tasks, visualize: bool, failed: dict) -> list[tuple[BulkItem, dict]]:
+def _predict_batch(predictor, loaded, tasks, visualize: bool, failed: dict, options) -> list[tuple[BulkItem, dict]]:
     """Predicts a batch; when it fails on a bad input, predicts its images one by one so only that one fails."""
     if not loaded:
         return []
     images = [image for _, image in loaded]
     try:
-        results = predictor(images, tasks=tasks, visualize=visualize, batch_size=len(images))
+        results = predictor(images, tasks=tasks, visualize=visualize, batch_size=len(images), **options)
         return list(zip([item for item, _ in loaded], results, strict=True))
     except INPUT_ERRORS as error:
         if len(loaded) == 1:
@@ -119,7 +121,7 @@ def _predict_batch(predictor, loaded, tasks, visualize: bool, failed: dict) -> l
             return []
     results = []
     for pair in loaded:
-        results += _predict_batch(predictor, [pair], tasks, visualize, failed)
+        results += _predict_batch(predictor, [pair], tasks, visualize, failed, options)
     return results
 
 

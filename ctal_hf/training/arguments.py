@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..registry import BACKBONE_INFO, DECODER_INFO, GRADIENT_AGGREGATORS, LOSS_WEIGHTINGS
-from .recipes import RECIPES, SCHEDULER_INTERVALS, SCHEDULERS
+from .recipes import FUSION_LR_SCALES, RECIPES, SCHEDULER_INTERVALS, SCHEDULERS
 
 
 def column_mapping(text: str) -> dict[str, str]:
@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCHEDULER_INTERVALS,
         help="epoch: the learning rate changes once per epoch (the paper recipes, as the release); step: every "
         "optimizer step.",
+    )
+    train.add_argument(
+        "--fusion_lr_scale",
+        default=None,
+        choices=FUSION_LR_SCALES,
+        help="num_pixels: CTAL's fusion conv trains with the learning rate / N (its affinity pixels); "
+        "docs/efficacy.md.",
     )
     train.add_argument("--per_device_train_batch_size", type=positive_int, default=None)
     train.add_argument("--per_device_eval_batch_size", type=positive_int, default=None)

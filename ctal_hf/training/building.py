@@ -31,6 +31,7 @@ RECIPE_FLAGS: tuple[str, ...] = (
     "pretrained_backbone",
     "num_train_images",
     "num_validation_images",
+    "fusion_lr_scale",
 )
 
 
@@ -290,6 +291,21 @@ def poly_factor(position: float, total: float, power: float = 2.0) -> float:
 def step_factor(position: float, total: float) -> float:
     """Halved every `total // 2` (torch's `StepLR(step_size=total // 2, gamma=0.5)`)."""
     return 0.5 ** (position // max(1, int(total) // 2))
+
+
+def optimizer_param_groups(model: torch.nn.Module, recipe: CTALRecipe) -> list[dict]:
+    """The optimizer's parameter groups: everything at `recipe.learning_rate`, except, with
+    `recipe.fusion_lr_scale="num_pixels"`, the parameters of each CTAL fusion conv at `learning_rate / N`."""
+    from ..ctal_module import CTALFusionConv
+
+    fusion = []
+    if recipe.fusion_lr_scale == "num_pixels":
+        fusion = [module for module in model.modules() if isinstance(module, CTALFusionConv)]
+    special = {id(param) for module in fusion for param in module.parameters()}
+    groups = [{"params": [param for param in model.parameters() if id(param) not in special]}]
+    for module in fusion:
+        groups.append({"params": list(module.parameters()), "lr": recipe.learning_rate / module.out_channels})
+    return groups
 
 
 def make_scheduler(optimizer, name: str, recipe: CTALRecipe, max_train_steps: int, steps_per_epoch: int, epochs: int):

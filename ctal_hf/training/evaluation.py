@@ -175,4 +175,36 @@ def save_prediction_pictures(
     return paths
 
 
-__all__ = ["eval_shard", "Evaluation", "evaluate", "save_prediction_pictures"]
+def refinement(final: dict, initial: dict, task_specs: dict) -> dict[str, dict]:
+    """Whether the final (refined) predictions beat the initial ones, per task on its headline metric:
+    `{task: {"metric", "final", "initial", "better"}}` (empty for decoders without initial predictions).
+    `task_specs` is `config.get_tasks()`."""
+    compared = {}
+    for task, spec in task_specs.items():
+        before, after = initial.get(task, {}).get(spec.metric), final.get(task, {}).get(spec.metric)
+        if before is None or after is None:
+            continue
+        better = after < before if spec.lower_is_better else after > before
+        compared[task] = {"metric": spec.metric, "final": after, "initial": before, "better": bool(better)}
+    return compared
+
+
+def refinement_report(compared: dict[str, dict]) -> str:
+    """`refinement`'s result as lines for the end of a training run ("" when there is nothing to compare)."""
+    if not compared:
+        return ""
+    from .model_card import display_value, metric_label  # the model card's number formats
+
+    lines = ["Final (refined) vs initial predictions, headline metric per task:"]
+    for task, row in compared.items():
+        final, initial = display_value(row["metric"], row["final"]), display_value(row["metric"], row["initial"])
+        verdict = "final better" if row["better"] else "final NOT better"
+        lines.append(
+            f"  {task:<10} {metric_label(row['metric']):<16} final {final:>8}  initial {initial:>8}  {verdict}"
+        )
+    wins = sum(row["better"] for row in compared.values())
+    lines.append(f"  The refinement beats the initial predictions on {wins} of {len(compared)} tasks.")
+    return "\n".join(lines)
+
+
+__all__ = ["eval_shard", "Evaluation", "evaluate", "refinement", "refinement_report", "save_prediction_pictures"]

@@ -19,6 +19,8 @@ LOSS_WEIGHT_RULES: tuple[str, ...] = ("preset", "release")
 
 SCHEDULERS: tuple[str, ...] = ("cosine", "cosine_warm_restarts", "poly", "step", "constant")
 SCHEDULER_INTERVALS: tuple[str, ...] = ("step", "epoch")
+# How CTAL's fusion conv learns relative to the rest (`CTALRecipe.fusion_lr_scale`).
+FUSION_LR_SCALES: tuple[str, ...] = ("none", "num_pixels")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,12 @@ class CTALRecipe:
         pretrained_backbone: ImageNet weights the backbone starts from (`--pretrained_backbone`): `"timm"` (timm's
             own, downloaded from the Hub), a file, a Hub id, or `None` (random weights).
         num_train_images, num_validation_images: synthetic dataset only: how many scenes to render.
+        fusion_lr_scale: `"none"` (every parameter trains with `learning_rate`, as the release) or `"num_pixels"`:
+            the parameters of CTAL's fusion conv (`CTALFusionConv`, one weight per affinity pixel and task, summed
+            over all N pixels in `D = V M^T`) train with `learning_rate / N`, so each Adam step moves `D` as much as
+            a step moves the other layers' outputs. With `fusion_init="scaled"` this trains exactly the model that
+            `affinity_normalization="num_pixels"` trains (up to weight decay), keeping the paper's
+            parametrisation (docs/efficacy.md). Models without a CTAL module are unaffected.
     """
 
     name: str
@@ -87,6 +95,7 @@ class CTALRecipe:
     pretrained_backbone: str | None = None
     num_train_images: int | None = None
     num_validation_images: int | None = None
+    fusion_lr_scale: str = "none"
 
     def __post_init__(self):
         if self.lr_scheduler not in SCHEDULERS:
@@ -94,6 +103,10 @@ class CTALRecipe:
         if self.lr_scheduler_interval not in SCHEDULER_INTERVALS:
             raise ValueError(
                 f"Unknown lr_scheduler_interval {self.lr_scheduler_interval!r}; choose from {list(SCHEDULER_INTERVALS)}."
+            )
+        if self.fusion_lr_scale not in FUSION_LR_SCALES:
+            raise ValueError(
+                f"Unknown fusion_lr_scale {self.fusion_lr_scale!r}; choose from {list(FUSION_LR_SCALES)}."
             )
         if self.loss_weight_rule not in LOSS_WEIGHT_RULES:
             raise ValueError(
@@ -146,7 +159,10 @@ RECIPES: dict[str, CTALRecipe] = {
     # CPU default: CTAL-SS on 64x96 synthetic rooms (semseg 7 classes, depth, normals; CTAL runs at 16x24), about
     # 150 optimizer steps of batch 8. A larger learning rate than the paper's, since the backbone starts from scratch
     # and the budget is a few minutes. The backbone's BatchNorms keep timm's momentum (0.1): with the release's 0.01
-    # the running statistics of so short a run stay near their initial values, and evaluation uses them.
+    # the running statistics of so short a run stay near their initial values, and evaluation uses them. CTAL's
+    # fusion conv starts at the features' scale and learns at lr / N (`fusion_init="scaled"`, `fusion_lr_scale`; the
+    # paper's model and parametrisation, another starting point): with the release's start the diffusion swamps the
+    # features and the refined predictions fall far below the initial ones (docs/efficacy.md).
     "synthetic": CTALRecipe(
         name="synthetic",
         dataset="synthetic",
@@ -156,7 +172,9 @@ RECIPES: dict[str, CTALRecipe] = {
             "image_size": [64, 96],
             "backbone_bn_momentum": None,
             "task_specs": DATASET_TASK_DESCRIPTIONS["synthetic"],
+            "fusion_init": "scaled",
         },
+        fusion_lr_scale="num_pixels",
         learning_rate=1e-3,
         weight_decay=1e-4,
         num_train_epochs=6,
@@ -218,5 +236,6 @@ __all__ = [
     "SCHEDULERS",
     "SCHEDULER_INTERVALS",
     "LOSS_WEIGHT_RULES",
+    "FUSION_LR_SCALES",
     "get_recipe",
 ]
