@@ -51,6 +51,11 @@ def parse_args(argv=None):
     parser.add_argument("--report_only", action="store_true", help="Only write the table from finished runs.")
     parser.add_argument("--no_eval_every_epoch", action="store_true", help="Skip the per-epoch validation curves.")
     parser.add_argument("--include", nargs="*", default=[], help="Other output folders whose runs join the table.")
+    parser.add_argument(
+        "--blend_of", nargs="*", default=None, metavar="FOLDER",
+        help="Only print ||gamma D|| / ||(1 - gamma) X|| of fresh models (each --fusion_inits) and saved ones.",
+    )  # fmt: skip
+    parser.add_argument("--fusion_inits", nargs="*", default=["default", "zero", "scaled"])
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="After `--`: arguments for train.py.")
     args = parser.parse_args(argv)
     if args.train_args and args.train_args[0] == "--":
@@ -66,6 +71,7 @@ class BlendProbe:
         self.ratios: list[float] = []
         self.final_losses: list[dict[str, float]] = []
         self.total_losses: list[dict[str, float]] = []
+        self.record_eval = False  # also record forwards in eval mode (`blend_of`)
 
     def install(self):
         """Wraps `CTALAffinityModule._diffuse` and `CTALCriterion.forward` for every model of this process (from the
@@ -80,7 +86,7 @@ class BlendProbe:
 
         def probed_diffuse(module, stacked, values, *args, **kwargs):
             diffused = diffuse(module, stacked, values, *args, **kwargs)
-            if module.training and module.gamma < 1:
+            if (module.training or probe.record_eval) and module.gamma < 1:
                 with torch.no_grad():
                     blend = module.gamma * diffused.norm() / ((1.0 - module.gamma) * stacked.norm())
                 probe.ratios.append(float(blend))
@@ -117,6 +123,44 @@ class BlendProbe:
                 row[f"{task}_initial_loss"] = sum(t[task] for t in totals) / len(totals) - final
             rows.append(row)
         return rows
+
+
+def blend_of(folders: list[str], fusion_inits: list[str], seed: int = 0) -> list[str]:
+    """||gamma D|| / ||(1 - gamma) X|| on the first 8 validation images of the synthetic recipe: for a model of the
+    recipe's config freshly initialised with each of `fusion_inits` (seed `seed`), and for each saved model folder."""
+    import torch
+
+    from ctal_hf import CTALForDenseMultitask
+    from ctal_hf.data import CTALTorchDataset, CTALTransform
+    from ctal_hf.training import building
+    from ctal_hf.training.arguments import parse_args as train_parse_args
+    from ctal_hf.training.data_loading import load_splits
+
+    args = train_parse_args([])
+    recipe = building.resolve_recipe(args)
+    config = building.build_config(args, recipe)
+    _, eval_rows, _, _ = load_splits(args, recipe, list(config.tasks), config.image_size)
+    dataset = CTALTorchDataset(eval_rows, config, CTALTransform(config.image_size, train=False), seed=0)
+    batch = dataset.collate([dataset[i] for i in range(8)])
+    models = []
+    for init in fusion_inits:
+        torch.manual_seed(seed)
+        fresh = building.build_config(train_parse_args(["--config_overrides", f"fusion_init={init}"]), recipe)
+        models.append((f"fresh, fusion_init={init}", CTALForDenseMultitask(fresh)))
+    models += [(f"trained: {folder}", CTALForDenseMultitask.from_pretrained(folder)) for folder in folders]
+    lines = []
+    for name, model in models:
+        probe = BlendProbe()
+        probe.record_eval = True
+        restore = probe.install()
+        try:
+            with torch.no_grad():
+                model.eval()(pixel_values=batch["pixel_values"])
+        finally:
+            restore()
+        lines.append(f"{name}: {probe.ratios[0]:.3g}")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def run_one(variant: str, seed: int, args, path: Path) -> dict:
@@ -242,6 +286,9 @@ def write_table(records: list[dict], table: Path) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.blend_of is not None:
+        blend_of(args.blend_of, args.fusion_inits)
+        return
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
