@@ -21,6 +21,7 @@ Resampling to the same size returns the parameters themselves (bit-exact identit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -73,10 +74,13 @@ def resample_fusion(
     size: tuple[int, int],
     new_size: tuple[int, int],
     method: str = DEFAULT_AFFINITY_RESAMPLING,
+    area_rescale: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fusion weight `(h * w, T, k, k)` and bias `(h * w,)` (or None) of affinity size `size` = (h, w),
     resampled to `new_size`: `(h' * w', T, k, k)` and `(h' * w',)`, same dtype and device. Differentiable (a
-    fine-tune through it reaches the original parameters). The same size returns `weight` and `bias` themselves."""
+    fine-tune through it reaches the original parameters). The same size returns `weight` and `bias` themselves.
+    `area_rescale` (None: the method's own) overrides the `old pixels / new pixels` factor: a fused map already
+    divided by its pixel count (`affinity_normalization="num_pixels"`) must not be rescaled a second time."""
     size, new_size = tuple(int(side) for side in size), tuple(int(side) for side in new_size)
     if weight.dim() != 4 or weight.shape[0] != size[0] * size[1]:
         raise ValueError(
@@ -86,6 +90,8 @@ def resample_fusion(
     if min(new_size) < 1:
         raise ValueError(f"Cannot resample the CTAL fusion to an empty affinity size {new_size}.")
     resampling = _resampling(method)
+    if area_rescale is not None:
+        resampling = dataclasses.replace(resampling, area_rescale=area_rescale)
     if new_size == size:
         return weight, bias
     num_tasks, kernel = weight.shape[1], weight.shape[2:]
@@ -98,12 +104,16 @@ def resample_fusion(
 
 
 def resize_fusion_conv(
-    conv: nn.Conv2d, size: tuple[int, int], new_size: tuple[int, int], method: str = DEFAULT_AFFINITY_RESAMPLING
+    conv: nn.Conv2d,
+    size: tuple[int, int],
+    new_size: tuple[int, int],
+    method: str = DEFAULT_AFFINITY_RESAMPLING,
+    area_rescale: bool | None = None,
 ) -> None:
     """Replaces, in place, the parameters of a grouped fusion conv (`CTALAffinityModule.fusion`) built for affinity
     size `size` by their resampling to `new_size`, and updates its channel and group counts."""
     weight, bias = resample_fusion(
-        conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), size, new_size, method
+        conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), size, new_size, method, area_rescale
     )
     num_pixels, num_tasks = weight.shape[0], weight.shape[1]
     conv.weight = nn.Parameter(weight.clone(), requires_grad=conv.weight.requires_grad)

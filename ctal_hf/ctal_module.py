@@ -92,6 +92,8 @@ class CTALAffinityModule(nn.Module):
         self.gamma = config.gamma
         self.attention_impl = config.attention_impl
         self.affinity_normalization = config.affinity_normalization
+        # A fused map divided by its own pixel count keeps its scale at any size: resampling adds no area factor.
+        self._area_rescale = False if self.affinity_normalization == "num_pixels" else None
         channels = config.ctal_channels
         num_pixels = self.size[0] * self.size[1]
         num_tasks = len(self.tasks)
@@ -107,7 +109,7 @@ class CTALAffinityModule(nn.Module):
 
     def resize(self, size: tuple[int, int], method: str = DEFAULT_AFFINITY_RESAMPLING) -> None:
         """Rebuilds the module at affinity size `size` from its fusion parameters resampled (`resample_fusion`)."""
-        resize_fusion_conv(self.fusion, self.size, size, method)
+        resize_fusion_conv(self.fusion, self.size, size, method, self._area_rescale)
         self.size = tuple(size)
 
     def check_memory(self, batch_size: int, size: tuple[int, int] | None = None) -> None:
@@ -133,7 +135,9 @@ class CTALAffinityModule(nn.Module):
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         projected = {task: self.projections[task](features[task]) for task in self.tasks}
         size = tuple(next(iter(projected.values())).shape[-2:])
-        weight, bias = resample_fusion(self.fusion.weight, self.fusion.bias, self.size, size)
+        weight, bias = resample_fusion(
+            self.fusion.weight, self.fusion.bias, self.size, size, area_rescale=self._area_rescale
+        )
         stacked = stack_task_maps([projected[task] for task in self.tasks])  # (B, T, C, h, w)
         values = stack_task_maps([self.values[task](projected[task]) for task in self.tasks])
         if self.gradient_checkpointing and self.training:

@@ -236,3 +236,22 @@ def test_cli_resolution_options(saved, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main([str(image), "--model", str(saved), "--resolution", "native", "--overlap", "0.5"])
     assert exit_info.value.code == 2 and "--overlap applies to --resolution sliding" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("normalization, factor", [("none", 384 / 1280), ("num_pixels", 1.0)])
+def test_a_size_normalised_fused_map_is_not_area_rescaled_twice(normalization, factor):
+    # `affinity_normalization="num_pixels"` already divides the fused map by its own pixel count, so resampling must
+    # not add the `old / new pixels` factor as well (the diffusion would shrink by it twice).
+    config = CTALConfig(
+        tasks=["semseg", "depth"], image_size=SIZE, num_semseg_classes=4, affinity_normalization=normalization
+    )
+    model = CTALForDenseMultitask(config).eval()
+    ctal = model.decoder.ctal
+    with torch.no_grad():
+        ctal.fusion.weight.fill_(0.5)
+        ctal.fusion.bias.fill_(0.25)
+    old_size = ctal.size
+    model.resize_image_size(LARGE)
+    assert old_size[0] * old_size[1] == 384 and ctal.size[0] * ctal.size[1] == 1280
+    torch.testing.assert_close(ctal.fusion.weight, torch.full_like(ctal.fusion.weight, 0.5 * factor))
+    torch.testing.assert_close(ctal.fusion.bias, torch.full_like(ctal.fusion.bias, 0.25 * factor))

@@ -1,5 +1,5 @@
-"""The behaviours where the authors' release differs from our plain defaults (README "Parity with the authors'
-release"): each is a config field whose `from_preset` value is the release's, and each does what it says."""
+"""The behaviours where the authors' release differs from our plain defaults (docs/reproducing-the-paper.md, "Parity
+with the authors' release"): each is a config field whose `from_preset` value is the release's, and each does what it says."""
 
 import math
 

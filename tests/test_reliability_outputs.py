@@ -16,7 +16,6 @@ import torch
 from transformers import ConvNextConfig
 
 from ctal_hf import CTALConfig, CTALForDenseMultitask, CTALImageProcessor
-from ctal_hf.bulk.cli import main as bulk_main
 from ctal_hf.cli import main as predict_main
 from ctal_hf.export_cli import main as export_main
 
@@ -179,6 +178,8 @@ def test_predict_never_overwrites_an_input_image(model_dir, tmp_path, capsys):
 
 
 def test_bulk_prediction_refuses_its_input_folder_and_a_locked_output_folder(model_dir, tmp_path, capsys):
+    from ctal_hf.bulk.cli import main as bulk_main
+
     OutputLock = _helpers().OutputLock
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -218,6 +219,21 @@ def test_publish_failure_leaves_the_published_folder_as_it_was(tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         publish.write_parquet_folder("synthetic", dataset, folder)
     assert _files(folder) == before  # the published shards are still there, whole
+    written = []
+    original = datasets.Dataset.to_parquet
+
+    def interrupted_to_parquet(self, path, *args, **kwargs):  # killed while writing the second split's shard
+        if written:
+            Path(path).write_bytes(b"PAR1 half")
+            raise KeyboardInterrupt
+        written.append(path)
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", interrupted_to_parquet)
+    with pytest.raises(KeyboardInterrupt):
+        publish.write_parquet_folder("synthetic", dataset, folder)
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", original)
+    assert _files(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["published"]
     with pytest.raises(SystemExit):
         publish.parse_args(["nyuv2", "--data_dir", str(folder), "--output_dir", str(folder)])
