@@ -247,7 +247,8 @@ def test_large_maps_are_decoded_and_colour_coded_in_bands(model, monkeypatch):
     monkeypatch.setattr(visualization, "_BAND_PIXELS", 3000)
     banded = processor.post_process_multitask(outputs, target_sizes=[size])[0]
     assert (banded["semseg"] == direct["semseg"]).float().mean() > 0.999
-    torch.testing.assert_close(banded["depth"], direct["depth"], atol=1e-4, rtol=1e-4)
+    # float32 rounding of the two resize paths, relative to the decoded values
+    torch.testing.assert_close(banded["depth"], direct["depth"], atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(banded["normals"], direct["normals"], atol=1e-3, rtol=1e-3)
     banded_pictures = visualization.visualize_predictions({task: value.numpy() for task, value in direct.items()})
     for task, picture in direct_pictures.items():

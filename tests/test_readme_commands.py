@@ -38,8 +38,8 @@ LAUNCHERS: tuple[tuple[str, ...], ...] = (("accelerate", "launch"), ("torchrun",
 FORWARDS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("python", "examples/run_experiments.py"): ("python", "examples/train.py")
 }
-# Make targets, shell, installs, an interactive wizard, CI and test runners.
-SKIPPED = ("make", "echo", "pip", "apt-get", "accelerate config", ".ci/run", "pytest")
+# Make targets, shell commands, inline Python, installs, an interactive wizard, CI and test runners.
+SKIPPED = ("make", "echo", "mkdir", "cd ", "unzip", "python -c", "pip", "apt-get", "accelerate config", ".ci/run", "pytest")
 
 
 def readme_commands() -> list[str]:
