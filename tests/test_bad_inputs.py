@@ -247,8 +247,10 @@ def test_large_maps_are_decoded_and_colour_coded_in_bands(model, monkeypatch):
     monkeypatch.setattr(visualization, "_BAND_PIXELS", 3000)
     banded = processor.post_process_multitask(outputs, target_sizes=[size])[0]
     assert (banded["semseg"] == direct["semseg"]).float().mean() > 0.999
-    # float32 rounding of the two resize paths, relative to the decoded values
-    torch.testing.assert_close(banded["depth"], direct["depth"], atol=1e-4, rtol=1e-3)
+    # Equal up to float32 rounding of the two resize paths, which scales with the map (a random model's depth
+    # reaches about 1e4 here, where one float32 step is 1e-3).
+    scale = direct["depth"].abs().max().item()
+    torch.testing.assert_close(banded["depth"], direct["depth"], atol=1e-5 * max(scale, 1.0), rtol=1e-4)
     torch.testing.assert_close(banded["normals"], direct["normals"], atol=1e-3, rtol=1e-3)
     banded_pictures = visualization.visualize_predictions({task: value.numpy() for task, value in direct.items()})
     for task, picture in direct_pictures.items():

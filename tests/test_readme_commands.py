@@ -87,13 +87,21 @@ def help_text(program: tuple[str, ...]) -> str:
     return result.stdout + result.stderr
 
 
+def _project_files() -> list[Path]:
+    """The repository's own files: git's list where the tree is a checkout (never `.venv`, outputs or other ignored
+    folders), else every file outside hidden folders."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout:
+        return [REPO / name for name in listed.stdout.split("\0") if name]
+    return [path for path in REPO.rglob("*") if not any(part.startswith(".") for part in path.relative_to(REPO).parts)]
+
+
 def test_no_huggingface_cli_anywhere():
     offenders = [
         str(path.relative_to(REPO))
-        for path in REPO.rglob("*")
+        for path in _project_files()
         if path.is_file()
         and path.suffix in (".py", ".md", ".sh", ".toml", ".txt", ".yml", ".yaml")
-        and ".git" not in path.parts
         and path.name not in (Path(__file__).name, "hub-ecosystem.md")  # the page that says it was removed
         and "huggingface-cli" in path.read_text(errors="ignore")
     ]
