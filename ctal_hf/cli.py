@@ -101,6 +101,19 @@ def _check_tasks(parser: argparse.ArgumentParser, tasks: Sequence[str] | None, p
         parser.error(f"--tasks {' '.join(unknown)}: not predicted; this model predicts {' '.join(predicted)}.")
 
 
+def _check_resolution(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--resolution` / `--overlap` / `--batch_size` that work together (ctal-predict and ctal-predict-bulk)."""
+    if args.overlap is not None and args.resolution != "sliding":
+        parser.error(f"--overlap applies to --resolution sliding, not {args.resolution}")
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
+        parser.error(f"--overlap is a fraction of a window in [0, 1), got {args.overlap}")
+    if args.resolution != "model" and args.batch_size > 1:
+        parser.error(
+            f"--resolution {args.resolution} runs one image per forward pass (each at its own size); "
+            f"use --batch_size 1, not {args.batch_size}"
+        )
+
+
 def _check_images(parser: argparse.ArgumentParser, images: Sequence[str]) -> None:
     folders = [image for image in images if os.path.isdir(image)]
     if folders:
@@ -187,15 +200,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.dpi < 1:
         parser.error(f"--dpi must be at least 1, got {args.dpi}")
-    if args.overlap is not None and args.resolution != "sliding":
-        parser.error(f"--overlap applies to --resolution sliding, not {args.resolution}")
-    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
-        parser.error(f"--overlap is a fraction of a window in [0, 1), got {args.overlap}")
-    if args.resolution != "model" and args.batch_size > 1:
-        parser.error(
-            f"--resolution {args.resolution} runs one image per forward pass (each at its own size); "
-            f"use --batch_size 1, not {args.batch_size}"
-        )
+    _check_resolution(parser, args)
     args.parser = parser
     return args
 

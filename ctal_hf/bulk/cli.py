@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses and checks what needs neither torch nor the model."""
-    from ..cli import _check_tasks, _local_config
+    from ..cli import _check_resolution, _check_tasks, _local_config
     from .writers import SAVE_CHOICES
 
     parser = build_parser()
@@ -85,15 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "rows_per_file"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.overlap is not None and args.resolution != "sliding":
-        parser.error(f"--overlap applies to --resolution sliding, not {args.resolution}")
-    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
-        parser.error(f"--overlap is a fraction of a window in [0, 1), got {args.overlap}")
-    if args.resolution != "model" and args.batch_size > 1:
-        parser.error(
-            f"--resolution {args.resolution} runs one image per forward pass (each at its own size); "
-            f"use --batch_size 1, not {args.batch_size}"
-        )
+    _check_resolution(parser, args)
     if len({SAVE_CHOICES[value] for value in args.save}) != 1:
         parser.error(
             f"--save {' '.join(args.save)}: parquet is a format of its own; use npy and / or png, or parquet."
