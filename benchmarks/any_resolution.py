@@ -28,12 +28,13 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -69,16 +70,6 @@ def train_models(args) -> dict[str, Path]:
     return folders
 
 
-def cpu_description() -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return f"{model}; " + ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
 
 
 def _status_kib(field: str) -> int:

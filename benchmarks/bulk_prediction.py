@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -26,24 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_description
+
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "benchmarks" / "results" / "bulk_prediction.md"
 
 
-def cpu_description() -> str:
-    """CPU model name and the bf16 / AMX flags its cpuinfo lists."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
-    listed = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
-    return f"{name} ({listed})"
 
 
 def load_average() -> str:
