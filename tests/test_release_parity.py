@@ -442,3 +442,53 @@ def test_building_a_model_never_downloads(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
     for preset in sorted(PRESETS):
         CTALForDenseMultitask(CTALConfig.from_preset(preset, **TINY, loss_weights=None))
+
+
+def test_cross_scale_fusion_without_the_release_conv_bias_trains_alike_and_folds_it_into_the_running_mean():
+    """The release's cross-scale fusion conv has a bias; ours has none (BatchNorm follows). In training the BatchNorm
+    cancels the bias (same outputs and weight gradients); in eval mode ours equals the biased form once the bias is
+    folded into the running mean (docs/reproducing-the-paper.md, "Training steps")."""
+    from ctal_hf.blocks import CTALCrossScaleFusion
+
+    torch.manual_seed(0)
+    ours = CTALCrossScaleFusion([4, 6]).double()
+    conv, norm, _ = ours.fuse
+    assert conv.bias is None
+    biased_conv = nn.Conv2d(10, 10, 1).double()
+    biased_norm = nn.BatchNorm2d(10).double()
+    with torch.no_grad():
+        biased_conv.weight.copy_(conv.weight)
+        biased_conv.bias.normal_()
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 1.5)
+        biased_norm.load_state_dict(norm.state_dict())
+        biased_norm.running_mean += biased_conv.bias  # the release's statistics include its bias
+
+    def biased(features):
+        size = features[0].shape[-2:]
+        stacked = torch.cat([F.interpolate(f, size=size, mode="bilinear") for f in features], dim=1)
+        return F.relu(biased_norm(biased_conv(stacked)))
+
+    generator = torch.Generator().manual_seed(1)
+    features = [torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64),
+                torch.randn(2, 6, 4, 4, generator=generator, dtype=torch.float64)]  # fmt: skip
+    target = torch.randn(2, 10, 8, 8, generator=generator, dtype=torch.float64)
+    ours.train()
+    biased_conv.train()
+    biased_norm.train()
+    ours_out, biased_out = ours(features), biased(features)
+    torch.testing.assert_close(ours_out, biased_out, rtol=1e-12, atol=1e-12)
+    (ours_out * target).sum().backward()
+    (biased_out * target).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, biased_conv.weight.grad, rtol=1e-10, atol=1e-12)
+    assert biased_conv.bias.grad.abs().max() < 1e-10  # zero in exact arithmetic
+    # One batch later the running means still differ by the bias (the release's averages it in).
+    torch.testing.assert_close(biased_norm.running_mean - biased_conv.bias.detach(), norm.running_mean)
+    ours.eval()
+    biased_norm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(features), biased(features), rtol=1e-12, atol=1e-12)
+        biased_conv.bias.add_(0.5)  # an unfolded bias change (what the release's weight decay does) shows in eval
+        assert (ours(features) - biased(features)).abs().max() > 1e-3
