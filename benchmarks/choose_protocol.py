@@ -9,6 +9,8 @@
 #   python benchmarks/choose_protocol.py --image_size 32 64 --num_train_images 128 --num_validation_images 48 \
 #       --max_epochs 20 --output_dir outputs/protocol --table benchmarks/results/comparison_protocol.md
 #
+# Arguments after `--` go to train.py unchanged (say, `--backbone mobilenet_v2 --pretrained_backbone FILE`).
+#
 # The chosen epoch count is printed last (`epochs=N`) for the comparison (examples/run_experiments.py).
 
 import argparse
@@ -35,7 +37,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/protocol")
     parser.add_argument("--table", default=None, help="Markdown file for the curve and the choice.")
-    return parser.parse_args(argv)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="After `--`: more arguments for train.py.")
+    args = parser.parse_args(argv)
+    if args.train_args and args.train_args[0] == "--":
+        args.train_args = args.train_args[1:]
+    return args
 
 
 def relative_curve(history: list[dict]) -> list[float]:
@@ -68,7 +74,7 @@ def main(argv=None) -> int:
         "--per_device_train_batch_size", str(args.per_device_train_batch_size),
         "--num_train_epochs", str(args.max_epochs), "--lr_scheduler", "constant", "--eval_every_epoch", "--num_prediction_images", "0",
         "--checkpointing_steps", "epoch", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
-        "--output_dir", str(output),
+        "--output_dir", str(output), *args.train_args,
     ]  # fmt: skip
     if not (output / "eval_results.json").is_file():
         print(f"[run] {shlex.join(command)}", flush=True)
@@ -89,7 +95,8 @@ def main(argv=None) -> int:
         "",
         f"Candidate: synthetic scenes at {args.image_size[0]}x{args.image_size[1]}, {args.num_train_images} "
         f"training and {args.num_validation_images} validation images, batch {args.per_device_train_batch_size}, "
-        f"seed {args.seed}. CPU: {cpu_description()}.",
+        f"seed {args.seed}{', train.py ' + shlex.join(args.train_args) if args.train_args else ''}. "
+        f"CPU: {cpu_description()}.",
         "",
         "| epoch | step | relative val loss | " + " | ".join(f"{t} loss" for t in tasks) + " |",
         "|---|---|---|" + "---|" * len(tasks),
