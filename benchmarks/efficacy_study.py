@@ -5,7 +5,7 @@
 #   - learning curves: training loss of the final and the initial predictions per task (per window) and, with
 #     --eval_every_epoch (the default here), validation metrics of both after every epoch.
 #
-#   python benchmarks/efficacy_study.py --variants default gamma0 zero scaled num_pixels mtl --seeds 0 \
+#   python benchmarks/efficacy_study.py --variants release_start ctal_ss gamma0 zero scaled num_pixels mtl --seeds 0 \
 #       --output_dir outputs/efficacy --table benchmarks/results/efficacy_study.md
 #   python benchmarks/efficacy_study.py --report_only --output_dir outputs/efficacy --table ...   # table only
 #
@@ -29,17 +29,30 @@ sys.path.insert(0, str(REPO / "examples"))
 
 # name -> (decoder, config overrides, extra train.py arguments, what it is)
 VARIANTS: dict[str, tuple[str, str, list[str], str]] = {
-    "default": ("ctal_ss", "", [], "CTAL-SS as the release: PyTorch's default fusion init"),
-    "gamma0": ("ctal_ss", "gamma=0", [], "control: gamma = 0 (same layers, no diffusion)"),
-    "zero": ("ctal_ss", "fusion_init=zero", [], "fusion conv initialised to zero (faithful)"),
-    "scaled": ("ctal_ss", "fusion_init=scaled", [], "fusion conv default init / N (faithful)"),
+    "ctal_ss": ("ctal_ss", "", [], "CTAL-SS as the recipe trains it (synthetic: scaled start, fusion at lr / N)"),
+    "release_start": (
+        "ctal_ss", "fusion_init=default", ["--fusion_lr_scale", "none"],
+        "CTAL-SS as the release starts and trains it: PyTorch's default fusion init, one learning rate",
+    ),
+    "gamma0": ("ctal_ss", "gamma=0", [], "control: the recipe's CTAL-SS with gamma = 0 (same layers, no diffusion)"),
+    "zero": ("ctal_ss", "fusion_init=zero", ["--fusion_lr_scale", "none"], "fusion conv initialised to zero (faithful)"),
+    "scaled": ("ctal_ss", "fusion_init=scaled", ["--fusion_lr_scale", "none"], "fusion conv default init / N (faithful)"),
     "scaled_lr": (
         "ctal_ss", "fusion_init=scaled", ["--fusion_lr_scale", "num_pixels"],
         "fusion conv default init / N, trained at lr / N (faithful; = num_pixels up to weight decay)",
     ),
-    "num_pixels": ("ctal_ss", "affinity_normalization=num_pixels", [], "M divided by N in the forward (departure)"),
+    "num_pixels": (
+        "ctal_ss", "affinity_normalization=num_pixels,fusion_init=default", ["--fusion_lr_scale", "none"],
+        "M divided by N in the forward (departure)",
+    ),
     "mtl": ("mtl", "", [], "MTL (hard sharing), the multitask reference"),
+    "stl": ("stl", "", [], "STL (one network per task), the reference of the multitask gain"),
+    "papnet": ("papnet", "", [], "PAP-Net, the affinity-diffusion baseline"),
 }  # fmt: skip
+# The comparison's target (issue: CTAL shown working): CTAL-SS's final predictions beat its initial ones and the
+# gamma = 0 control's final ones on every headline metric, and its multitask gain over STL exceeds MTL's, each by
+# more than MARGIN times the larger seed standard deviation of the two sides compared.
+MARGIN = 2.0
 WINDOW = 25  # training steps per row of the curves
 
 
@@ -224,9 +237,108 @@ def _fmt(metric: str, value) -> str:
     return f"{100 * value:.2f}" if metric == "mIoU" else (f"{value:.4f}" if metric == "rel_err" else f"{value:.2f}")
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _headline(record: dict, which: str) -> dict[str, float]:
+    return {task: record[which][task][metric] for task, metric in record["headline_metrics"].items()}
+
+
+def _delta_m(record: dict, single_task: dict[str, float]) -> float:
+    from ctal_hf.metrics import delta_m
+
+    lower = {task for task, metric in record["headline_metrics"].items() if metric in record["lower_is_better"]}
+    return delta_m(_headline(record, "final"), single_task, lower_is_better=lower)
+
+
+def _better(mean_a: float, mean_b: float, lower_is_better: bool) -> float:
+    """How much `a` beats `b` (positive: a is better), in the metric's own units."""
+    return (mean_b - mean_a) if lower_is_better else (mean_a - mean_b)
+
+
+def seed_summary(records: list[dict]) -> list[str]:
+    """Mean ± standard deviation over seeds per variant (final and initial headline metrics, Delta_m over the STL
+    runs of the same backbone) and the comparison's targets, each with its margin."""
+    lines = []
+    for setting in sorted({_setting(r) for r in records}):
+        group: dict[str, list[dict]] = {}
+        for rec in records:
+            if _setting(rec) == setting:
+                group.setdefault(rec["variant"], []).append(rec)
+        metrics = next(iter(group.values()))[0]["headline_metrics"]
+        scale = {task: 100.0 if metric == "mIoU" else 1.0 for task, metric in metrics.items()}
+        stl = group.get("stl")
+        reference = (
+            {task: _mean_std([_headline(r, "final")[task] for r in stl])[0] for task in metrics} if stl else None
+        )
+        stats: dict[str, dict] = {}
+        for variant, runs in group.items():
+            entry = {}
+            for which in ("final", "initial"):
+                if all(runs[0][which].get(task) for task in metrics):
+                    entry[which] = {
+                        task: _mean_std([scale[task] * _headline(r, which)[task] for r in runs]) for task in metrics
+                    }
+            if reference is not None:
+                entry["delta_m"] = _mean_std([_delta_m(r, reference) for r in runs])
+            entry["seeds"] = sorted(r["seed"] for r in runs)
+            stats[variant] = entry
+        lines += [f"### {setting}", "", "| variant | seeds | " + " | ".join(
+            f"{task} {metric} final | {task} initial" for task, metric in metrics.items()) + " | Δm vs STL (%) |",
+            "|---|---|" + "---|---|" * len(metrics) + "---|"]  # fmt: skip
+        for variant in sorted(stats, key=lambda v: list(VARIANTS).index(v) if v in VARIANTS else 99):
+            entry = stats[variant]
+            cells = []
+            for task in metrics:
+                for which in ("final", "initial"):
+                    value = entry.get(which, {}).get(task)
+                    cells.append(f"{value[0]:.4g} ± {value[1]:.2g}" if value else "—")
+            dm = entry.get("delta_m")
+            lines.append(
+                f"| {variant} | {', '.join(map(str, entry['seeds']))} | "
+                + " | ".join(cells)
+                + f" | {f'{dm[0]:+.2f} ± {dm[1]:.2f}' if dm else '—'} |"
+            )
+        lines += ["", *_targets(stats, metrics, runs_lower=next(iter(group.values()))[0]["lower_is_better"]), ""]
+    return lines
+
+
+def _targets(stats: dict[str, dict], metrics: dict[str, str], runs_lower: list[str]) -> list[str]:
+    ctal, name = stats.get("ctal_ss"), "ctal_ss"
+    if ctal is None or "initial" not in ctal:
+        return []
+    checks = []
+    for task, metric in metrics.items():
+        lower = metric in runs_lower
+        final, initial = ctal["final"][task], ctal["initial"][task]
+        checks.append((f"{name} final beats its initial: {task} {metric}", _better(final[0], initial[0], lower),
+                       MARGIN * max(final[1], initial[1])))  # fmt: skip
+        if "gamma0" in stats:
+            control = stats["gamma0"]["final"][task]
+            checks.append((f"{name} final beats gamma0's final: {task} {metric}", _better(final[0], control[0], lower),
+                           MARGIN * max(final[1], control[1])))  # fmt: skip
+    if "mtl" in stats and "delta_m" in ctal and "delta_m" in stats["mtl"]:
+        ours, mtl = ctal["delta_m"], stats["mtl"]["delta_m"]
+        checks.append((f"{name} Δm exceeds MTL's", ours[0] - mtl[0], MARGIN * max(ours[1], mtl[1])))
+    lines = [f"Targets (the difference of the means must exceed {MARGIN:g}x the larger seed standard deviation):", "",
+             "| check | difference (better > 0) | required | met |", "|---|---|---|---|"]  # fmt: skip
+    for label, difference, required in checks:
+        lines.append(
+            f"| {label} | {difference:+.4g} | > {required:.3g} | {'yes' if difference > required else 'no'} |"
+        )
+    return lines
+
+
 def write_table(records: list[dict], table: Path) -> None:
     lines = ["# CTAL efficacy study", "", f"Machine: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs (shared), float32, one thread per training.", ""]  # fmt: skip
+    if any(len([r for r in records if r["variant"] == rec["variant"]]) > 1 for rec in records):
+        lines += ["## Over seeds: mean ± standard deviation, and the targets", "", *seed_summary(records)]
     lines += ["## Final vs initial predictions", ""]
     lines += ["| variant | backbone | seed | semseg mIoU (%) final / initial ↑ | depth rel_err final / initial ↓ | "
               "normals mean° final / initial ↓ | final better on | wall (s) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip

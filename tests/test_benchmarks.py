@@ -2,6 +2,7 @@
 smallest setting, and the table it writes is read back. The numbers are the scripts' business; these tests only
 guard against the scripts rotting while the package changes under them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -190,7 +191,10 @@ def test_choose_protocol_picks_an_epoch_from_the_mtl_curve(tmp_path):
         *("--image_size", "32", "64", "--num_train_images", "8", "--num_validation_images", "4"),
         *("--per_device_train_batch_size", "4", "--max_epochs", "3", "--patience", "1"),
         *("--output_dir", str(tmp_path / "run"), "--table", str(table)),
+        *("--", "--learning_rate", "0.002"),  # after `--`: to train.py
     )
+    settings = json.loads((tmp_path / "run" / "eval_results.json").read_text())["settings"]
+    assert settings["learning_rate"] == 0.002 and "--learning_rate 0.002" in table.read_text()
     epochs = int(result.stdout.strip().splitlines()[-1].split("=")[1])
     assert 1 <= epochs <= 3
     rows = _table_rows(table.read_text())

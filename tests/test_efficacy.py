@@ -271,3 +271,45 @@ def test_refinement_compares_each_task_in_its_own_direction():
     report = refinement_report(compared)
     assert "2 of 3 tasks" in report and "final NOT better" in report
     assert refinement(final, {}, specs) == {} and refinement_report({}) == ""
+
+
+def _study():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy_study.py"
+    spec = importlib.util.spec_from_file_location("efficacy_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(variant, seed, final, initial=None):
+    metrics = {"semseg": "mIoU", "depth": "rel_err"}
+    as_results = lambda values: {t: {metrics[t]: v} for t, v in zip(metrics, values, strict=True)}  # noqa: E731
+    return {
+        "variant": variant, "seed": seed, "command": "python examples/train.py", "headline_metrics": metrics,
+        "lower_is_better": ["rel_err"], "final": as_results(final),
+        "initial": as_results(initial) if initial else {},
+    }  # fmt: skip
+
+
+def test_seed_summary_averages_over_seeds_and_checks_each_target_against_twice_the_larger_spread():
+    study = _study()
+    stl = [_record("stl", s, (0.40, 0.30)) for s in range(3)]
+    mtl = [_record("mtl", s, (0.41 + 0.01 * s, 0.29)) for s in range(3)]
+    # CTAL: final beats initial on semseg by 5 points (spread 1 point) but loses on depth.
+    ctal = [_record("ctal_ss", s, (0.50 + 0.01 * (s - 1), 0.26), (0.45, 0.25)) for s in range(3)]
+    lines = "\n".join(study.seed_summary(stl + mtl + ctal))
+    row = next(line for line in lines.splitlines() if line.startswith("| ctal_ss |"))
+    assert "50 ± 1" in row and "45 ± 0" in row  # mIoU in percent, the sample standard deviation of 49, 50, 51
+    # Delta_m over STL: (0.50 - 0.40) / 0.40 and -(0.26 - 0.30) / 0.30, averaged over the two tasks.
+    expected = 100 * (0.25 + 0.04 / 0.30) / 2
+    assert f"{expected:+.2f}" in row
+    checks = {
+        line.split("|")[1].strip(): line.split("|")[-2].strip() for line in lines.splitlines() if "beats" in line
+    }
+    assert checks["ctal_ss final beats its initial: semseg mIoU"] == "yes"  # 5 > 2 x 1
+    assert checks["ctal_ss final beats its initial: depth rel_err"] == "no"  # 0.26 is worse than 0.25
+    exceeds = next(line for line in lines.splitlines() if "Δm exceeds MTL's" in line)
+    assert exceeds.rstrip(" |").endswith("yes")
