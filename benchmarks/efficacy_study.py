@@ -16,12 +16,13 @@
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -252,8 +253,8 @@ def _headline(record: dict, which: str) -> dict[str, float]:
 def _delta_m(record: dict, single_task: dict[str, float]) -> float:
     from ctal_hf.metrics import delta_m
 
-    lower = {task for task, metric in record["headline_metrics"].items() if metric in record["lower_is_better"]}
-    return delta_m(_headline(record, "final"), single_task, lower_is_better=lower)
+    # `lower_is_better` lists the tasks whose headline metric is better lower (as eval_results.json stores it).
+    return delta_m(_headline(record, "final"), single_task, lower_is_better=set(record["lower_is_better"]))
 
 
 def _better(mean_a: float, mean_b: float, lower_is_better: bool) -> float:
@@ -314,7 +315,7 @@ def _targets(stats: dict[str, dict], metrics: dict[str, str], runs_lower: list[s
         return []
     checks = []
     for task, metric in metrics.items():
-        lower = metric in runs_lower
+        lower = task in runs_lower
         final, initial = ctal["final"][task], ctal["initial"][task]
         checks.append((f"{name} final beats its initial: {task} {metric}", _better(final[0], initial[0], lower),
                        MARGIN * max(final[1], initial[1])))  # fmt: skip
@@ -335,8 +336,8 @@ def _targets(stats: dict[str, dict], metrics: dict[str, str], runs_lower: list[s
 
 
 def write_table(records: list[dict], table: Path) -> None:
-    lines = ["# CTAL efficacy study", "", f"Machine: {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} CPUs (shared), float32, one thread per training.", ""]  # fmt: skip
+    lines = ["# CTAL efficacy study", "", f"Machine: {cpu_description()}; {os.cpu_count()} CPUs (shared), float32, "
+             "one thread per training.", ""]  # fmt: skip
     if any(len([r for r in records if r["variant"] == rec["variant"]]) > 1 for rec in records):
         lines += ["## Over seeds: mean ± standard deviation, and the targets", "", *seed_summary(records)]
     lines += ["## Final vs initial predictions", ""]
