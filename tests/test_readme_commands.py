@@ -19,6 +19,11 @@ PROGRAMS: dict[tuple[str, ...], list[str]] = {
     ("python", "examples/train.py"): [sys.executable, "examples/train.py", "--help"],
     ("python", "examples/run_experiments.py"): [sys.executable, "examples/run_experiments.py", "--help"],
     ("python", "examples/make_table.py"): [sys.executable, "examples/make_table.py", "--help"],
+    ("python", "examples/fetch_mobilenet_v2_weights.py"): [
+        sys.executable,
+        "examples/fetch_mobilenet_v2_weights.py",
+        "--help",
+    ],
     ("python", "-m", "dataset_scripts.publish"): [sys.executable, "-m", "dataset_scripts.publish", "--help"],
     ("ctal-predict",): [str(BIN / "ctal-predict"), "--help"],
     ("ctal-export",): [str(BIN / "ctal-export"), "--help"],
@@ -39,7 +44,19 @@ FORWARDS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("python", "examples/run_experiments.py"): ("python", "examples/train.py")
 }
 # Make targets, shell commands, inline Python, installs, an interactive wizard, CI and test runners.
-SKIPPED = ("make", "echo", "mkdir", "cd ", "unzip", "python -c", "pip", "apt-get", "accelerate config", ".ci/run", "pytest")
+SKIPPED = (
+    "make",
+    "echo",
+    "mkdir",
+    "cd ",
+    "unzip",
+    "python -c",
+    "pip",
+    "apt-get",
+    "accelerate config",
+    ".ci/run",
+    "pytest",
+)
 
 
 def readme_commands() -> list[str]:
