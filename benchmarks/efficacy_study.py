@@ -220,11 +220,13 @@ def run_one(variant: str, seed: int, args, path: Path) -> dict:
 
 
 def _setting(record: dict) -> str:
-    """The backbone of a run, from its command: MobileNetV2 with ImageNet weights or the recipe's (random init)."""
+    """The backbone of a run and its epochs when set, from its command (MobileNetV2 with ImageNet weights or not)."""
     command = record["command"]
+    epochs = re.search(r"--num_train_epochs (\d+)", command)
+    budget = f", {epochs.group(1)} epochs" if epochs else ""
     if "--backbone mobilenet_v2" in command:
-        return "MobileNetV2, ImageNet" if "--pretrained_backbone" in command else "MobileNetV2, random"
-    return "HRNet-W18-s, random"
+        return ("MobileNetV2, ImageNet" if "--pretrained_backbone" in command else "MobileNetV2, random") + budget
+    return "HRNet-W18-s, random" + budget
 
 
 def _public(command: str) -> str:
