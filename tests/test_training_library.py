@@ -265,12 +265,15 @@ def test_backbone_config_and_task_specs_reach_the_config_only_when_given(tmp_pat
         parse_args(["--task_specs", str(tmp_path / "missing.json")], check_names=False)
 
 
-def test_a_missing_weights_file_that_reads_like_a_hub_id_is_named_as_a_file_with_the_fetch_command(tmp_path):
+def test_a_missing_weights_file_that_reads_like_a_hub_id_is_named_as_a_file_with_the_fetch_command(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # relative paths resolve here, where `make weights` has not run
     with pytest.raises(FileNotFoundError, match=r"weights/mobilenet_v2-b0353104\.pth.*no such file.*make weights"):
         building.backbone_weights_file("weights/mobilenet_v2-b0353104.pth")  # one slash: `org/name` otherwise
     with pytest.raises(FileNotFoundError, match="no such file") as error:
         building.backbone_weights_file("weights/resnet.safetensors")
     assert "make weights" not in str(error.value)
-    present = tmp_path / "weights.pth"
-    present.write_bytes(b"")
-    assert building.backbone_weights_file(str(present)) == str(present)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "mobilenet_v2-b0353104.pth").write_bytes(b"")
+    assert building.backbone_weights_file("weights/mobilenet_v2-b0353104.pth") == "weights/mobilenet_v2-b0353104.pth"
