@@ -105,7 +105,12 @@ class CTALTimmBuilder:
         return state_dict if set(state_dict) == set(expected) else self.key_converter(state_dict)
 
     def features_state_dict(self, config: CTALConfig, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The features model's state dict from the full model's (timm renames and drops keys itself)."""
+        """The features model's state dict from the full model's (timm renames and drops keys itself). Where the
+        features model names its tensors as the full model does, the full model's head (which it has no place for)
+        is left out first, so that timm's loader has no unexpected keys to warn about."""
+        needed = set(self.create_features(config, pretrained=False).state_dict())
+        if needed <= set(full):
+            full = {key: value for key, value in full.items() if key in needed}
         return self.create_features(config, pretrained=True, pretrained_cfg_overlay={"state_dict": full}).state_dict()
 
 
