@@ -28,6 +28,15 @@ torch.set_num_threads(int(os.environ.get("CTAL_TEST_THREADS", "1")))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+# train.py arguments of a small synthetic run (32x64, 8 training images) for the training tests.
+SMALL = [
+    "--image_size", "32", "64",
+    "--num_train_images", "8",
+    "--num_validation_images", "3",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "3",
+    "--num_prediction_images", "0",
+]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ model helpers

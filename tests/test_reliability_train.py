@@ -14,18 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
 import train  # noqa: E402
+from conftest import SMALL  # noqa: E402
 
 from ctal_hf.training.arguments import parse_args  # noqa: E402
 from ctal_hf.training.checkpointing import CheckpointError  # noqa: E402
-
-SMALL = [
-    "--image_size", "32", "64",
-    "--num_train_images", "8",
-    "--num_validation_images", "3",
-    "--per_device_train_batch_size", "4",
-    "--per_device_eval_batch_size", "3",
-    "--num_prediction_images", "0",
-]  # fmt: skip
 
 
 def _main(argv, on_step=None) -> dict:

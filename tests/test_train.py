@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -420,14 +421,6 @@ def test_make_table_means_stds_and_delta_m(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ resume checks
-SMALL = [
-    "--image_size", "32", "64",
-    "--num_train_images", "8",
-    "--num_validation_images", "3",
-    "--per_device_train_batch_size", "4",
-    "--per_device_eval_batch_size", "3",
-    "--num_prediction_images", "0",
-]  # fmt: skip
 
 
 def _main(argv: list[str]) -> dict:
